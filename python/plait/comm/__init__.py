@@ -1,0 +1,30 @@
+"""plait.comm: one Communicator API over several backends.
+
+``Communicator.create("torch", group)`` runs on ``torch.distributed`` (NCCL on
+CUDA, gloo on CPU). Every operation is bounded by a timeout
+(``PLAIT_TIMEOUT_S``, default 300 s) and fails with
+:class:`~plait.errors.CommTimeoutError` naming the rank, group and operation.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from ..errors import CommError, CommTimeoutError
+from .base import Communicator, DoneHandle, Handle
+from .torch_backend import TorchCommunicator, TorchHandle
+
+__all__ = ["Communicator", "Handle", "DoneHandle", "TorchCommunicator", "TorchHandle",
+           "CommError", "CommTimeoutError", "available_backends"]
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Which communication backends this machine can use: name -> (usable, why)."""
+    result: dict[str, tuple[bool, str]] = {}
+    if not dist.is_available():
+        result["torch"] = (False, "this torch build has no torch.distributed")
+        return result
+    engines = [name for name, ok in (("nccl", dist.is_nccl_available()),
+                                     ("gloo", dist.is_gloo_available())) if ok]
+    result["torch"] = (bool(engines), "torch.distributed with " + (", ".join(engines) or "no engine"))
+    return result
+

@@ -1,0 +1,207 @@
+"""ParallelMesh: the (dp, pp, tp) grid of ranks, TP innermost.
+
+Global rank ``r`` sits at coordinates ``(dp_rank, pp_rank, tp_rank)`` with
+
+    r = (dp_rank * pp + pp_rank) * tp + tp_rank
+
+so the ranks of one TP group are consecutive (one node, fast links), the PP
+axis comes next and DP is outermost. Each axis has a process group created
+with plait's timeout, a :class:`~plait.comm.Communicator`, and the whole grid
+is also exposed as a ``torch.distributed.device_mesh.DeviceMesh``
+(``mesh.device_mesh``) for DTensor interop.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .comm import Communicator
+from .errors import default_timeout_s
+
+AXES = ("dp", "pp", "tp")
+_CURRENT: Optional["ParallelMesh"] = None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_process_group(world: int, backend: str, timeout: datetime.timedelta) -> None:
+    """Start torch.distributed from the torchrun environment, or alone when world is 1."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    if world != 1:
+        raise ValueError(
+            f"dp*pp*tp = {world} needs {world} processes, but this one was not started by "
+            f"torchrun (RANK/WORLD_SIZE unset); run: torchrun --nproc-per-node {world} your_script.py")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                            rank=0, world_size=1, timeout=timeout)
+
+
+def _validate_sizes(dp: int, pp: int, tp: int) -> None:
+    for axis, size in zip(AXES, (dp, pp, tp)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{axis} must be a positive int, got {size!r}")
+
+
+@dataclass
+class ParallelMesh:
+    """A (dp, pp, tp) grid over the initialized process group; see the module doc.
+
+    Build it with :func:`init_mesh`. ``*_rank`` are coordinates on each axis,
+    ``*_group`` the ProcessGroup of this rank's axis line, ``*_comm`` its
+    Communicator. ``pp_prev`` / ``pp_next`` are the global ranks of the
+    neighbouring pipeline stages (None at the ends).
+    """
+
+    dp: int
+    pp: int
+    tp: int
+    backend: str
+    device: torch.device
+    rank: int
+    groups: dict[str, dist.ProcessGroup] = field(repr=False)
+    comms: dict[str, Communicator] = field(repr=False)
+    device_mesh: object = field(repr=False, default=None)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    @property
+    def coords(self) -> tuple[int, int, int]:
+        """(dp_rank, pp_rank, tp_rank) of this process."""
+        return self.coords_of(self.rank)
+
+    def coords_of(self, rank: int) -> tuple[int, int, int]:
+        """(dp_rank, pp_rank, tp_rank) of global ``rank``."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the mesh of {self.world_size} ranks")
+        return rank // (self.pp * self.tp), (rank // self.tp) % self.pp, rank % self.tp
+
+    def rank_of(self, dp_rank: int, pp_rank: int, tp_rank: int) -> int:
+        """Global rank at the given coordinates."""
+        for axis, size, value in zip(AXES, (self.dp, self.pp, self.tp), (dp_rank, pp_rank, tp_rank)):
+            if not 0 <= value < size:
+                raise ValueError(f"{axis}_rank {value} is outside 0..{size - 1}")
+        return (dp_rank * self.pp + pp_rank) * self.tp + tp_rank
+
+    dp_rank = property(lambda self: self.coords[0], doc="Coordinate on the DP axis.")
+    pp_rank = property(lambda self: self.coords[1], doc="Coordinate on the PP axis (the stage).")
+    tp_rank = property(lambda self: self.coords[2], doc="Coordinate on the TP axis.")
+    dp_group = property(lambda self: self.groups["dp"], doc="ProcessGroup of this rank's DP line.")
+    pp_group = property(lambda self: self.groups["pp"], doc="ProcessGroup of this rank's PP line.")
+    tp_group = property(lambda self: self.groups["tp"], doc="ProcessGroup of this rank's TP line.")
+    dp_comm = property(lambda self: self.comms["dp"], doc="Communicator of the DP line.")
+    pp_comm = property(lambda self: self.comms["pp"], doc="Communicator of the PP line.")
+    tp_comm = property(lambda self: self.comms["tp"], doc="Communicator of the TP line.")
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def pp_prev(self) -> Optional[int]:
+        """Global rank of the previous pipeline stage, None on the first."""
+        dp_rank, pp_rank, tp_rank = self.coords
+        return None if pp_rank == 0 else self.rank_of(dp_rank, pp_rank - 1, tp_rank)
+
+    @property
+    def pp_next(self) -> Optional[int]:
+        """Global rank of the next pipeline stage, None on the last."""
+        dp_rank, pp_rank, tp_rank = self.coords
+        return None if pp_rank == self.pp - 1 else self.rank_of(dp_rank, pp_rank + 1, tp_rank)
+
+    def axis_lines(self, axis: str) -> list[list[int]]:
+        """Every group of global ranks along ``axis`` ("dp", "pp" or "tp"), in a fixed order."""
+        if axis not in AXES:
+            raise ValueError(f"unknown axis {axis!r}; use one of {AXES}")
+        grid = torch.arange(self.world_size).view(self.dp, self.pp, self.tp)
+        moved = grid.movedim(AXES.index(axis), -1)
+        return moved.reshape(-1, moved.shape[-1]).tolist()
+
+
+def _check_same_config_everywhere(sizes: tuple[int, int, int], device: torch.device) -> None:
+    """All ranks must ask for the same mesh; a mismatch is a ValueError on every rank."""
+    mine = torch.tensor(sizes, dtype=torch.int64, device=device)
+    world = Communicator.create("torch", None, name="world")
+    rows = [tuple(row) for row in world.all_gather(mine.unsqueeze(0), dim=0).tolist()]
+    if any(row != rows[0] for row in rows):
+        detail = ", ".join(f"rank {r}: (dp, pp, tp)={row}" for r, row in enumerate(rows))
+        raise ValueError(f"ranks disagree on the mesh: {detail}; pass the same dp, pp, tp on every rank")
+
+
+def init_mesh(dp: int = 1, pp: int = 1, tp: int = 1, backend: Optional[str] = None) -> ParallelMesh:
+    """Create the (dp, pp, tp) mesh, initializing torch.distributed if needed.
+
+    ``backend`` None picks NCCL when CUDA is available, else gloo. Under
+    torchrun the process's CUDA device becomes ``cuda:LOCAL_RANK``. A single
+    process (no torchrun) may create a 1x1x1 mesh. Raises ValueError when
+    ``dp*pp*tp`` differs from the world size or ranks disagree on the sizes.
+    """
+    global _CURRENT
+    _validate_sizes(dp, pp, tp)
+    world = dp * pp * tp
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl', 'gloo' or None (auto), got {backend!r}")
+    timeout = datetime.timedelta(seconds=default_timeout_s())
+    if not dist.is_initialized():
+        env_world = os.environ.get("WORLD_SIZE")
+        if env_world is not None and int(env_world) != world:
+            raise ValueError(f"dp*pp*tp = {dp}*{pp}*{tp} = {world}, but torchrun started "
+                             f"{env_world} processes; make the product equal the process count")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        _init_process_group(world, backend, timeout)
+    if dist.get_world_size() != world:
+        raise ValueError(f"dp*pp*tp = {dp}*{pp}*{tp} = {world}, but the process group has "
+                         f"{dist.get_world_size()} ranks; make the product equal the world size")
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    _check_same_config_everywhere((dp, pp, tp), device)
+
+    rank = dist.get_rank()
+    mesh = ParallelMesh(dp=dp, pp=pp, tp=tp, backend=backend, device=device, rank=rank, groups={}, comms={})
+    for axis in AXES:
+        lines = mesh.axis_lines(axis)
+        mine, _ = dist.new_subgroups_by_enumeration(lines, timeout=timeout, backend=backend)
+        mesh.groups[axis] = mine
+        mesh.comms[axis] = Communicator.create("torch", mine, name=axis)
+    mesh.device_mesh = _device_mesh(mesh)
+    _CURRENT = mesh
+    return mesh
+
+
+def _device_mesh(mesh: ParallelMesh):
+    """The same grid as a DeviceMesh sharing plait's groups (no new communicators)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    grid = torch.arange(mesh.world_size).view(mesh.dp, mesh.pp, mesh.tp)
+    return DeviceMesh.from_group([mesh.groups[a] for a in AXES], mesh.device.type,
+                                 mesh=grid, mesh_dim_names=AXES)
+
+
+def current_mesh() -> Optional[ParallelMesh]:
+    """The mesh made by the last :func:`init_mesh` in this process, if any."""
+    return _CURRENT
+
+
+def destroy_mesh() -> None:
+    """Forget the current mesh and shut torch.distributed down (for tests and scripts)."""
+    global _CURRENT
+    _CURRENT = None
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,142 @@
+"""Tensor-parallel region mappings: small autograd functions, one collective each.
+
+Each function does one thing in forward and its adjoint in backward. ``comm``
+is a :class:`plait.comm.Communicator` over the TP group.
+
+=================================  ========================  ========================
+function                           forward                   backward
+=================================  ========================  ========================
+copy_to_tp_region                  identity                  all-reduce
+reduce_from_tp_region              all-reduce                identity
+scatter_to_tp_region               split last dim            all-gather last dim
+gather_from_tp_region              all-gather last dim       split last dim
+scatter_to_sequence_region         split dim 0               all-gather dim 0
+gather_from_sequence_region        all-gather dim 0          reduce-scatter dim 0
+reduce_scatter_to_sequence_region  reduce-scatter dim 0      all-gather dim 0
+=================================  ========================  ========================
+
+Dim 0 is the sequence dim under sequence parallelism (``[seq, batch, hidden]``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..comm import Communicator
+
+
+def _split(x: torch.Tensor, comm: Communicator, dim: int) -> torch.Tensor:
+    if x.shape[dim] % comm.size:
+        raise ValueError(f"cannot split dim {dim} of length {x.shape[dim]} into {comm.size} "
+                         f"equal parts; make it a multiple of the TP size {comm.size}")
+    return x.chunk(comm.size, dim=dim)[comm.rank].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_reduce(grad.contiguous()), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        return comm.all_reduce(x.clone(memory_format=torch.contiguous_format))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return _split(x, comm, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_gather(grad, dim=-1), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return comm.all_gather(x, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, ctx.comm, -1), None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return _split(x, comm, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_gather(grad, dim=0), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return comm.all_gather(x, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.reduce_scatter(grad, dim=0), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return comm.reduce_scatter(x, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_gather(grad, dim=0), None
+
+
+def copy_to_tp_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """Identity forward; all-reduce the gradient (input replicated, used by sharded weights)."""
+    return _CopyToTP.apply(x, comm)
+
+
+def reduce_from_tp_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """All-reduce forward (sum partial results); identity backward."""
+    return _ReduceFromTP.apply(x, comm)
+
+
+def scatter_to_tp_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """Keep this rank's block of the last dim; all-gather the gradient."""
+    return _ScatterToTP.apply(x, comm)
+
+
+def gather_from_tp_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """All-gather the last dim; backward keeps this rank's block of the gradient."""
+    return _GatherFromTP.apply(x, comm)
+
+
+def scatter_to_sequence_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """Keep this rank's block of dim 0 (the sequence); all-gather the gradient."""
+    return _ScatterToSequence.apply(x, comm)
+
+
+def gather_from_sequence_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """All-gather dim 0; reduce-scatter the gradient (the SP entry of a column layer)."""
+    return _GatherFromSequence.apply(x, comm)
+
+
+def reduce_scatter_to_sequence_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """Reduce-scatter dim 0; all-gather the gradient (the SP exit of a row layer)."""
+    return _ReduceScatterToSequence.apply(x, comm)

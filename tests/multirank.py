@@ -1,0 +1,92 @@
+"""Run a function on N CPU ranks (gloo) in fresh processes, as torchrun would.
+
+``run_ranks(fn, world_size, *args)`` starts ``world_size`` spawned processes with
+the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), calls
+``fn(rank, world_size, *args)`` in each and returns the list of results by
+rank. Any exception on any rank fails the call with every rank's traceback; a
+rank that does not finish within ``timeout`` fails it too, naming the ranks,
+and every process is killed, so a test can never hang the suite.
+
+``fn`` must be a module-level function (it is pickled by reference).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, env: dict, fn: Callable, args: tuple, results) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), **env})
+    import torch
+
+    torch.set_num_threads(1)  # N ranks share 2 cores
+    try:
+        value = fn(rank, world_size, *args)
+        results.put((rank, "ok", value))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        results.close()
+        results.join_thread()
+        # Skip interpreter teardown: a rank whose peers timed out may hold gloo
+        # threads that would block a normal exit.
+        os._exit(0)
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
+              env: dict | None = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    child_env = {"PLAIT_TIMEOUT_S": os.environ.get("PLAIT_TIMEOUT_S", "60"), "OMP_NUM_THREADS": "1",
+                 **(env or {})}
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, child_env, fn, args, results), daemon=True)
+             for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    outcome: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcome) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outcome))
+                raise AssertionError(f"{fn.__name__} on {world_size} ranks: ranks {missing} did not finish "
+                                     f"within {timeout:g} s" + _errors(outcome))
+            try:
+                rank, status, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in outcome and p.exitcode not in (None, 0)]
+                if dead:
+                    raise AssertionError(f"{fn.__name__}: ranks {dead} died (exit codes "
+                                         f"{[procs[r].exitcode for r in dead]})" + _errors(outcome))
+                continue
+            outcome[rank] = (status, value)
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    failed = {r: v for r, (s, v) in outcome.items() if s == "error"}
+    if failed:
+        raise AssertionError(f"{fn.__name__} failed on ranks {sorted(failed)}" + _errors(outcome))
+    return [outcome[r][1] for r in range(world_size)]
+
+
+def _errors(outcome: dict) -> str:
+    return "".join(f"\n--- rank {r} ---\n{v}" for r, (s, v) in sorted(outcome.items()) if s == "error")
