@@ -1,7 +1,7 @@
 """ColumnParallelLinear / RowParallelLinear against nn.Linear on 1, 2 and 4 gloo ranks."""
 import pytest
 
-from multirank import run_ranks
+from plait.launch import run_ranks
 from tp_reference import run_layer_cases, train_mlp
 
 

@@ -1,4 +1,7 @@
-"""Run a function on N CPU ranks (gloo) in fresh processes, as torchrun would.
+"""Run a function on N local ranks in fresh processes, as torchrun would.
+
+Used by the tests, the demo and the benchmarks to start a small job without
+torchrun.
 
 ``run_ranks(fn, world_size, *args)`` starts ``world_size`` spawned processes with
 the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), calls
@@ -7,7 +10,9 @@ rank. Any exception on any rank fails the call with every rank's traceback; a
 rank that does not finish within ``timeout`` fails it too, naming the ranks,
 and every process is killed, so a test can never hang the suite.
 
-``fn`` must be a module-level function (it is pickled by reference).
+``fn`` must be a module-level function (it is pickled by reference), and the
+calling script must keep its top-level code under ``if __name__ == "__main__":``
+(spawned processes re-import it).
 """
 from __future__ import annotations
 
@@ -20,19 +25,24 @@ import traceback
 from typing import Any, Callable
 
 
+class RanksFailed(RuntimeError):
+    """A rank raised, died, or did not finish in time; the message holds every rank's traceback."""
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, env: dict, fn: Callable, args: tuple, results) -> None:
+def _worker(rank: int, world_size: int, port: int, env: dict, threads: int, fn: Callable, args: tuple,
+            results) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), **env})
     import torch
 
-    torch.set_num_threads(1)  # N ranks share 2 cores
+    torch.set_num_threads(threads)
     try:
         value = fn(rank, world_size, *args)
         results.put((rank, "ok", value))
@@ -47,14 +57,20 @@ def _worker(rank: int, world_size: int, port: int, env: dict, fn: Callable, args
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
-              env: dict | None = None) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
+              env: dict | None = None, threads_per_rank: int = 1) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local ranks; return results by rank.
+
+    ``env`` adds environment variables for the ranks; ``threads_per_rank`` sets
+    torch's intra-op threads in each (1 by default: ranks share the cores).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    child_env = {"PLAIT_TIMEOUT_S": os.environ.get("PLAIT_TIMEOUT_S", "60"), "OMP_NUM_THREADS": "1",
-                 **(env or {})}
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, child_env, fn, args, results), daemon=True)
+    child_env = {"OMP_NUM_THREADS": str(threads_per_rank), **(env or {})}
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, child_env, threads_per_rank, fn, args, results),
+                         daemon=True)
              for r in range(world_size)]
     for proc in procs:
         proc.start()
@@ -65,14 +81,14 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(outcome))
-                raise AssertionError(f"{fn.__name__} on {world_size} ranks: ranks {missing} did not finish "
+                raise RanksFailed(f"{fn.__name__} on {world_size} ranks: ranks {missing} did not finish "
                                      f"within {timeout:g} s" + _errors(outcome))
             try:
                 rank, status, value = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if r not in outcome and p.exitcode not in (None, 0)]
                 if dead:
-                    raise AssertionError(f"{fn.__name__}: ranks {dead} died (exit codes "
+                    raise RanksFailed(f"{fn.__name__}: ranks {dead} died (exit codes "
                                          f"{[procs[r].exitcode for r in dead]})" + _errors(outcome))
                 continue
             outcome[rank] = (status, value)
@@ -84,7 +100,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
                 proc.join()
     failed = {r: v for r, (s, v) in outcome.items() if s == "error"}
     if failed:
-        raise AssertionError(f"{fn.__name__} failed on ranks {sorted(failed)}" + _errors(outcome))
+        raise RanksFailed(f"{fn.__name__} failed on ranks {sorted(failed)}" + _errors(outcome))
     return [outcome[r][1] for r in range(world_size)]
 
 
