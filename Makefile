@@ -1,0 +1,107 @@
+# Developer and CI entry points for plait. `make test` is what CI runs (.ci/run).
+#
+#   make venv      .venv with torch, the build tools and the test tools
+#   make build     editable install of plait, compiling plait._C (nvcc too, when found)
+#   make test      build, then pytest (PYTEST_ARGS adds arguments)
+#   make demo      build, then examples/demo.py
+#   make bench     build, then the benchmarks and the README's results table
+#   make clean     remove build outputs; make distclean also removes .venv
+#
+# When $(PYTHON) can already import torch (a GPU machine with a system CUDA torch), the
+# venv sees the system packages and installs nothing that is already importable, so it
+# works offline. Otherwise it installs $(TORCH_SPEC): torch==2.13.0 is a local CPU wheel
+# here, while a bare `torch` would fetch the multi-GB CUDA build.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+PLAIT_TIMEOUT_S ?= 60
+export PLAIT_TIMEOUT_S
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+export PIP_PROGRESS_BAR := off
+
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+# Needed to build and test; checked by import name, installed only when missing (ninja:
+# the binary on PATH also counts; wheel: not needed by setuptools >= 70.1).
+TOOLS := numpy pytest hypothesis pybind11 ninja setuptools wheel
+SETUPTOOLS_OK := import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)
+DEPS_STAMP := $(VENV)/.deps.stamp
+BUILD_STAMP := $(VENV)/.build.stamp
+CSRC_FILES := $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: venv build test demo bench clean distclean
+
+venv: $(DEPS_STAMP)
+
+$(VPY):
+	@echo ">> creating $(VENV)"
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "   $(PYTHON) has torch: the venv uses the system packages"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV) 2>/dev/null || { \
+	    echo "   no ensurepip: creating the venv without pip (the system pip serves it)"; \
+	    rm -rf $(VENV); $(PYTHON) -m venv --system-site-packages --without-pip $(VENV); }; \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	@$(PIP) --version >/dev/null || { echo "error: $(VENV) has no pip; install pip for $(PYTHON)"; exit 1; }
+
+$(DEPS_STAMP): pyproject.toml Makefile | $(VPY)
+	@echo ">> checking packages in $(VENV)"
+	@if ! $(VPY) -c "import torch" 2>/dev/null; then \
+	  echo "   installing $(TORCH_SPEC)"; $(PIP) install -q "$(TORCH_SPEC)"; \
+	fi
+	@missing=""; \
+	for m in $(TOOLS); do \
+	  case $$m in \
+	    ninja) command -v ninja >/dev/null && continue;; \
+	    wheel) $(VPY) -c "import setuptools.command.bdist_wheel" 2>/dev/null && continue;; \
+	    setuptools) $(VPY) -c "$(SETUPTOOLS_OK)" 2>/dev/null || missing="$$missing setuptools>=64"; continue;; \
+	  esac; \
+	  $(VPY) -c "import $$m" 2>/dev/null || missing="$$missing $$m"; \
+	done; \
+	if [ -n "$$missing" ]; then echo "   installing$$missing"; $(PIP) install -q $$missing; fi
+	@if ! $(VPY) -c "import triton" 2>/dev/null; then \
+	  echo "   installing triton"; \
+	  $(PIP) install -q triton || echo "warning: triton did not install; plait.kernels will be unavailable"; \
+	fi
+	@touch $@
+
+build: $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC_FILES)
+	@echo ">> building plait (editable) and plait._C"
+	@$(PIP) install -q --no-build-isolation --no-deps -e .
+	@$(VPY) -c "from plait import _C; print('   plait._C:', _C.build_info())"
+	@touch $@
+
+test: build
+	@echo ">> pytest tests (PLAIT_TIMEOUT_S=$(PLAIT_TIMEOUT_S))"
+	@rc=0; $(VPY) -m pytest tests -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
+	exit $$rc
+
+demo: build
+	@echo ">> examples/demo.py"
+	@$(VPY) examples/demo.py
+
+bench: build
+	@echo ">> plait bench tp_layers"
+	@$(VENV)/bin/plait bench tp_layers
+	@echo ">> bench/report.py"
+	@$(VPY) bench/report.py
+
+clean:
+	@echo ">> removing build outputs"
+	@rm -rf build *.egg-info python/*.egg-info
+	@rm -f python/plait/_C*.so $(DEPS_STAMP) $(BUILD_STAMP)
+
+distclean: clean
+	@echo ">> removing $(VENV)"
+	@rm -rf $(VENV)

@@ -1,0 +1,134 @@
+"""What every benchmark needs besides its own timing: the machine, the commit, the result file.
+
+A result is written to ``<results dir>/<name>-<device slug>-<UTC date>.json`` as
+
+    {"name", "device", "commit", "date", "command", "machine", "results"}
+
+where ``results`` is the benchmark's own payload; when it holds
+``"table": {"columns": [...], "rows": [[...], ...]}`` the README shows that table
+(``bench/report.py``). The results dir is the checkout's ``bench/results``, found by
+walking up from the working directory, or ``./plait-bench-results/`` outside a
+checkout (an installed package). Nothing recorded names the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+FALLBACK_RESULTS_DIR = "plait-bench-results"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo, else whatever `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name() -> str:
+    """The GPU's name when torch sees one, else "cpu: <model>"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu: {cpu_model()}"
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def machine_info() -> dict[str, Any]:
+    """Hardware and software versions a result depends on (no hostname)."""
+    import torch
+
+    return {
+        "device": device_name(),
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "os": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+    }
+
+
+def checkout_root(start: Path | None = None) -> Path | None:
+    """The nearest directory at or above `start` (default: cwd) that has bench/results."""
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if (directory / "bench" / "results").is_dir():
+            return directory
+    return None
+
+
+def results_dir(start: Path | None = None) -> Path:
+    root = checkout_root(start)
+    return root / "bench" / "results" if root else (start or Path.cwd()) / FALLBACK_RESULTS_DIR
+
+
+def git_commit(start: Path | None = None) -> str | None:
+    """HEAD of the checkout the results go to; None outside a checkout or without git."""
+    root = checkout_root(start)
+    if root is None:
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def slug(text: str) -> str:
+    """'cpu: AMD EPYC 7B13' -> 'cpu-amd-epyc-7b13'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _to_json(value: Any) -> Any:
+    """numpy and torch scalars and arrays, which json cannot write by itself."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to a result file: {value!r}")
+
+
+def write_result(name: str, payload: dict[str, Any], command: str) -> Path:
+    """Write one benchmark result (see the module docstring) and return its path.
+
+    `command` is the command line that reproduces the result. A second run on the same
+    device and UTC day replaces the file.
+    """
+    now = datetime.now(timezone.utc)
+    machine = machine_info()
+    document = {
+        "name": name,
+        "device": machine["device"],
+        "commit": git_commit(),
+        "date": now.isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine,
+        "results": payload,
+    }
+    directory = results_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{slug(machine['device'])}-{now:%Y-%m-%d}.json"
+    path.write_text(json.dumps(document, indent=2, default=_to_json) + "\n")
+    return path

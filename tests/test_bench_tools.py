@@ -1,0 +1,98 @@
+"""bench/common.py (result files) and bench/report.py (the README's results tables)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plait.bench import common, report
+
+
+def test_write_result_goes_to_the_checkouts_results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    (tmp_path / "deeper").mkdir()
+    monkeypatch.chdir(tmp_path / "deeper")  # found by walking up from cwd
+
+    path = common.write_result("toy", {"speedup": np.float64(1.5), "sizes": np.arange(3)}, "python bench/toy.py")
+
+    assert path.parent == results
+    document = json.loads(path.read_text())
+    assert set(document) == {"name", "device", "commit", "date", "command", "machine", "results"}
+    assert document["results"] == {"speedup": 1.5, "sizes": [0, 1, 2]}
+    assert document["commit"] is None  # tmp_path is not a git checkout
+    date = datetime.fromisoformat(document["date"])
+    assert date.utcoffset() is not None and date.utcoffset().total_seconds() == 0
+    assert path.name == f"toy-{common.slug(document['device'])}-{date:%Y-%m-%d}.json"
+
+
+def test_write_result_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = common.write_result("toy", {}, "plait bench toy")
+    assert path.parent == tmp_path / common.FALLBACK_RESULTS_DIR
+
+
+def test_machine_info_names_the_device_but_not_the_host() -> None:
+    info = common.machine_info()
+    assert info["device"] == common.device_name()
+    assert info["cores"] >= 1 and info["torch"]
+    host = socket.gethostname()
+    if len(host) >= 4:
+        assert host not in json.dumps(info)
+
+
+def test_slug() -> None:
+    assert common.slug("cpu: AMD EPYC 7B13") == "cpu-amd-epyc-7b13"
+    assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def _result(name: str, device: str, date: str, table: dict | None = None) -> dict:
+    payload = {"table": table} if table else {"other": 1}
+    return {"name": name, "device": device, "commit": "0123456789abcdef", "date": date,
+            "command": f"plait bench {name}", "machine": {}, "results": payload}
+
+
+def test_report_writes_newest_result_per_device(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    old = _result("layers", "gpu-x", "2026-01-01T00:00:00+00:00", {"columns": ["n"], "rows": [[111]]})
+    new = _result("layers", "gpu-x", "2026-02-01T00:00:00+00:00",
+                  {"columns": ["n", "ms", "note"], "rows": [[1024, 0.123456, "a|b"], [2048, None, "c"]]})
+    cpu = _result("layers", "cpu: y", "2026-01-15T00:00:00+00:00")
+    for i, doc in enumerate([old, new, cpu]):
+        (results / f"r{i}.json").write_text(json.dumps(doc))
+    (results / "r1.png").write_bytes(b"png")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\nbefore\n{report.START}\nstale\n{report.END}\nafter\n")
+
+    assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
+
+    text = readme.read_text()
+    assert text.startswith("# t\nbefore\n") and text.endswith(f"{report.END}\nafter\n")
+    assert "stale" not in text and "| 111 |" not in text
+    assert "### layers" in text
+    assert "| n | ms | note |" in text and "| 1024 | 0.1235 | a\\|b |" in text and "| 2048 |  | c |" in text
+    assert "gpu-x · commit `01234567` · 2026-02-01T00:00:00+00:00 · `plait bench layers`" in text
+    assert "cpu: y · commit" in text
+    assert "](results/r1.png)" in text
+
+
+def test_report_without_markers_fails(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--results", str(tmp_path), "--readme", str(readme)])
+    assert exc.value.code != 0
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_report_with_no_results(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    report.main(["--results", str(tmp_path), "--readme", str(readme)])
+    assert "No results yet" in readme.read_text()
