@@ -34,15 +34,16 @@ def check_column(case: dict, tp: int, rank: int) -> None:
     shape, k, n, dtype = case["shape"], case["k"], case["n"], case["dtype"]
     bias, sp, gather, act, overlap = case["bias"], case["sp"], case["gather"], case["act"], case["overlap"]
     where = f"ColumnParallelLinear tp={tp} {case}"
+    dev = case.get("device", "cpu")
     torch.manual_seed(case["seed"])
-    dense = nn.Linear(k, n, bias=bias, dtype=dtype)
+    dense = nn.Linear(k, n, bias=bias, dtype=dtype, device=dev)
     torch.manual_seed(case["seed"])
     layer = plait.ColumnParallelLinear(k, n, bias=bias, gather_output=gather, sequence_parallel=sp,
-                                       activation=act, overlap=overlap, dtype=dtype)
+                                       activation=act, overlap=overlap, dtype=dtype, device=dev)
     close("fresh weight", layer.weight, block(dense.weight, 0, rank, tp), dtype, where)
     gen = torch.Generator().manual_seed(case["seed"] + 1)
-    x = torch.randn(*shape, k, dtype=dtype, generator=gen, requires_grad=True)
-    dy = torch.randn(*shape, n, dtype=dtype, generator=gen)
+    x = torch.randn(*shape, k, dtype=dtype, generator=gen).to(dev).requires_grad_()
+    dy = torch.randn(*shape, n, dtype=dtype, generator=gen).to(dev)
     y = apply_activation(dense(x), act)
     (y * dy).sum().backward()
 
@@ -61,15 +62,16 @@ def check_row(case: dict, tp: int, rank: int) -> None:
     shape, k, n, dtype = case["shape"], case["k"], case["n"], case["dtype"]
     bias, sp, parallel_in, overlap = case["bias"], case["sp"], case["parallel_in"], case["overlap"]
     where = f"RowParallelLinear tp={tp} {case}"
+    dev = case.get("device", "cpu")
     torch.manual_seed(case["seed"])
-    dense = nn.Linear(k, n, bias=bias, dtype=dtype)
+    dense = nn.Linear(k, n, bias=bias, dtype=dtype, device=dev)
     torch.manual_seed(case["seed"])
     layer = plait.RowParallelLinear(k, n, bias=bias, input_is_parallel=parallel_in, sequence_parallel=sp,
-                                    overlap=overlap, dtype=dtype)
+                                    overlap=overlap, dtype=dtype, device=dev)
     close("fresh weight", layer.weight, block(dense.weight, 1, rank, tp), dtype, where)
     gen = torch.Generator().manual_seed(case["seed"] + 1)
-    x = torch.randn(*shape, k, dtype=dtype, generator=gen, requires_grad=True)
-    dy = torch.randn(*shape, n, dtype=dtype, generator=gen)
+    x = torch.randn(*shape, k, dtype=dtype, generator=gen).to(dev).requires_grad_()
+    dy = torch.randn(*shape, n, dtype=dtype, generator=gen).to(dev)
     y = dense(x)
     (y * dy).sum().backward()
 
@@ -105,12 +107,16 @@ def layer_cases(tp: int) -> list[dict]:
     return cases
 
 
-def run_layer_cases(rank: int, world: int) -> int:
-    plait.init_mesh(tp=world)
-    for case in layer_cases(world):
+def run_layer_cases(rank: int, world: int, device: str = "cpu", backend=None) -> int:
+    """Every case of :func:`layer_cases` on this rank; ``device`` "cuda" puts data and layers on the GPU."""
+    if device == "cuda":
+        torch.cuda.set_device(0)  # ranks share the one GPU of the test machine
+    plait.init_mesh(tp=world, backend=backend)
+    cases = [dict(case, device=device) for case in layer_cases(world)]
+    for case in cases:
         (check_column if case["kind"] == "column" else check_row)(case, world, rank)
     plait.destroy_mesh()
-    return len(layer_cases(world))
+    return len(cases)
 
 
 def train_mlp(rank: int, world: int, overlap: str, sp: bool, steps: int = 3) -> int:

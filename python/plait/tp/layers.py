@@ -132,7 +132,7 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel and x.dim() < 2:
             raise ValueError(f"ColumnParallelLinear(sequence_parallel=True) needs [seq, ..., features] "
                              f"input with the sequence shard in dim 0, got shape {list(x.shape)}")
-        if resolve_overlap(self.overlap, self.comm) == "chunked":
+        if resolve_overlap(self.overlap, self.comm, x.device) == "chunked":
             rows = x.numel() // max(x.shape[-1], 1)
             y = column_linear_overlapped(x, self.weight, self.bias, self.comm, self.sequence_parallel,
                                          num_chunks(rows, self.overlap_chunks))
@@ -177,7 +177,7 @@ class RowParallelLinear(_ParallelLinear):
                              f"make the sequence length a multiple of {self.tp_size}")
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.comm)
-        if resolve_overlap(self.overlap, self.comm) == "chunked":
+        if resolve_overlap(self.overlap, self.comm, x.device) == "chunked":
             rows = x.numel() // max(x.shape[-1], 1)
             local_rows = rows // self.tp_size if self.sequence_parallel else rows
             return row_linear_overlapped(x, self.weight, self.bias, self.comm, self.sequence_parallel,
