@@ -1,0 +1,129 @@
+"""plait.kernels on the Triton interpreter (CPU): fused_linear forward/backward, signals.
+
+Every buffer torch allocates uninitialized is poisoned with NaN (deterministic
+mode fills ``torch.empty``), so an element a kernel forgets to write fails.
+bf16 is not tested here: the interpreter computes bf16 wrongly (see
+ENVIRONMENT.md); tests/test_kernels_gpu.py covers it on a GPU.
+"""
+import itertools
+
+import pytest
+import torch
+
+kernels = pytest.importorskip("plait.kernels")
+if not kernels.HAVE_TRITON:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from kernel_reference import reference_linear, rel_err  # noqa: E402
+from plait.kernels.config import signal_config  # noqa: E402
+from plait.kernels import (ChunkSignals, SignalTimeoutError, consumer_linear, fused_linear,  # noqa: E402
+                           producer_linear)
+
+ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu"]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _inputs(lead, n, k, dtype, activation, bias, residual, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * n if activation == "swiglu" else n
+    make = lambda *shape: (torch.randn(*shape, generator=gen) / 2).to(dtype).requires_grad_()
+    return (make(*lead, k), make(rows, k), make(rows) if bias else None,
+            make(*lead, n) if residual else None, torch.randn(*lead, n, generator=gen).to(dtype))
+
+
+CASES = [((1,), 5, 3), ((37,), 19, 29), ((5, 7), 33, 17), ((70,), 45, 100), ((2, 3, 4), 8, 64)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_linear_forward_backward(activation, dtype):
+    seed = 0
+    for (lead, n, k), bias, residual in itertools.product(CASES, (True, False), (True, False)):
+        seed += 1
+        x, w, b, r, dy = _inputs(lead, n, k, dtype, activation, bias, residual, seed)
+        where = f"{activation} {dtype} lead={lead} n={n} k={k} bias={bias} residual={residual}"
+        y = fused_linear(x, w, b, activation, r)
+        assert y.shape == (*lead, n) and y.dtype == dtype, where
+        leaves = [t for t in (x, w, b, r) if t is not None]
+        got = torch.autograd.grad(y, leaves, dy)
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        it = iter(ref_leaves)
+        xd, wd = next(it), next(it)
+        bd = next(it) if bias else None
+        rd = next(it) if residual else None
+        ref = reference_linear(xd, wd, bd, activation, rd)
+        want = torch.autograd.grad(ref, ref_leaves, dy.double())
+        assert rel_err(y, ref) < TOL[dtype], f"output {where}: {rel_err(y, ref):.2e}"
+        for name, g, e in zip(("dx", "dw", "db" if bias else "dr", "dr"), got, want):
+            assert rel_err(g, e) < TOL[dtype], f"{name} {where}: {rel_err(g, e):.2e}"
+
+
+def test_uninitialized_memory_is_poisoned():
+    assert torch.isnan(torch.empty(16)).all()
+
+
+def test_out_argument_and_no_grad_path():
+    x, w, b, r, _ = _inputs((9,), 6, 10, torch.float32, "gelu", True, True, 99)
+    out = torch.full((9, 6), float("nan"))
+    with torch.no_grad():
+        y = fused_linear(x, w, b, "gelu", r, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert rel_err(out, reference_linear(x, w, b, "gelu", r)) < 1e-5
+
+
+def test_bad_arguments():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    for call, text in ((lambda: fused_linear(x, w, activation="tanh"), "unknown activation"),
+                       (lambda: fused_linear(x, w.double()), "dtype"),
+                       (lambda: fused_linear(x.double(), w.double()), "dtype"),
+                       (lambda: fused_linear(torch.randn(4, 7), w), "do not fit"),
+                       (lambda: fused_linear(x, torch.randn(5, 8), activation="swiglu"), "swiglu"),
+                       (lambda: fused_linear(x, w, torch.randn(5)), "bias"),
+                       (lambda: fused_linear(x, w, residual=torch.randn(4, 5)), "residual"),
+                       (lambda: fused_linear(x.requires_grad_(), w, out=torch.empty(4, 6)), "autograd")):
+        with pytest.raises(ValueError, match=text):
+            call()
+
+
+def test_producer_publishes_every_chunk_once_per_epoch():
+    for rows, chunks in ((70, 3), (64, 2), (5, 5), (1, 1), (100, 7)):
+        signals = ChunkSignals.create(rows, chunks, "cpu")
+        x, w = torch.randn(rows, 16), torch.randn(40, 16)
+        for epoch in (1, 2):
+            y = producer_linear(x, w, activation="relu", signals=signals)
+            assert signals.epoch == epoch
+            assert signals.flags.tolist() == [epoch] * signals.num_chunks, (rows, chunks)
+            assert rel_err(y, reference_linear(x, w, None, "relu", None)) < 1e-5
+        # each chunk counted exactly the tiles that overlap it: n-tiles x m-tiles touching its rows
+        cfg = signal_config()
+        n_tiles = -(-40 // cfg["BN"])
+        for c in range(signals.num_chunks):
+            first, last = c * signals.rows_per_chunk, min(rows, (c + 1) * signals.rows_per_chunk) - 1
+            assert int(signals.counters[c]) == n_tiles * (last // cfg["BM"] - first // cfg["BM"] + 1)
+
+
+def test_consumer_waits_for_flags_and_reports_a_missing_chunk():
+    signals = ChunkSignals.create(70, 3, "cpu")
+    x, w1, w2 = torch.randn(70, 16), torch.randn(24, 16), torch.randn(8, 24)
+    hidden = producer_linear(x, w1, signals=signals)
+    out = consumer_linear(hidden, w2, activation="silu", signals=signals)
+    signals.check()
+    assert rel_err(out, reference_linear(hidden, w2, None, "silu", None)) < 1e-5
+    stale = ChunkSignals.create(70, 3, "cpu")
+    stale.flags.copy_(torch.tensor([1, 0, 1], dtype=torch.int32))
+    consumer_linear(hidden, w2, signals=stale, epoch=1, timeout_s=1e-5)
+    with pytest.raises(SignalTimeoutError, match="chunk 1 of 3"):
+        stale.check()
+    with pytest.raises(ValueError, match="chunks"):
+        consumer_linear(torch.randn(20, 24), w2, signals=signals)
+    with pytest.raises(ValueError, match="positive"):
+        ChunkSignals.create(0, 2, "cpu")

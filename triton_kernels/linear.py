@@ -1,0 +1,136 @@
+"""``fused_linear``: ``activation(x @ weight.T + bias) + residual`` in one Triton GEMM, with autograd.
+
+Forward stores the pre-activation when a gradient will be needed (one extra
+write of the output's size; recomputing it in backward would cost a third
+GEMM). Backward runs two GEMMs with ``act'`` fused into their A-operand load:
+
+    dZ = dY * act'(Z)            (never materialized, except for swiglu)
+    dX = dZ @ W                  input gradient
+    dW = dZ^T @ X, db = sum dZ   weight gradient, bias gradient as row sums in the same kernel
+
+For swiglu (``weight`` holds gate rows then up rows, ``[2N, K]``, output
+``[..., N]``) dZ needs two values per element, so a small elementwise kernel
+writes it first.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import ACT_CODES
+from .gemm import launch_gemm
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _swiglu_grad_kernel(grad_ptr, pre_ptr, dz_ptr, rows, n, BLOCK: tl.constexpr):
+    """dZ[:, :n] = dY * u * silu'(g), dZ[:, n:] = dY * silu(g), with Z = [g, u] row-major [rows, 2n]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < rows * n
+    row, col = offs // n, offs % n
+    dy = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(pre_ptr + row * 2 * n + col, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(pre_ptr + row * 2 * n + n + col, mask=ok, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    tl.store(dz_ptr + row * 2 * n + col, (dy * u * s * (1.0 + g * (1.0 - s))).to(dz_ptr.dtype.element_ty), mask=ok)
+    tl.store(dz_ptr + row * 2 * n + n + col, (dy * g * s).to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      activation: Optional[str], residual: Optional[torch.Tensor],
+                      out: Optional[torch.Tensor]) -> int:
+    """Validate ``fused_linear``'s arguments; return the output feature count N."""
+    if activation not in ACT_CODES:
+        raise ValueError(f"unknown activation {activation!r}; use one of {list(ACT_CODES)}")
+    if x.dtype not in DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"x and weight must share one dtype of {DTYPES}, got {x.dtype} and {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x [..., K] and weight [N, K] do not fit: x {list(x.shape)}, weight {list(weight.shape)}")
+    rows = weight.shape[0]
+    if activation == "swiglu" and rows % 2:
+        raise ValueError(f"swiglu needs weight rows = 2 * N (gate then up), got {rows}")
+    n = rows // 2 if activation == "swiglu" else rows
+    if bias is not None and (bias.shape != (rows,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be [{rows}] of {x.dtype} on {x.device}, got {list(bias.shape)} {bias.dtype}")
+    out_shape = (*x.shape[:-1], n)
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and (tuple(t.shape) != out_shape or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} must be {list(out_shape)} of {x.dtype} on {x.device}, got "
+                             f"{list(t.shape)} {t.dtype} on {t.device}")
+    return n
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class FusedLinearFunction(torch.autograd.Function):
+    """Autograd for :func:`fused_linear` (x, weight, bias, residual differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, activation, out):
+        n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
+        x2 = _rows(x)
+        y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+        needs_grad = any(ctx.needs_input_grad[:3])
+        pre = (torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+               if needs_grad and activation is not None else None)
+        launch_gemm(x2, weight.t(), _rows(y), act=ACT_CODES[activation], swiglu=activation == "swiglu",
+                    bias=bias, residual=_rows(residual) if residual is not None else None, pre=pre)
+        ctx.save_for_backward(x2, weight, pre)
+        ctx.activation, ctx.has_bias, ctx.x_shape = activation, bias is not None, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, pre = ctx.saved_tensors
+        act = ctx.activation
+        g2 = _rows(grad).contiguous()
+        if act == "swiglu":
+            dz = torch.empty_like(pre)
+            rows, n = g2.shape
+            block = 1024
+            _swiglu_grad_kernel[(triton.cdiv(rows * n, block),)](g2, pre, dz, rows, n, BLOCK=block)
+            a, z, code = dz, None, 0
+        else:
+            a, z, code = g2, pre, ACT_CODES[act] if act is not None else 0
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty(a.shape[0], weight.shape[1], dtype=x2.dtype, device=x2.device)
+            launch_gemm(a, weight, grad_x, prologue_z=z, prologue_act=code)
+            grad_x = grad_x.view(ctx.x_shape)
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] or want_b:
+            grad_w = torch.empty_like(weight)
+            row_sums = torch.empty(weight.shape[0], dtype=torch.float32, device=x2.device) if want_b else None
+            launch_gemm(a.t(), x2, grad_w, prologue_z=z.t() if z is not None else None, prologue_act=code,
+                        rowsum=row_sums)
+            grad_b = row_sums.to(weight.dtype) if want_b else None
+            grad_w = grad_w if ctx.needs_input_grad[1] else None
+        grad_res = grad if ctx.needs_input_grad[3] else None
+        return grad_x, grad_w, grad_b, grad_res, None, None
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``activation(x @ weight.T + bias) + residual`` in one kernel; differentiable.
+
+    ``x`` [..., K], ``weight`` [N, K] (``nn.Linear`` layout; [2N, K] gate-then-up
+    for ``"swiglu"``), ``bias`` [N] (or [2N]), ``residual`` [..., N]; bf16, fp16
+    or fp32, fp32 accumulation, output in ``x.dtype``. ``activation``: None,
+    "relu", "gelu" (erf), "gelu_tanh", "silu", "swiglu". ``out`` receives the
+    result when given (not with autograd). Raises ValueError on bad shapes,
+    dtypes or devices.
+    """
+    check_linear_args(x, weight, bias, activation, residual, out)
+    if out is not None and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        raise ValueError("fused_linear(out=...) cannot be used with autograd; drop out= or use torch.no_grad()")
+    return FusedLinearFunction.apply(x, weight, bias, residual, activation, out)
