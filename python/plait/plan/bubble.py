@@ -1,0 +1,121 @@
+"""Pipeline bubble and in-flight activations of a schedule: from plait.pp's simulator, else closed forms.
+
+``pipeline_bubble(schedule, p, m, v)`` answers two questions for p stages, m microbatches
+and v virtual chunks per rank, with uniform stage times (forward 1, backward 2 of which
+the weight-gradient part W is 1):
+
+* ``fraction``: the share of a rank's step time spent idle (bubble / (work + bubble));
+* ``peak_inflight``: how many microbatch-chunks the first rank holds activations for at
+  once, the multiplier of its activation memory (a chunk is 1/v of its layers).
+
+When ``plait.pp.build_schedule`` is importable the schedule is built and simulated
+(``Schedule.simulate``); else, or when the schedule is too long to simulate quickly, the
+closed forms below answer:
+
+    schedule      bubble fraction                    peak in flight (chunks, rank 0)
+    gpipe         (p-1) / (m+p-1)                    m
+    1f1b          (p-1) / (m+p-1)                    min(m, p)
+    interleaved   ((p-1)/v) / (m+(p-1)/v)            min(m*v, v*p + p - 1)
+    zb-h1         (p-1) / (3m+p-1)                   min(m, p)
+
+GPipe and 1F1B: Huang et al. 2019, Narayanan et al. 2021 (eq. 1). Interleaved 1F1B:
+Narayanan et al. 2021, sec. 2.2.2; its in-flight count is Megatron-LM's warm-up of
+2(p-1) + (v-1)p chunks plus one, which gives Korthikanti et al.'s activation factor
+L(1 + (p-1)/(pv)). ZB-H1: Qi et al. 2023, "Zero Bubble Pipeline Parallelism": the bubble
+shrinks from (p-1)(F+B+W) to (p-1)(F+B-W) at 1F1B's memory; with F = B = W that is a third.
+
+Results are cached per (schedule, p, m, v): the search asks the same few questions many times.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, NamedTuple
+
+# Above this many scheduled actions (3*p*m*v) the closed form answers instead of the
+# simulator, so that a search stays within its time budget.
+MAX_SIMULATED_ACTIONS = 60_000
+# Names plait.pp may know each schedule by, tried in order.
+SIMULATOR_NAMES = {"gpipe": ("gpipe",), "1f1b": ("1f1b",),
+                   "interleaved": ("interleaved", "interleaved_1f1b", "interleaved-1f1b", "i1f1b"),
+                   "zb-h1": ("zb-h1", "zbh1", "zb_h1", "zero_bubble", "zb")}
+
+
+class Bubble(NamedTuple):
+    """Idle share of the step, peak microbatch-chunks held by rank 0, and which model answered."""
+
+    fraction: float
+    peak_inflight: int
+    source: str  # "simulator" or "closed-form"
+
+
+def closed_form_bubble(schedule: str, p: int, m: int, v: int = 1) -> Bubble:
+    """The table in the module docstring; p=1 has no bubble and holds one microbatch (gpipe: m)."""
+    if p == 1:
+        return Bubble(0.0, m if schedule == "gpipe" else 1, "closed-form")
+    if schedule in ("gpipe", "1f1b"):
+        fraction = (p - 1) / (m + p - 1)
+        return Bubble(fraction, m if schedule == "gpipe" else min(m, p), "closed-form")
+    if schedule == "interleaved":
+        warm = (p - 1) / v
+        return Bubble(warm / (m + warm), min(m * v, v * p + p - 1), "closed-form")
+    if schedule == "zb-h1":
+        return Bubble((p - 1) / (3 * m + p - 1), min(m, p), "closed-form")
+    raise ValueError(f"unknown schedule {schedule!r}; use one of {sorted(SIMULATOR_NAMES)}")
+
+
+def _simulator() -> Any | None:
+    """plait.pp.build_schedule when the pipeline package is installed, else None."""
+    try:
+        from plait.pp import build_schedule
+    except ImportError:
+        return None
+    return build_schedule
+
+
+def _rank0(value: Any) -> float:
+    """Rank 0's entry of a per-rank sequence or mapping (or the value itself)."""
+    if isinstance(value, dict):
+        return float(value[min(value)])
+    if isinstance(value, (list, tuple)):
+        return float(value[0])
+    return float(value)
+
+
+def _worst(value: Any) -> float:
+    """The largest entry of a per-rank sequence or mapping (or the value itself)."""
+    if isinstance(value, dict):
+        return float(max(value.values()))
+    if isinstance(value, (list, tuple)):
+        return float(max(value))
+    return float(value)
+
+
+def simulated_bubble(schedule: str, p: int, m: int, v: int = 1) -> Bubble | None:
+    """Simulate the schedule with plait.pp (forward 1, backward 2, W 1); None if unavailable or unknown."""
+    build = _simulator()
+    if build is None:
+        return None
+    for name in SIMULATOR_NAMES.get(schedule, ()):
+        try:
+            sched = build(name, num_stages=p, num_microbatches=m, num_virtual=v)
+        except (ValueError, KeyError, NotImplementedError):
+            continue
+        sim = sched.simulate(forward=1.0, backward=2.0, weight=1.0 if schedule == "zb-h1" else None)
+        return Bubble(_worst(sim.bubble_fraction), int(round(_rank0(sim.peak_activations))), "simulator")
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def pipeline_bubble(schedule: str, p: int, m: int, v: int = 1) -> Bubble:
+    """Bubble and peak in-flight chunks: simulated when plait.pp is there and the run is small, else closed form."""
+    if p > 1 and 3 * p * m * v <= MAX_SIMULATED_ACTIONS:
+        try:
+            simulated = simulated_bubble(schedule, p, m, v)
+        except Exception as exc:  # noqa: BLE001 - a simulator bug must not stop planning
+            warnings.warn(f"plait.pp's simulator failed for {schedule} p={p} m={m} v={v} ({exc}); "
+                          f"using the closed-form bubble", RuntimeWarning, stacklevel=2)
+            simulated = None
+        if simulated is not None:
+            return simulated
+    return closed_form_bubble(schedule, p, m, v)

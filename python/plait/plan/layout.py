@@ -1,0 +1,118 @@
+"""A layout: how one job is split over the GPUs, and the rules that make it runnable.
+
+``Layout(dp, pp, tp, num_virtual, microbatch_size, schedule, recompute, sequence_parallel)``;
+``check_layout`` raises ValueError saying which rule a layout breaks and how to fix it:
+
+    dp * pp * tp == GPUs        every GPU has exactly one place
+    tp <= GPUs per node         tensor parallelism talks on every layer: keep it on NVLink
+    heads, FFN % tp == 0        each TP rank owns whole heads and an equal FFN slice
+    layers % (pp * v) == 0      equal stages (unless uneven stages are allowed)
+    global batch % dp == 0, per-replica batch % microbatch size == 0
+    interleaved: v >= 2, pp >= 2 and microbatches % pp == 0 (Megatron-LM's rule)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .config import RECOMPUTE_MODES, HardwareSpec, JobSpec, ModelSpec
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of data, pipeline and tensor parallelism plus the pipeline's microbatching.
+
+    ``recompute`` and ``sequence_parallel`` left None follow the job (``JobSpec``).
+    For inference ``microbatch_size`` and ``schedule`` are unused.
+    """
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    num_virtual: int = 1
+    microbatch_size: int = 1
+    schedule: str = "1f1b"
+    recompute: str | None = None
+    sequence_parallel: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "pp", "tp", "num_virtual", "microbatch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"layout: {name}={getattr(self, name)} must be >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"layout: unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
+        if self.recompute is not None and self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"layout: unknown recompute {self.recompute!r}; use one of {RECOMPUTE_MODES}")
+        if self.schedule != "interleaved" and self.num_virtual != 1:
+            raise ValueError(f"layout: num_virtual={self.num_virtual} needs schedule='interleaved'")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    def short(self) -> str:
+        """Compact text such as 'dp8 pp4 tp8 v2 mbs1 interleaved'."""
+        v = f" v{self.num_virtual}" if self.num_virtual > 1 else ""
+        return f"dp{self.dp} pp{self.pp} tp{self.tp}{v} mbs{self.microbatch_size} {self.schedule}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def num_microbatches(job: JobSpec, layout: Layout) -> int:
+    """Microbatches per replica per step (training); 1 for inference."""
+    if not job.training:
+        return 1
+    return job.global_batch // (layout.dp * layout.microbatch_size)
+
+
+def layers_per_stage(model: ModelSpec, layout: Layout) -> int:
+    """Layers on the most loaded pipeline rank (all its virtual chunks together)."""
+    chunks = layout.pp * layout.num_virtual
+    return math.ceil(model.num_layers / chunks) * layout.num_virtual
+
+
+def check_layout(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout: Layout,
+                 allow_uneven: bool = False) -> None:
+    """Raise ValueError with the first rule `layout` breaks (see the module docstring)."""
+    where = f"layout {layout.short()}"
+    if layout.num_gpus != cluster.num_gpus:
+        raise ValueError(f"{where}: dp*pp*tp = {layout.num_gpus} but the cluster has {cluster.num_gpus} GPUs")
+    if layout.tp > cluster.gpus_per_node:
+        raise ValueError(f"{where}: tp={layout.tp} spans nodes of {cluster.gpus_per_node} GPUs; "
+                         f"keep tp <= {cluster.gpus_per_node} and use pp or dp for the rest")
+    if model.num_heads % layout.tp:
+        raise ValueError(f"{where}: num_heads={model.num_heads} is not divisible by tp={layout.tp}")
+    if model.num_kv_heads % layout.tp and layout.tp % model.num_kv_heads:
+        raise ValueError(f"{where}: num_kv_heads={model.num_kv_heads} and tp={layout.tp} must divide one another")
+    if model.ffn_hidden % layout.tp:
+        raise ValueError(f"{where}: ffn_hidden={model.ffn_hidden} is not divisible by tp={layout.tp}")
+    chunks = layout.pp * layout.num_virtual
+    if chunks > model.num_layers:
+        raise ValueError(f"{where}: pp*v = {chunks} stages but the model has {model.num_layers} layers")
+    if model.num_layers % chunks and not allow_uneven:
+        raise ValueError(f"{where}: num_layers={model.num_layers} is not divisible by pp*v = {chunks}; "
+                         f"choose pp and v that divide it, or allow uneven stages")
+    if layout.schedule == "interleaved" and (layout.num_virtual < 2 or layout.pp < 2):
+        raise ValueError(f"{where}: the interleaved schedule needs pp >= 2 and num_virtual >= 2")
+    if layout.pp == 1 and layout.schedule not in ("1f1b", "gpipe"):
+        raise ValueError(f"{where}: schedule {layout.schedule!r} needs pp >= 2")
+    if job.training:
+        _check_batch(job, layout, where)
+    elif job.batch % layout.dp:
+        raise ValueError(f"{where}: batch={job.batch} requests do not split over dp={layout.dp} replicas")
+
+
+def _check_batch(job: JobSpec, layout: Layout, where: str) -> None:
+    if job.global_batch % layout.dp:
+        raise ValueError(f"{where}: global_batch={job.global_batch} is not divisible by dp={layout.dp}")
+    per_replica = job.global_batch // layout.dp
+    if per_replica % layout.microbatch_size:
+        raise ValueError(f"{where}: the per-replica batch {per_replica} is not divisible by "
+                         f"microbatch_size={layout.microbatch_size}")
+    m = per_replica // layout.microbatch_size
+    if layout.schedule == "interleaved" and m % layout.pp:
+        raise ValueError(f"{where}: the interleaved schedule needs microbatches ({m}) divisible by pp={layout.pp}")
