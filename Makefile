@@ -94,6 +94,9 @@ demo: build
 bench: build
 	@echo ">> plait bench tp_layers"
 	@$(VENV)/bin/plait bench tp_layers
+	@if $(VPY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  echo ">> plait bench gemm --plot"; $(VENV)/bin/plait bench gemm --plot; \
+	else echo ">> plait bench gemm: skipped (needs a CUDA GPU)"; fi
 	@echo ">> bench/report.py"
 	@$(VPY) bench/report.py
 

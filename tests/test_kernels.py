@@ -127,3 +127,10 @@ def test_consumer_waits_for_flags_and_reports_a_missing_chunk():
         consumer_linear(torch.randn(20, 24), w2, signals=signals)
     with pytest.raises(ValueError, match="positive"):
         ChunkSignals.create(0, 2, "cpu")
+
+
+def test_gemm_benchmark_script_runs(capsys):
+    from plait.bench import gemm
+
+    assert gemm.main(["--smoke", "--no-compile"]) == 0
+    assert "fused_vs_eager_fwd" in capsys.readouterr().out

@@ -29,3 +29,31 @@ def check_activation(name: Optional[str]) -> Optional[str]:
 def apply_activation(x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
     """``x`` passed through the activation called ``name`` (None: unchanged)."""
     return x if name is None else ACTIVATIONS[name](x)
+
+
+def _fused_kernel():
+    """plait.kernels.fused_linear when Triton can run it on a GPU, else None (imported on first use)."""
+    global _FUSED
+    if _FUSED is None:
+        try:
+            from .. import kernels
+        except ImportError:
+            _FUSED = False
+        else:
+            _FUSED = kernels.fused_linear if kernels.HAVE_TRITON else False
+    return _FUSED or None
+
+
+_FUSED = None
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      activation: Optional[str]) -> torch.Tensor:
+    """``activation(x @ weight.T + bias)``: one fused Triton kernel (forward and backward) on CUDA,
+    ``F.linear`` plus the activation elsewhere (CPU, float64, no Triton). Same math either way."""
+    if x.is_cuda and x.dtype in _FUSED_DTYPES:
+        fused = _fused_kernel()
+        if fused is not None:
+            return fused(x, weight, bias, activation)
+    return apply_activation(F.linear(x, weight, bias), activation)

@@ -24,16 +24,19 @@ Row sequence_parallel=True                  [S, ..., K/tp]         [S/tp, ..., N
 
 A column layer followed by a row layer (an MLP, attention) needs one
 all-reduce forward and one backward, or all-gather + reduce-scatter under SP.
+
+On CUDA with Triton the non-overlapped path runs GEMM, bias and activation as
+one ``plait.kernels.fused_linear`` kernel (its backward fused too); on CPU it
+runs ``F.linear`` and the activation. The chunked path runs torch GEMMs.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .activations import apply_activation, check_activation
+from .activations import apply_activation, check_activation, linear_activation
 from .common import check_input, check_overlap, divide, init_full_linear, resolve_comm, resolve_overlap
 from .mappings import (copy_to_tp_region, gather_from_sequence_region, gather_from_tp_region,
                        reduce_from_tp_region, reduce_scatter_to_sequence_region, scatter_to_tp_region)
@@ -136,11 +139,11 @@ class ColumnParallelLinear(_ParallelLinear):
             rows = x.numel() // max(x.shape[-1], 1)
             y = column_linear_overlapped(x, self.weight, self.bias, self.comm, self.sequence_parallel,
                                          num_chunks(rows, self.overlap_chunks))
+            y = apply_activation(y, self.activation)
         else:
             x = (gather_from_sequence_region(x, self.comm) if self.sequence_parallel
                  else copy_to_tp_region(x, self.comm))
-            y = F.linear(x, self.weight, self.bias)
-        y = apply_activation(y, self.activation)
+            y = linear_activation(x, self.weight, self.bias, self.activation)
         return gather_from_tp_region(y, self.comm) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -182,7 +185,7 @@ class RowParallelLinear(_ParallelLinear):
             local_rows = rows // self.tp_size if self.sequence_parallel else rows
             return row_linear_overlapped(x, self.weight, self.bias, self.comm, self.sequence_parallel,
                                          num_chunks(local_rows, self.overlap_chunks))
-        y = F.linear(x, self.weight)
+        y = linear_activation(x, self.weight, None, None)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_region(y, self.comm)
             # Each rank sees only its sequence shard of dY: all-reduce the bias gradient.
