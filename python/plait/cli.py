@@ -2,6 +2,7 @@
 
     plait info [--json]          versions, devices, plait._C's build, usable comm backends
     plait bench NAME [ARGS...]   run benchmark plait.bench.NAME with ARGS (no NAME: list them)
+    plait plan [ARGS...]         search (or estimate) a parallel layout: plait.plan.cli
 
 Subcommands are entries of ``SUBCOMMANDS``: name -> (one-line help, setup function).
 A setup function adds its arguments to the parser it is given and sets ``run`` to a
@@ -62,9 +63,16 @@ def _run_bench(args: argparse.Namespace) -> int:
     return int(module.main(args.args) or 0)
 
 
+def _setup_plan(parser: argparse.ArgumentParser) -> None:
+    from plait.plan.cli import setup
+
+    setup(parser)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "info": ("show versions, devices, the compiled extension and usable backends", _setup_info),
     "bench": ("run a benchmark: plait bench NAME [ARGS...]", _setup_bench),
+    "plan": ("choose dp/pp/tp, microbatches and schedule for a model on a cluster", _setup_plan),
 }
 
 

@@ -21,7 +21,7 @@ from . import comm_cost, compute
 from .bubble import pipeline_bubble
 from .config import RECOMPUTE_MODES, HardwareSpec, JobSpec, ModelSpec
 from .layout import Layout, check_layout, layers_per_stage, num_microbatches
-from .memory import MemoryBreakdown, stage_params, training_memory
+from .memory import MemoryBreakdown, grad_bytes, stage_params, training_memory
 
 # Adam update, bytes per local parameter: read fp32 master, m, v and the gradient; write
 # master, m, v and the 2-byte working copy.
@@ -118,13 +118,7 @@ def _training_estimate(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, la
     bubble = pipeline_bubble(layout.schedule, layout.pp, m, layout.num_virtual)
     pipeline = m * work / (1 - bubble.fraction)
     params = max(stage_params(model, layout, "first"), stage_params(model, layout, "last"))
-    dp_stride = layout.pp * layout.tp
-    dp = comm_cost.dp_grad_reduction(cluster, 2.0 * params, layout.dp, dp_stride)
-    backward_window = work * 2 / 3 if job.dp_overlap else 0.0
-    dp_exposed = max(0.0, dp - backward_window)
-    if job.zero_stage == 3 and layout.dp > 1:  # weights gathered for every microbatch's forward and backward
-        gather = 2 * comm_cost.allgather_time(cluster, 2.0 * params, layout.dp, dp_stride)
-        dp_exposed += m * max(0.0, gather - work)
+    dp_exposed = _dp_exposed(cluster, job, layout, params, m, work)
     local = params / layout.dp if job.zero_stage >= 1 else params
     optimizer = compute.elementwise_time(cluster.gpu, OPTIMIZER_STEP_BYTES * local)
     time = {k: m * v for k, v in per_mb.items()}
@@ -143,6 +137,29 @@ def _training_estimate(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, la
                     mfu=flops / per_gpu / cluster.gpu.peak(job.precision), memory=memory,
                     memory_capacity_gb=capacity_gb(cluster, job), time=time, bubble_fraction=bubble.fraction,
                     bubble_source=bubble.source)
+
+
+def _dp_exposed(cluster: HardwareSpec, job: JobSpec, layout: Layout, params: float, m: int, work: float) -> float:
+    """Seconds of DP communication not hidden under backward passes.
+
+    ZeRO 0/1 reduce the accumulated gradients once, under the last microbatch's backward
+    when ``dp_overlap``. ZeRO 2 keeps no full-size accumulation buffer, so it
+    reduce-scatters after every microbatch (under that microbatch's backward) and
+    all-gathers the updated weights after the step; ZeRO 3 also gathers the weights for
+    every microbatch's forward and backward.
+    """
+    if layout.dp == 1:
+        return 0.0
+    stride, backward = layout.pp * layout.tp, (work * 2 / 3 if job.dp_overlap else 0.0)
+    grads = grad_bytes(job) * params
+    if job.zero_stage < 2:
+        return max(0.0, comm_cost.dp_grad_reduction(cluster, grads, layout.dp, stride) - backward)
+    scatter = comm_cost.allgather_time(cluster, grads, layout.dp, stride)
+    exposed = m * max(0.0, scatter - backward) + comm_cost.allgather_time(cluster, 2.0 * params, layout.dp, stride)
+    if job.zero_stage == 3:
+        gather = 2 * comm_cost.allgather_time(cluster, 2.0 * params, layout.dp, stride)
+        exposed += m * max(0.0, gather - work)
+    return exposed
 
 
 def capacity_gb(cluster: HardwareSpec, job: JobSpec) -> float:

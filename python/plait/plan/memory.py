@@ -3,7 +3,9 @@
 Model states (Rajbhandari et al. 2020, "ZeRO", sec. 3 and Table 1), mixed-precision Adam,
 per parameter: 2 bytes of fp16/bf16 weights, 2 of gradients, 12 of optimizer states (fp32
 master copy, momentum, variance). ZeRO stage 1 shards the 12 over the dp ranks, stage 2
-the gradients too, stage 3 the weights too.
+the gradients too, stage 3 the weights too. With bf16 (and fp8) training the gradients
+are accumulated and reduced in fp32, 4 bytes (Megatron-LM turns this on for bf16, since
+bf16 sums lose precision): ``grad_bytes``.
 
 Activations of one transformer layer for one microbatch (Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models", sec. 4), s sequence, b microbatch,
@@ -51,9 +53,14 @@ class MemoryBreakdown:
         return {**asdict(self), "total": self.total}
 
 
-def model_state_bytes(params: float, zero_stage: int, dp: int) -> tuple[float, float, float]:
+def grad_bytes(job: JobSpec) -> int:
+    """Bytes per gradient: 2 for fp16 training (ZeRO's accounting), 4 (fp32 main grads) for bf16/fp8."""
+    return GRAD_BYTES if job.precision == "fp16" else 4
+
+
+def model_state_bytes(params: float, zero_stage: int, dp: int, grad: int = GRAD_BYTES) -> tuple[float, float, float]:
     """(weights, gradients, optimizer states) in bytes for `params` parameters on one GPU."""
-    weights, grads, optimizer = WEIGHT_BYTES * params, GRAD_BYTES * params, OPTIMIZER_BYTES * params
+    weights, grads, optimizer = WEIGHT_BYTES * params, grad * params, OPTIMIZER_BYTES * params
     if zero_stage >= 1:
         optimizer /= dp
     if zero_stage >= 2:
@@ -143,7 +150,8 @@ def training_memory(model: ModelSpec, job: JobSpec, layout: Layout, recompute: s
                       "last": per_layer * chunk_layers * last_inflight + output}
     best = None
     for rank, activations in candidates.items():
-        weights, grads, optimizer = model_state_bytes(stage_params(model, layout, rank), job.zero_stage, layout.dp)
+        weights, grads, optimizer = model_state_bytes(stage_params(model, layout, rank), job.zero_stage, layout.dp,
+                                                      grad_bytes(job))
         cand = MemoryBreakdown(weights / GB, grads / GB, optimizer / GB, (activations + transient) / GB)
         if best is None or cand.total > best.total:
             best = cand
