@@ -1,0 +1,5 @@
+"""plait.models: a reference GPT built from plait's parallel layers, split into pipeline chunks."""
+from .config import GPTConfig
+from .gpt import GPTStage, build_stages, full_state_dict, gpt_loss, init_parameters, partition
+
+__all__ = ["GPTConfig", "GPTStage", "build_stages", "partition", "init_parameters", "gpt_loss", "full_state_dict"]
