@@ -1,0 +1,167 @@
+"""Sharded GPT checkpoints that load onto the same or a different (dp, pp, tp) layout.
+
+Layout on disk (``path/``)::
+
+    meta.json                 format, GPTConfig, the saving layout, step, and per
+                              parameter: full shape, TP split dim, saving pp rank
+    shard-pp{P}-tp{T}.pt      from DP rank 0 of each (P, T): {name: {"param": shard,
+                              "state": {optimizer tensors shaped like the shard}}}
+
+A loader rebuilds each full tensor it needs from the shards of every old TP
+rank of the old pipeline rank that held it, then keeps its own new shard; so
+TP, PP and virtual-stage counts may all change. Optimizer state tensors shaped
+like their parameter (Adam's moments, momentum) reshard the same way; scalar
+state (Adam's ``step``) is copied.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..comm import Communicator
+from .config import GPTConfig
+from .gpt import GPTStage
+
+FORMAT = "plait-gpt-checkpoint-v1"
+
+
+def _named_params(stages: Sequence[GPTStage]):
+    for stage in stages:
+        for name, param in stage.named_parameters():
+            yield stage, name, param
+
+
+def save_checkpoint(path, stages: Sequence[GPTStage], mesh, optimizer: Optional[torch.optim.Optimizer] = None,
+                    step: int = 0, num_virtual: int = 1) -> None:
+    """Write this rank's shards (DP rank 0 only) and, from global rank 0, ``meta.json``.
+
+    Every rank calls it (it ends with a barrier so the checkpoint is complete on return).
+    """
+    path = Path(path)
+    dp_rank, pp_rank, tp_rank = mesh.coords
+    names = {}
+    shards = {}
+    for stage, name, param in _named_params(stages):
+        split = getattr(param, "tp_split_dim", None)
+        full = list(param.shape)
+        if split is not None:
+            full[split] *= stage.comm.size
+        names[name] = {"shape": full, "split": split, "pp_rank": pp_rank}
+        state = optimizer.state.get(param, {}) if optimizer is not None else {}
+        shards[name] = {"param": param.detach().cpu(),
+                        "state": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()}}
+    if dp_rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(shards, path / f"shard-pp{pp_rank}-tp{tp_rank}.pt")
+    everyone = [None] * mesh.world_size
+    torch.distributed.all_gather_object(everyone, names)
+    if mesh.rank == 0:
+        merged = {}
+        for part in everyone:
+            merged.update(part)
+        meta = {"format": FORMAT, "config": stages[0].cfg.to_dict(), "step": step,
+                "layout": {"dp": mesh.dp, "pp": mesh.pp, "tp": mesh.tp, "num_virtual": num_virtual},
+                "params": merged}
+        (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    Communicator.create("torch", None, name="world").barrier()
+
+
+def read_meta(path) -> dict:
+    """The checkpoint's metadata; ValueError if it is not a plait GPT checkpoint."""
+    meta_file = Path(path) / "meta.json"
+    if not meta_file.exists():
+        raise ValueError(f"{path} is not a plait checkpoint: no meta.json")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def check_compatible(meta: dict, cfg: GPTConfig) -> None:
+    """ValueError naming every model dimension in which the checkpoint differs from ``cfg``."""
+    saved = GPTConfig.from_dict(meta["config"]).to_dict()
+    mine = cfg.to_dict()
+    layout_free = {"sequence_parallel"}  # a layout choice, not a model property
+    diffs = [f"{k}: checkpoint {saved[k]!r} vs model {mine[k]!r}" for k in saved
+             if k not in layout_free and saved[k] != mine.get(k)]
+    if diffs:
+        raise ValueError("checkpoint is from an incompatible model: " + "; ".join(diffs))
+
+
+class _ShardReader:
+    """Reads (and caches) shard files and rebuilds full tensors from them."""
+
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path, self.meta, self._files = path, meta, {}
+
+    def _file(self, pp_rank: int, tp_rank: int) -> dict:
+        key = (pp_rank, tp_rank)
+        if key not in self._files:
+            self._files[key] = torch.load(self.path / f"shard-pp{pp_rank}-tp{tp_rank}.pt", map_location="cpu",
+                                          weights_only=True)
+        return self._files[key]
+
+    def full(self, name: str, field: Optional[str] = None):
+        """The full parameter ``name`` (or its optimizer state ``field``), joined over old TP ranks."""
+        info = self.meta["params"][name]
+        parts = []
+        for tp_rank in range(self.meta["layout"]["tp"] if info["split"] is not None else 1):
+            entry = self._file(info["pp_rank"], tp_rank)[name]
+            parts.append(entry["param"] if field is None else entry["state"].get(field))
+        if not torch.is_tensor(parts[0]) or info["split"] is None or parts[0].dim() == 0:
+            return parts[0]
+        return torch.cat(parts, dim=info["split"])
+
+    def state_fields(self, name: str) -> list[str]:
+        info = self.meta["params"][name]
+        return list(self._file(info["pp_rank"], 0)[name]["state"])
+
+
+def _shard_of(full, param: torch.Tensor, stage: GPTStage):
+    split = getattr(param, "tp_split_dim", None)
+    if not torch.is_tensor(full) or split is None or full.dim() == 0 or full.shape == param.shape:
+        return full
+    return full.chunk(stage.comm.size, dim=split)[stage.comm.rank]
+
+
+@torch.no_grad()
+def load_checkpoint(path, stages: Sequence[GPTStage], optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    """Load parameters (and optimizer state) into this rank's stages, resharding as needed; returns the step."""
+    path = Path(path)
+    meta = read_meta(path)
+    check_compatible(meta, stages[0].cfg)
+    reader = _ShardReader(path, meta)
+    for stage, name, param in _named_params(stages):
+        if name not in meta["params"]:
+            raise ValueError(f"checkpoint {path} has no parameter {name!r}")
+        full = reader.full(name)
+        if list(full.shape) != meta["params"][name]["shape"]:
+            raise ValueError(f"checkpoint {path}: {name} has shape {list(full.shape)}, meta says "
+                             f"{meta['params'][name]['shape']}")
+        param.copy_(_shard_of(full, param, stage).to(param.dtype))
+        if optimizer is not None:
+            fields = reader.state_fields(name)
+            if fields:
+                optimizer.state[param] = {
+                    f: (_shard_of(reader.full(name, f), param, stage).to(param.device)
+                        if torch.is_tensor(reader.full(name, f)) else reader.full(name, f)) for f in fields}
+    return int(meta.get("step", 0))
+
+
+def export_full_state_dict(path) -> dict[str, torch.Tensor]:
+    """The whole model from a checkpoint as one state dict, named like the one-process model."""
+    meta = read_meta(Path(path))
+    reader = _ShardReader(Path(path), meta)
+    return {name: reader.full(name) for name in meta["params"]}
+
+
+@torch.no_grad()
+def import_full_state_dict(stages: Sequence[GPTStage], state: dict[str, torch.Tensor]) -> None:
+    """Load a full (one-process) state dict into this rank's stages, keeping each parameter's TP shard."""
+    for stage, name, param in _named_params(stages):
+        if name not in state:
+            raise ValueError(f"state dict has no parameter {name!r}")
+        param.copy_(_shard_of(state[name], param, stage).to(param.dtype))
