@@ -120,15 +120,6 @@ def transient_activation_bytes(model: ModelSpec, microbatch: int, tp: int, sp: b
     return full - layer_activation_bytes(model, microbatch, tp, sp, "selective", flash)
 
 
-def last_rank_inflight(schedule: str, p: int, m: int, v: int) -> int:
-    """Microbatch-chunks the last pipeline rank holds at once (its warm-up plus one)."""
-    if schedule == "gpipe":
-        return m
-    if schedule == "interleaved":
-        return min(m * v, (v - 1) * p + 1)
-    return 1
-
-
 def training_memory(model: ModelSpec, job: JobSpec, layout: Layout, recompute: str, sp: bool) -> MemoryBreakdown:
     """Per-GPU memory of the more loaded of the first and last pipeline ranks, in GB."""
     m = num_microbatches(job, layout)
@@ -137,8 +128,8 @@ def training_memory(model: ModelSpec, job: JobSpec, layout: Layout, recompute: s
     chunk_layers = layers_per_stage(model, layout) / v
     transient = transient_activation_bytes(model, b, tp, sp, recompute, job.flash_attention)
     sbh = model.seq_len * b * model.hidden
-    first_inflight = pipeline_bubble(layout.schedule, layout.pp, m, v).peak_inflight if layout.pp > 1 else 1
-    last_inflight = last_rank_inflight(layout.schedule, layout.pp, m, v) if layout.pp > 1 else 1
+    held = pipeline_bubble(layout.schedule, layout.pp, m, v)
+    first_inflight, last_inflight = (held.peak_inflight, held.last_inflight) if layout.pp > 1 else (1, 1)
     # Embedding dropout mask per microbatch in flight; final norm and output-layer inputs
     # (2 + 2 bytes) and fp32 logits (4 bytes) for one microbatch (Korthikanti et al., sec. 4.3).
     embedding = (sbh if model.dropout else 0) / (tp if sp else 1) * max(1, first_inflight // v)

@@ -161,7 +161,8 @@ def search(*, model: ModelSpec, cluster: HardwareSpec, job: JobSpec, objective: 
         if progress is not None and (i + 1) % step == 0:
             progress(i + 1, len(candidates))
     if not kept:
-        raise ValueError(_nothing_fits(closest, job))
+        hint = "" if allow_uneven else "; or allow uneven stages (--allow-uneven) for more pipeline depths"
+        raise ValueError(_nothing_fits(closest, job) + hint)
     kept.sort(key=lambda e: rank_key(objective, e))
     return Plan(objective, kept, explain(kept, objective), len(candidates), discarded,
                 time.perf_counter() - start)
