@@ -1,0 +1,249 @@
+"""``PipelineEngine``: run a schedule over this rank's stages of a model.
+
+    mesh = plait.init_mesh(pp=4)
+    engine = plait.PipelineEngine(stage_modules, mesh, schedule="1f1b", num_microbatches=8,
+                                  loss_fn=torch.nn.functional.cross_entropy)
+    loss = engine.train_step(inputs, targets)    # same value on every rank
+    optimizer.step(); optimizer.zero_grad()
+
+``stage_modules`` are the model stages this rank holds, in stage order: one module for
+``num_virtual=1``, else ``num_virtual`` (stages ``r, r+p, r+2p, ...`` for the built-in
+looping placement). Each stage takes one tensor and returns one tensor; a stage may be
+tensor-parallel (its TP layers use the mesh's TP axis, the pipeline its PP axis).
+
+Data: ``inputs`` matter only on the rank holding the first stage and ``targets`` only on
+the rank holding the last (other ranks may pass None). Both are split along dim 0 into
+``num_microbatches`` microbatches (``torch.tensor_split``: sizes differ by at most one).
+
+Gradient scaling (``loss_reduction``):
+
+========  ================================================  =================================
+mode      loss backpropagated and returned                  equals, on the whole batch
+========  ================================================  =================================
+"mean"    sum over microbatches of (n_i / N) * loss_fn(mb)  ``loss_fn(model(x), y)`` when
+                                                            loss_fn averages over dim 0
+"sum"     sum over microbatches of loss_fn(mb)              ``loss_fn(...)`` with sum reduction
+========  ================================================  =================================
+
+so gradients match the non-pipelined model's. Gradients accumulate into ``.grad`` like
+``loss.backward()``; zero them between steps. The returned loss is a float64 scalar,
+identical on every pipeline rank (with data parallelism, per replica).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import PlaitError
+from .p2p import Meta, MetaCache, Transport, decode_signature, encode_signature, signature_length
+from .runner import ActivationMemory, StepRunner
+from .schedule import Schedule
+from .schedules import build_schedule
+from .timeline import Event, Recorder, gather_events
+
+TRAIN, EVAL = 0, 1
+_MODE_NAMES = {TRAIN: "train_step", EVAL: "eval_step"}
+
+
+class PipelineEngine:
+    """Runs ``schedule`` on this pipeline rank's ``stage_modules``; see the module docstring.
+
+    Args:
+        stage_modules: this rank's stages (a module, or a sequence in stage order).
+        mesh: the :class:`~plait.ParallelMesh`; its PP axis carries the pipeline.
+        schedule: a name (``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"zb1p"``) or a
+            :class:`~plait.pp.Schedule` (compute-only or lowered, e.g. from a file).
+        num_microbatches: microbatches per step (required with a schedule name).
+        loss_fn: ``loss_fn(last_stage_output, targets_microbatch) -> scalar``.
+        num_virtual: stages per rank for a schedule name (default ``len(stage_modules)``).
+        loss_reduction: ``"mean"`` or ``"sum"`` (table above).
+        record_timeline: keep each step's per-action times (``engine.timeline``).
+        track_memory: count bytes saved for backward (``engine.activation_bytes_peak``).
+
+    All arguments are checked on construction, on every rank alike, so a mistake is a
+    ValueError everywhere before any communication.
+    """
+
+    def __init__(self, stage_modules: Union[nn.Module, Sequence[nn.Module]], mesh,
+                 schedule: Union[str, Schedule] = "1f1b", num_microbatches: Optional[int] = None,
+                 loss_fn: Optional[Callable] = None, *, num_virtual: Optional[int] = None,
+                 loss_reduction: str = "mean", record_timeline: bool = True, track_memory: bool = False) -> None:
+        modules = [stage_modules] if isinstance(stage_modules, nn.Module) else list(stage_modules)
+        if not modules or not all(isinstance(m, nn.Module) for m in modules):
+            raise ValueError("stage_modules must be an nn.Module or a non-empty sequence of them (this rank's "
+                             "stages in stage order)")
+        if mesh is None or not hasattr(mesh, "pp_comm"):
+            raise ValueError(f"mesh must be a plait.ParallelMesh (plait.init_mesh(pp=...)), got {mesh!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(output, target), got {loss_fn!r}")
+        self.schedule = self._resolve(schedule, mesh.pp, num_microbatches, num_virtual or len(modules))
+        self.mesh, self.rank = mesh, mesh.pp_rank
+        mine = self.schedule.stages_of(self.rank)
+        if len(mine) != len(modules):
+            raise ValueError(f"pipeline rank {self.rank} holds stages {mine} in this schedule, so it needs "
+                             f"{len(mine)} stage modules, got {len(modules)}")
+        self.modules = dict(zip(mine, modules))
+        self.params = {s: [p for p in m.parameters() if p.requires_grad] for s, m in self.modules.items()}
+        self.loss_fn, self.loss_reduction = loss_fn, loss_reduction
+        self.num_microbatches = self.schedule.num_microbatches
+        self.first_rank, self.last_rank = self.schedule.placement[0], self.schedule.placement[-1]
+        self.program = self.schedule.lower().actions[self.rank]
+        self.eval_program = self.schedule.forward_only().lower().actions[self.rank]
+        self.transport = Transport(mesh.pp_comm, mesh.device)
+        self._metas = MetaCache()
+        self.recorder = Recorder(self.rank, record_timeline)
+        self._memory = ActivationMemory([p for m in modules for p in m.parameters()]) if track_memory else None
+        self.peak_activations = 0
+        self.last_outputs: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _resolve(schedule, pp: int, num_microbatches, num_virtual: int) -> Schedule:
+        if isinstance(schedule, str):
+            if num_microbatches is None:
+                raise ValueError("num_microbatches is required with a schedule name, e.g. num_microbatches=8")
+            schedule = build_schedule(schedule, pp, num_microbatches, num_virtual)
+        elif not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a name or a plait.pp.Schedule, got {type(schedule).__name__}")
+        elif num_microbatches is not None and num_microbatches != schedule.num_microbatches:
+            raise ValueError(f"num_microbatches={num_microbatches} but the schedule is for "
+                             f"{schedule.num_microbatches}; leave num_microbatches out or make them agree")
+        if schedule.num_ranks != pp:
+            raise ValueError(f"the schedule has {schedule.num_ranks} ranks but the mesh has pp={pp}; build it for "
+                             f"num_stages={pp}")
+        if schedule.is_forward_only:
+            raise ValueError("the schedule has no backward actions; the engine derives eval_step's forward-only "
+                             "schedule itself, so pass the training schedule")
+        schedule.validate()
+        return schedule.compute_only() if schedule.is_lowered else schedule
+
+    # ------------------------------------------------------------------ public
+    def train_step(self, inputs: Optional[torch.Tensor], targets: Optional[torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of one batch; gradients accumulate in ``.grad``. Returns the loss
+        (float64 scalar) on every rank."""
+        if self.loss_fn is None:
+            raise ValueError("train_step needs a loss: pass loss_fn=... to PipelineEngine")
+        return self._step(TRAIN, inputs, targets)
+
+    def eval_step(self, inputs: Optional[torch.Tensor], targets: Optional[torch.Tensor] = None
+                  ) -> Optional[torch.Tensor]:
+        """Forward only, without autograd. With a ``loss_fn`` returns the loss on every rank
+        (``targets`` needed on the last stage); without one, the last stage's outputs
+        (microbatches concatenated) on its rank and None elsewhere. The outputs are also kept
+        in ``engine.last_outputs`` on the last stage's rank."""
+        return self._step(EVAL, inputs, targets)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of this rank's stages (for the optimizer)."""
+        for module in self.modules.values():
+            yield from module.parameters()
+
+    @property
+    def timeline(self) -> list[Event]:
+        """This rank's events of the last step."""
+        return list(self.recorder.events)
+
+    def gather_timeline(self) -> list[Event]:
+        """Every pipeline rank's events of the last step (a collective: call it on all ranks)."""
+        return gather_events(self.recorder.events, self.mesh.pp_comm)
+
+    @property
+    def activation_bytes_peak(self) -> Optional[int]:
+        """Most bytes saved for backward at once in the last step (``track_memory=True``)."""
+        return None if self._memory is None else self._memory.peak
+
+    @property
+    def activation_bytes_live(self) -> Optional[int]:
+        """Bytes saved for backward still alive (0 after a finished step)."""
+        return None if self._memory is None else self._memory.live
+
+    # ----------------------------------------------------------------- internals
+    def _split(self, name: str, tensor, needed: bool) -> Optional[list[torch.Tensor]]:
+        m = self.num_microbatches
+        if not needed:
+            return None
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+            raise ValueError(f"pipeline rank {self.rank} holds the {'first' if name == 'inputs' else 'last'} stage, "
+                             f"so it needs {name} as a tensor with a batch dim 0, got "
+                             f"{type(tensor).__name__ if not isinstance(tensor, torch.Tensor) else 'a scalar'}")
+        if tensor.shape[0] < m:
+            raise ValueError(f"{name} has {tensor.shape[0]} rows in dim 0, fewer than num_microbatches={m}; pass a "
+                             f"batch of at least {m} or use fewer microbatches")
+        return list(torch.tensor_split(tensor, m, dim=0))
+
+    def _step(self, mode: int, inputs, targets) -> Optional[torch.Tensor]:
+        training, has_loss = mode == TRAIN, self.loss_fn is not None
+        holds_first, holds_last = self.rank == self.first_rank, self.rank == self.last_rank
+        micro_in = self._split("inputs", inputs, holds_first)
+        micro_tgt = self._split("targets", targets, holds_last and has_loss)
+        if micro_in is not None and micro_tgt is not None and inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"inputs have {inputs.shape[0]} rows but targets {targets.shape[0]}; they must match")
+        weights = None
+        if micro_tgt is not None:
+            total = targets.shape[0]
+            weights = [t.shape[0] / total if self.loss_reduction == "mean" else 1.0 for t in micro_tgt]
+        signature = self._exchange_signature(mode, micro_in)
+        if micro_tgt is not None:
+            _, metas = decode_signature(list(signature))
+            sizes, wanted = [t.shape[0] for t in micro_tgt], [meta.shape[0] for meta in metas]
+            if sizes != wanted:
+                raise ValueError(f"the microbatches of targets have {sizes} rows but those of the inputs {wanted}; "
+                                 f"pass inputs and targets of the same batch")
+        self.recorder.reset()
+        if self._memory is not None:
+            self._memory.peak = self._memory.live
+        known = self._metas.get(signature)
+        runner = StepRunner(program=self.program if training else self.eval_program, schedule=self.schedule,
+                            rank=self.rank, modules=self.modules, params=self.params, transport=self.transport,
+                            training=training, loss_fn=self.loss_fn, inputs=micro_in, targets=micro_tgt,
+                            weights=weights, metas=known, recorder=self.recorder, memory=self._memory)
+        if training:
+            runner.run()
+        else:
+            with torch.no_grad():
+                runner.run()
+        if known is None:
+            self._metas.put(signature, runner.new_metas)
+        if training:
+            self.peak_activations = runner.peak_held
+        elif holds_last:
+            self.last_outputs = torch.cat(runner.outputs, dim=0)
+        if not has_loss:
+            return self.last_outputs if holds_last else None
+        return self._share_loss(runner.loss_total)
+
+    def _exchange_signature(self, mode: int, micro_in) -> tuple:
+        """Pass the step signature around the ring of pipeline ranks from the first stage's rank."""
+        p, m = self.schedule.num_ranks, self.num_microbatches
+        offset = (self.rank - self.first_rank) % p
+        if offset == 0:
+            values = encode_signature(mode, [Meta.of(x) for x in micro_in])
+        else:
+            values = self.transport.recv_ints(signature_length(m), (self.rank - 1) % p,
+                                              "the step signature (shapes of this step's microbatches)")
+        if offset < p - 1:
+            self.transport.send_ints(values, (self.rank + 1) % p, "the step signature")
+        if values[0] != mode:
+            raise PlaitError(f"pipeline rank {self.first_rank} runs {_MODE_NAMES.get(values[0], values[0])} but "
+                             f"rank {self.rank} runs {_MODE_NAMES[mode]}; call the same method on every rank")
+        return tuple(values)
+
+    def _share_loss(self, total: Optional[torch.Tensor]) -> torch.Tensor:
+        """The last stage's loss, sent to every other pipeline rank."""
+        p = self.schedule.num_ranks
+        if self.rank == self.last_rank:
+            value = total.reshape(1).to(self.mesh.device)
+            for dst in range(p):
+                if dst != self.rank:
+                    self.transport.send(value, dst, "the step's loss")
+            self.transport.drain()  # a send left pending could be lost with its Work object
+            return value.reshape(())
+        return self._recv_loss()
+
+    def _recv_loss(self) -> torch.Tensor:
+        pending = self.transport.post_recv(Meta((1,), torch.float64), self.last_rank,
+                                           f"the step's loss from pipeline rank {self.last_rank}")
+        return self.transport.wait_recv(pending).reshape(())

@@ -1,0 +1,131 @@
+"""Event simulation of a schedule: makespan, idle time, bubble and memory per rank.
+
+Costs are per action of one model stage on one microbatch: ``forward`` for F,
+``backward`` for a full B, and ``weight`` for the part of B that computes weight
+gradients (default half), so I costs ``backward - weight`` and W costs ``weight``.
+One set of costs therefore describes every schedule and comparisons are fair. A
+dependency between ranks adds ``p2p``.
+
+Each rank runs its actions in list order; an action starts when the rank is free and
+everything it needs (:mod:`plait.pp.graph`) has finished. With unit costs the results
+are the published ones, e.g. ``(p-1)/(m+p-1)`` for GPipe and 1F1B.
+
+``peak_activations[r]`` counts stage-microbatches whose forward ran on rank ``r`` and
+whose backward (B, or W for a split backward) has not finished: the activations the rank
+holds. With ``num_virtual`` stages per rank one unit is one stage's share, ``1/num_virtual``
+of the rank's layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .actions import Action, Kind
+from .graph import backward_kinds, compute_deps
+from .schedule import Schedule
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What :func:`simulate` predicts; times are in the units of the costs given."""
+
+    makespan: float
+    busy: tuple[float, ...]
+    idle: tuple[float, ...]
+    bubble_fraction: float
+    peak_activations: tuple[int, ...]
+    timeline: tuple[tuple[int, Action, float, float], ...]  # (rank, action, start, end)
+
+    @property
+    def bubble_time(self) -> float:
+        """Idle time summed over ranks."""
+        return sum(self.idle)
+
+
+def _costs(forward: float, backward: float, weight: Optional[float], p2p: float) -> dict[Kind, float]:
+    weight = backward / 2 if weight is None else weight
+    for name, value in (("forward", forward), ("backward", backward), ("weight", weight), ("p2p", p2p)):
+        if not isinstance(value, (int, float)) or value != value or value < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if forward <= 0 or backward <= 0:
+        raise ValueError(f"forward and backward must be positive, got forward={forward}, backward={backward}")
+    if weight > backward:
+        raise ValueError(f"weight={weight} is the weight-gradient part of backward={backward}, so it cannot "
+                         f"exceed it; pass weight <= backward")
+    return {Kind.F: float(forward), Kind.B: float(backward), Kind.I: float(backward - weight),
+            Kind.W: float(weight)}
+
+
+def peak_activations(schedule: Schedule) -> tuple[int, ...]:
+    """Per rank, the most stage-microbatches held at once, from the list order alone."""
+    split = {(a.stage, a.microbatch) for row in schedule.actions for a in row if a.kind == Kind.W}
+    peaks = []
+    for row in schedule.actions:
+        held = peak = 0
+        for a in row:
+            if a.kind == Kind.F and not schedule.is_forward_only:
+                held += 1
+                peak = max(peak, held)
+            elif a.kind in (Kind.B, Kind.W) or (a.kind == Kind.I and (a.stage, a.microbatch) not in split):
+                held -= 1  # freed by the action that ends its backward
+        peaks.append(peak)
+    return tuple(peaks)
+
+
+def run_events(schedule: Schedule, costs: dict[Kind, float], p2p: float) -> dict[Action, tuple[int, float, float]]:
+    """Start and end of every compute action: action -> (rank, start, end).
+
+    Raises :class:`~plait.pp.validate.ScheduleError` with the blocked actions when the
+    ranks wait on each other forever.
+    """
+    rows = [[a for a in row if a.kind.is_compute] for row in schedule.actions]
+    bwd = backward_kinds(schedule)
+    deps = [[compute_deps(a, schedule, bwd) for a in row] for row in rows]
+    done: dict[Action, tuple[int, float, float]] = {}
+    pointer = [0] * len(rows)
+    free = [0.0] * len(rows)
+    progress = True
+    while progress:
+        progress = False
+        for rank, row in enumerate(rows):
+            while pointer[rank] < len(row):
+                i = pointer[rank]
+                needs = deps[rank][i]
+                if any(d not in done for d in needs):
+                    break
+                start = free[rank]
+                for d in needs:
+                    d_rank, _, d_end = done[d]
+                    start = max(start, d_end + (p2p if d_rank != rank else 0.0))
+                end = start + costs[row[i].kind]
+                done[row[i]] = (rank, start, end)
+                free[rank] = end
+                pointer[rank] += 1
+                progress = True
+    if any(pointer[r] < len(rows[r]) for r in range(len(rows))):
+        from .validate import deadlock_error
+
+        raise deadlock_error(schedule.compute_only(), pointer, rows, deps, done)
+    return done
+
+
+def simulate(schedule: Schedule, forward: float = 1.0, backward: float = 2.0, weight: Optional[float] = None,
+             p2p: float = 0.0) -> SimResult:
+    """Simulate ``schedule`` with the given costs; see the module docstring.
+
+    The schedule's structure is checked first (a ValueError with a step x rank grid
+    names any fault), so the numbers always describe a schedule that can run.
+    """
+    from .validate import check_structure
+
+    check_structure(schedule.compute_only())
+    costs = _costs(forward, backward, weight, p2p)
+    done = run_events(schedule, costs, float(p2p))
+    makespan = max((end for _, _, end in done.values()), default=0.0)
+    busy = [0.0] * schedule.num_ranks
+    for rank, start, end in done.values():
+        busy[rank] += end - start
+    idle = tuple(makespan - b for b in busy)
+    bubble = sum(idle) / (schedule.num_ranks * makespan) if makespan > 0 else 0.0
+    timeline = tuple(sorted(((r, a, s, e) for a, (r, s, e) in done.items()), key=lambda x: (x[0], x[2])))
+    return SimResult(makespan, tuple(busy), idle, bubble, peak_activations(schedule), timeline)
