@@ -122,7 +122,10 @@ def fixed_layout(args: argparse.Namespace, num_gpus: int) -> Layout | None:
     if all(getattr(args, f) is None for f in LAYOUT_FLAGS):
         return None
     tp, pp, v = args.tp or 1, args.pp or 1, args.vpp or 1
-    dp = args.dp or max(1, num_gpus // (tp * pp))
+    if args.dp is None and num_gpus % (tp * pp):
+        raise ValueError(f"tp*pp = {tp * pp} does not divide the {num_gpus} GPUs; choose tp and pp whose "
+                         f"product divides it (or give --dp)")
+    dp = args.dp or num_gpus // (tp * pp)
     schedule = args.schedule or ("interleaved" if v > 1 else "1f1b")
     return Layout(dp, pp, tp, v, args.microbatch_size or 1, schedule)
 
