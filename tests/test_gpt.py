@@ -54,7 +54,7 @@ def tp_matches_one_process(rank: int, world: int, sp: bool) -> int:
 @pytest.mark.parametrize("sp", [False, True])
 def test_gpt_tp2_equals_one_process(sp):
     counts = run_ranks(tp_matches_one_process, 2, sp)
-    assert counts[0] == 4 * 12 + 2 + 3  # 12 tensors per block, embedding 2, head 3
+    assert counts[0] == 4 * 11 + 2 + 3  # 11 tensors per block (no QKV bias), embedding 2, head 3
 
 
 def chunks_match_whole(rank: int, world: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -45,7 +46,9 @@ def _worker(rank: int, world_size: int, port: int, env: dict, threads: int, fn: 
     torch.set_num_threads(threads)
     try:
         value = fn(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # Plain pickle, by value: the queue's own pickler would send tensors as
+        # shared-memory handles, which die with this process.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -91,7 +94,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
                     raise RanksFailed(f"{fn.__name__}: ranks {dead} died (exit codes "
                                          f"{[procs[r].exitcode for r in dead]})" + _errors(outcome))
                 continue
-            outcome[rank] = (status, value)
+            outcome[rank] = (status, pickle.loads(value) if status == "ok" else value)
     finally:
         for proc in procs:
             proc.join(timeout=5)

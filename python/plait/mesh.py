@@ -199,9 +199,16 @@ def current_mesh() -> Optional[ParallelMesh]:
     return _CURRENT
 
 
-def destroy_mesh() -> None:
-    """Forget the current mesh and shut torch.distributed down (for tests and scripts)."""
+def destroy_mesh(barrier: bool = True) -> None:
+    """Forget the current mesh and shut torch.distributed down.
+
+    With ``barrier`` (default) every rank first waits, bounded by the timeout,
+    until all ranks got here: a rank that tore its connections down while a
+    peer's last transfer was still in flight would make that peer fail.
+    """
     global _CURRENT
     _CURRENT = None
     if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            Communicator.create("torch", None, name="world").barrier()
         dist.destroy_process_group()

@@ -66,14 +66,20 @@ class Embedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention, heads split over TP."""
+    """Causal self-attention, heads split over TP.
+
+    The QKV projection has no bias (as in Llama): a key bias shifts every score
+    of a query by the same amount, which softmax ignores, so its gradient is
+    exactly zero and Adam would only turn rounding noise into updates.
+    """
 
     def __init__(self, cfg: GPTConfig, comm: Communicator) -> None:
         super().__init__()
         self.cfg = cfg
         self.local_heads = cfg.num_heads // comm.size
         sp = cfg.sequence_parallel
-        self.qkv = ColumnParallelLinear(cfg.hidden, 3 * cfg.hidden, sequence_parallel=sp, group=comm, dtype=cfg.dtype)
+        self.qkv = ColumnParallelLinear(cfg.hidden, 3 * cfg.hidden, bias=False, sequence_parallel=sp, group=comm,
+                                        dtype=cfg.dtype)
         self.out = RowParallelLinear(cfg.hidden, cfg.hidden, sequence_parallel=sp, group=comm, dtype=cfg.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

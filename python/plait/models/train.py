@@ -1,0 +1,132 @@
+"""The training job: the reference GPT on a DP x PP x TP mesh, on synthetic tokens from a seed.
+
+:class:`TrainJob` holds and checks every setting before anything starts;
+:func:`train` runs it on this process's rank (all ranks call it) and returns
+per-step records. ``examples/train_gpt.py`` is its command line.
+
+Synthetic data: each sequence counts upward from a random start with a random
+stride (mod vocab) and 10% noise tokens, so a model can learn it and the loss
+falls; the batch of step ``s`` depends only on (seed, s), and DP rank ``d``
+takes rows ``[d*B/dp, (d+1)*B/dp)`` of it, so every layout sees the same data.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .config import GPTConfig
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")
+
+
+@dataclass
+class TrainJob:
+    """One training run. ``global_batch`` sequences per step, split over DP, then microbatches."""
+
+    model: GPTConfig
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    num_virtual: int = 1
+    schedule: str = "1f1b"
+    microbatches: int = 1
+    global_batch: int = 8
+    steps: int = 3
+    seed: int = 0
+    lr: float = 1e-3
+    bucket_mb: float = 25.0
+    dp_overlap: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "pp", "tp", "num_virtual", "microbatches", "global_batch", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
+        if (self.schedule == "interleaved") != (self.num_virtual > 1):
+            raise ValueError("the interleaved schedule needs num_virtual >= 2 (--vpp), and only it uses virtual "
+                             f"stages; got schedule={self.schedule!r}, num_virtual={self.num_virtual}")
+        per_replica = self.dp * self.microbatches
+        if self.global_batch % per_replica:
+            raise ValueError(f"global batch {self.global_batch} is not divisible by dp x microbatches = "
+                             f"{self.dp} x {self.microbatches}; use a multiple of {per_replica}")
+        self.model.check_layout(self.tp, self.pp, self.num_virtual)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.model.seq_len
+
+
+def synthetic_batch(job: TrainJob, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole global batch of ``step``: token ids and next-token targets, ``[global_batch, seq]`` each."""
+    vocab, seq = job.model.vocab_size, job.model.seq_len
+    gen = torch.Generator().manual_seed(job.seed * 100_003 + step)
+    start = torch.randint(0, vocab, (job.global_batch, 1), generator=gen)
+    stride = torch.randint(1, 4, (job.global_batch, 1), generator=gen)
+    tokens = (start + stride * torch.arange(seq + 1)) % vocab
+    noise = torch.rand(job.global_batch, seq + 1, generator=gen) < 0.1
+    tokens = torch.where(noise, torch.randint(0, vocab, tokens.shape, generator=gen), tokens)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    tokens_per_s: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def train(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = None, *, mesh=None,
+          return_state: bool = False):
+    """Run ``job`` on this rank (every rank calls it). Returns the step records, and with
+    ``return_state`` also this rank's chunks' full (TP-gathered) parameters by name."""
+    import plait
+    from ..dp import GradReducer
+    from ..pp import PipelineEngine
+    from .gpt import build_stages, full_state_dict, gpt_loss
+
+    mesh = mesh or plait.init_mesh(dp=job.dp, pp=job.pp, tp=job.tp)
+    stages = build_stages(job.model, mesh.tp_comm, job.pp, mesh.pp_rank, job.num_virtual, job.seed)
+    params = [p for stage in stages for p in stage.parameters()]
+    reducer = GradReducer(params, mesh.dp_comm, job.bucket_mb, overlap=job.dp_overlap) if job.dp > 1 else None
+    optimizer = torch.optim.AdamW(params, lr=job.lr)
+    engine = PipelineEngine(stages, mesh, job.schedule, job.microbatches,
+                            loss_fn=lambda logits, targets: gpt_loss(logits, targets, mesh.tp_comm),
+                            num_virtual=job.num_virtual)
+    rows = job.global_batch // job.dp
+    records = []
+    for step in range(job.steps):
+        ids, targets = synthetic_batch(job, step)
+        ids, targets = (t[mesh.dp_rank * rows:(mesh.dp_rank + 1) * rows] for t in (ids, targets))
+        start = time.perf_counter()
+        if reducer is not None:
+            reducer.start_step(job.microbatches)
+        loss = engine.train_step(ids, targets)
+        if reducer is not None:
+            reducer.finish()
+        optimizer.step()
+        if reducer is not None:
+            reducer.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=False)
+        loss = mesh.dp_comm.all_reduce(loss.detach().clone(), op="avg")
+        seconds = time.perf_counter() - start
+        record = StepRecord(step, float(loss), job.tokens_per_step / seconds, seconds)
+        if reducer is not None:
+            record.extra["dp_overlapped"] = reducer.started_before_backward_ended()
+        records.append(record)
+        if on_step is not None:
+            on_step(record)
+    if return_state:
+        return records, full_state_dict(stages)
+    return records
