@@ -127,3 +127,18 @@ def test_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert code == 1 and "--plot needs matplotlib" in err and not target.exists()
     else:
         assert code == 0 and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_reports_long_searches_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    from plait.plan.cli import _Progress
+
+    quiet = _Progress(after_s=3600)
+    quiet(50, 100)
+    quiet.finish()
+    assert capsys.readouterr().err == ""
+    loud = _Progress(after_s=0)
+    loud(50, 100)
+    loud(100, 100)
+    loud.finish()
+    err = capsys.readouterr().err
+    assert "searched 50 of 100 layouts" in err and "searched 100 of 100 layouts" in err and err.endswith("\n")

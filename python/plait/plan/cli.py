@@ -158,7 +158,7 @@ class _Progress:
     """Prints 'searched N of M layouts' to stderr, only once a search has run for a while."""
 
     def __init__(self, after_s: float = 0.5) -> None:
-        self.start, self.after_s, self.last, self.shown = time.perf_counter(), after_s, 0.0, False
+        self.start, self.after_s, self.last, self.shown = time.perf_counter(), after_s, float("-inf"), False
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter() - self.start

@@ -260,7 +260,7 @@ def model_from(value: str | dict[str, Any]) -> ModelSpec:
 
 def hardware_from(value: str | dict[str, Any], num_gpus: int | None = None) -> HardwareSpec:
     """A GPU preset name plus a count, or a mapping: ``gpu`` (name or GPUSpec fields), ``gpus``, links."""
-    from .presets import gpu_preset, hardware
+    from .presets import hardware
 
     if isinstance(value, str):
         if num_gpus is None:
