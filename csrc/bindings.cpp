@@ -4,8 +4,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
 #include "build_info.h"
 #include "cuda/cuda_api.h"
+#include "shm/errors.h"
+#include "shm/group.h"
+#include "shm/reduce.h"
 
 namespace py = pybind11;
 
@@ -25,10 +33,147 @@ py::dict build_info_dict() {
   return d;
 }
 
+namespace shm = plait::shm;
+using shm::Group;
+
+void* ptr(std::uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+shm::Options shm_options(std::size_t slot_bytes, std::size_t chan_bytes, std::size_t oneshot_bytes,
+                         const std::string& simd, int spin_iters) {
+  shm::Options options;
+  options.slot_bytes = slot_bytes;
+  options.chan_bytes = chan_bytes;
+  options.oneshot_bytes = oneshot_bytes;
+  options.simd = shm::simd_from_name(simd);
+  options.spin_iters = spin_iters;
+  return options;
+}
+
+// Shared-memory collectives: exceptions, enum codes, the kernel entry point and ShmGroup.
+void bind_shm(py::module_& m) {
+  static py::exception<shm::Error> error(m, "ShmError", PyExc_RuntimeError);
+  static py::exception<shm::Timeout> timeout(m, "ShmTimeout", error.ptr());
+  static py::exception<shm::Aborted> aborted(m, "ShmAborted", error.ptr());
+  // pybind11 tries translators newest first: the subclasses are caught before Error.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const shm::Timeout& e) {
+      py::set_error(timeout, e.what());
+    } catch (const shm::Aborted& e) {
+      py::set_error(aborted, e.what());
+    } catch (const shm::Error& e) {
+      py::set_error(error, e.what());
+    }
+  });
+
+  py::dict dtypes, ops;
+  for (int code = 0; code < shm::kNumDTypes; ++code) dtypes[shm::dtype_name(static_cast<shm::DType>(code))] = code;
+  for (int code = 0; code < shm::kNumReduceOps; ++code) ops[shm::op_name(static_cast<shm::ReduceOp>(code))] = code;
+  m.attr("shm_dtypes") = dtypes;
+  m.attr("shm_ops") = ops;
+  m.attr("shm_max_ranks") = shm::kMaxRanks;
+
+  m.def("shm_unlink", &shm::Segment::unlink, py::arg("name"),
+        "Remove the shared-memory name (e.g. '/plait-...'); one that does not exist is ignored.");
+
+  m.def("shm_simd_levels", [] {
+    std::vector<std::string> levels;
+    for (shm::Simd s : {shm::Simd::scalar, shm::Simd::avx2, shm::Simd::avx512}) {
+      if (shm::simd_supported(s)) levels.emplace_back(shm::simd_name(s));
+    }
+    return levels;
+  }, "SIMD levels this CPU can run the reductions with, best last.");
+
+  m.def("shm_reduce",
+        [](const std::string& simd, int dtype, int op, std::uintptr_t out, const std::vector<std::uintptr_t>& srcs,
+           std::size_t count, std::uintptr_t out2) {
+          std::vector<const void*> sources;
+          for (auto s : srcs) sources.push_back(ptr(s));
+          shm::reduce(shm::simd_from_name(simd), shm::dtype_from_code(dtype), shm::op_from_code(op),
+                      shm::ReduceArgs{ptr(out), out2 ? ptr(out2) : nullptr, sources.data(),
+                                      static_cast<int>(sources.size()), count});
+        },
+        py::arg("simd"), py::arg("dtype"), py::arg("op"), py::arg("out"), py::arg("srcs"), py::arg("count"),
+        py::arg("out2") = 0, py::call_guard<py::gil_scoped_release>(),
+        "Element-wise reduction of the arrays at addresses `srcs` into `out` (and `out2` when nonzero), "
+        "count elements of dtype code `dtype` (see shm_dtypes), op code `op` (shm_ops). For tests and tools.");
+
+  py::class_<Group>(m, "ShmGroup",
+                    "A group of processes on one host communicating through one shared-memory segment. "
+                    "Pointers are addresses (tensor.data_ptr()); every call releases the GIL and is bounded by "
+                    "timeout_s, raising ShmTimeout, ShmAborted (a peer gave up) or ShmError.")
+      .def_static("create",
+                  [](const std::string& name, int size, std::size_t slot_bytes, std::size_t chan_bytes,
+                     std::size_t oneshot_bytes, const std::string& simd, int spin_iters) {
+                    return Group::create(name, size, shm_options(slot_bytes, chan_bytes, oneshot_bytes, simd, spin_iters));
+                  },
+                  py::arg("name"), py::arg("size"), py::arg("slot_bytes"), py::arg("chan_bytes"),
+                  py::arg("oneshot_bytes"), py::arg("simd") = "auto", py::arg("spin_iters") = -1,
+                  py::call_guard<py::gil_scoped_release>(), "Create the segment `name` as group rank 0.")
+      .def_static("attach",
+                  [](const std::string& name, int rank, int size, const std::string& simd, int spin_iters) {
+                    return Group::attach(name, rank, size, shm_options(0, 0, 0, simd, spin_iters));
+                  },
+                  py::arg("name"), py::arg("rank"), py::arg("size"), py::arg("simd") = "auto",
+                  py::arg("spin_iters") = -1, py::call_guard<py::gil_scoped_release>(),
+                  "Attach to the segment `name` created by rank 0; sizes come from its header.")
+      .def("all_reduce",
+           [](Group& g, std::uintptr_t data, std::size_t count, int dtype, int op, double timeout_s) {
+             g.all_reduce(ptr(data), count, shm::dtype_from_code(dtype), shm::op_from_code(op), timeout_s);
+           },
+           py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>(), "In-place all-reduce of count elements.")
+      .def("all_gather",
+           [](Group& g, std::uintptr_t in, std::uintptr_t out, std::size_t bytes_per_rank, std::size_t outer,
+              double timeout_s) { g.all_gather(ptr(in), ptr(out), bytes_per_rank, outer, timeout_s); },
+           py::arg("input"), py::arg("output"), py::arg("bytes_per_rank"), py::arg("outer"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Gather every rank's input into output viewed as [outer][size][bytes_per_rank/outer].")
+      .def("reduce_scatter",
+           [](Group& g, std::uintptr_t in, std::uintptr_t out, std::size_t count_per_rank, std::size_t outer,
+              int dtype, int op, double timeout_s) {
+             g.reduce_scatter(ptr(in), ptr(out), count_per_rank, outer, shm::dtype_from_code(dtype),
+                              shm::op_from_code(op), timeout_s);
+           },
+           py::arg("input"), py::arg("output"), py::arg("count_per_rank"), py::arg("outer"), py::arg("dtype"),
+           py::arg("op"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>(),
+           "Reduce input viewed as [outer][size][inner] and write this rank's block to output.")
+      .def("broadcast",
+           [](Group& g, std::uintptr_t data, std::size_t bytes, int src, double timeout_s) {
+             g.broadcast(ptr(data), bytes, src, timeout_s);
+           },
+           py::arg("data"), py::arg("bytes"), py::arg("src"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>(), "Overwrite data on every rank with group rank src's.")
+      .def("send",
+           [](Group& g, std::uintptr_t data, std::size_t bytes, int dst, double timeout_s) {
+             g.send(ptr(data), bytes, dst, timeout_s);
+           },
+           py::arg("data"), py::arg("bytes"), py::arg("dst"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>(), "Send bytes to group rank dst (returns once copied out).")
+      .def("recv",
+           [](Group& g, std::uintptr_t data, std::size_t bytes, int src, double timeout_s) {
+             g.recv(ptr(data), bytes, src, timeout_s);
+           },
+           py::arg("data"), py::arg("bytes"), py::arg("src"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>(), "Receive bytes from group rank src.")
+      .def("barrier", &Group::barrier, py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def("unlink", &Group::unlink_name, "Remove the segment's name (idempotent).")
+      .def_property_readonly("attached", &Group::attached)
+      .def_property_readonly("rank", &Group::rank)
+      .def_property_readonly("size", &Group::size)
+      .def_property_readonly("name", &Group::name)
+      .def_property_readonly("simd", [](const Group& g) { return std::string(shm::simd_name(g.simd())); })
+      .def_property_readonly("slot_bytes", [](const Group& g) { return g.layout().slot_bytes; })
+      .def_property_readonly("chan_bytes", [](const Group& g) { return g.layout().chan_bytes; })
+      .def_property_readonly("oneshot_bytes", &Group::oneshot_bytes)
+      .def_property_readonly("segment_bytes", [](const Group& g) { return g.layout().total; });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "plait's compiled extension: build facts, CUDA device queries and (later) kernels.";
+  m.doc() = "plait's compiled extension: build facts, CUDA device queries, shared-memory collectives.";
 
   m.def("build_info", &build_info_dict,
         "Dict describing this build: version, compiler, cxx_standard, cuda, cuda_version, "
@@ -45,4 +190,6 @@ PYBIND11_MODULE(_C, m) {
         "Whether `device` can access memory on `peer` directly (P2P).");
   m.def("cuda_fill_check", &plait::cuda::fill_check, py::arg("n"), py::call_guard<py::gil_scoped_release>(),
         "Smoke test: write i*3 into n device ints with a kernel, copy back, return whether all match.");
+
+  bind_shm(m);
 }

@@ -12,3 +12,30 @@ import torch  # noqa: E402  (torch does not import triton)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# ---------------------------------------------------------------- shared memory leaks
+# Segments created by this session's ranks carry this job token in their names
+# (/dev/shm/plait-<job>-...; see plait.comm.shm_config), so the check below sees only
+# this session's, even while other test runs share the machine.
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHM_JOB = os.environ.setdefault("PLAIT_SHM_JOB", f"pytest{os.getpid()}")
+
+
+def leftover_shm_segments() -> list[str]:
+    """Names of this session's plait segments still present in /dev/shm."""
+    return sorted(p.name for p in pathlib.Path("/dev/shm").glob(f"plait-{SHM_JOB}-*"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when a plait shared-memory segment outlived the processes that made it."""
+    left = leftover_shm_segments()
+    if left:
+        for name in left:
+            (pathlib.Path("/dev/shm") / name).unlink(missing_ok=True)
+        print(f"\nERROR: {len(left)} plait shared-memory segment(s) were left in /dev/shm: {left} "
+              f"(removed now); every segment must be unlinked once all ranks attached")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

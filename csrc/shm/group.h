@@ -1,0 +1,122 @@
+// A group of processes on one host that communicate through one shared-memory segment.
+//
+// Collectives (every rank calls them in the same order with the same sizes):
+//   all_reduce      in place; one-shot up to oneshot_bytes (every rank reduces every
+//                   rank's input, in rank order), else two-shot (rank r reduces slice r
+//                   of each chunk, then every rank gathers the slices). Both reduce in
+//                   rank order 0..n-1, so all ranks get bitwise the same result.
+//   all_gather      rank j's input lands in block j of the output, viewed as
+//                   [outer][size][bytes_per_rank/outer] (outer > 1 gathers along an inner dim).
+//   reduce_scatter  input viewed as [outer][size][inner]; rank r gets block r, reduced.
+//   broadcast       rank src's data to every rank.
+//   barrier
+// Messages larger than a slot go in chunks. Each chunk alternates between a rank's two
+// slots and contains at least one barrier after its writes, so a slot is rewritten only
+// after every rank has passed a later barrier, i.e. finished reading it: back-to-back
+// calls need no extra synchronisation.
+//
+// send/recv: one ring of two slots per ordered pair of ranks, independent of the
+// collectives and of other pairs; a send and its recv must have the same size.
+//
+// Every wait is bounded by the call's timeout and throws Timeout naming the ranks that
+// did not arrive; the rank that times out also marks the segment aborted so its peers
+// fail fast with Aborted. After either, the group is unusable (Error on every call).
+// Calls may come from several threads: collectives are serialised, and so is each
+// direction of each channel.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "shm/layout.h"
+#include "shm/segment.h"
+#include "shm/types.h"
+
+namespace plait::shm {
+
+struct Options {
+  std::size_t slot_bytes = 1 << 20;      // per rank per collective slot (creator decides)
+  std::size_t chan_bytes = 256 << 10;    // per send/recv ring slot (creator decides)
+  std::size_t oneshot_bytes = 64 << 10;  // all_reduce one-shot threshold (creator decides)
+  Simd simd = Simd::scalar;              // this rank's reduction code path
+  int spin_iters = -1;                   // spins before yielding; -1: default_spin_iters(size)
+};
+
+class Group {
+ public:
+  // Rank 0 creates the named segment; the other ranks attach to it once they know the name.
+  // A rank whose attach completes the group unlinks the name.
+  static std::unique_ptr<Group> create(const std::string& name, int size, const Options& options);
+  static std::unique_ptr<Group> attach(const std::string& name, int rank, int size, const Options& options);
+
+  void all_reduce(void* data, std::size_t count, DType dtype, ReduceOp op, double timeout_s);
+  void all_gather(const void* in, void* out, std::size_t bytes_per_rank, std::size_t outer, double timeout_s);
+  void reduce_scatter(const void* in, void* out, std::size_t count_per_rank, std::size_t outer, DType dtype,
+                      ReduceOp op, double timeout_s);
+  void broadcast(void* data, std::size_t bytes, int src, double timeout_s);
+  void barrier(double timeout_s);
+  void send(const void* data, std::size_t bytes, int dst, double timeout_s);
+  void recv(void* data, std::size_t bytes, int src, double timeout_s);
+
+  // Removes the segment's name (idempotent); the mapping stays valid.
+  void unlink_name() const { Segment::unlink(name_); }
+  // How many ranks have attached so far (the creator counts).
+  int attached() const;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  Simd simd() const { return simd_; }
+  const std::string& name() const { return name_; }
+  const Layout& layout() const { return layout_; }
+  std::size_t oneshot_bytes() const { return oneshot_bytes_; }
+
+ private:
+  struct Op;  // the call in progress: name, deadline, progress (group.cpp)
+
+  Group(Segment segment, std::string name, int rank, const Layout& layout, const Options& options);
+
+  Header* header() const { return reinterpret_cast<Header*>(segment_.data()); }
+  Flag* arrive(int rank) const;
+  ChanCtl* chan(int src, int dst) const;
+  char* slot(int rank, int parity) const;
+  char* ring(int src, int dst, std::uint64_t chunk) const;
+  int next_parity() { return static_cast<int>(step_++ & 1); }
+
+  void arrive_and_wait(Op& op);
+  void one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op);
+  void two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op);
+
+  // Waits until ready() holds; on timeout or a peer's abort, throws (see class comment).
+  template <typename Ready, typename Describe>
+  void wait_until(Ready ready, Op& op, Describe waiting_for);
+  void check_usable(const Op& op);
+  void check_abort(const Op& op);
+  [[noreturn]] void timed_out(const Op& op, const std::string& waiting_for);
+  void mark_broken(const std::string& reason);
+  // "group ranks [1, 2]" plus which of them have exited, for timeout messages.
+  std::string describe_ranks(const std::vector<int>& ranks) const;
+
+  Segment segment_;
+  std::string name_;
+  int rank_;
+  int size_;
+  Layout layout_;
+  std::size_t oneshot_bytes_;
+  Simd simd_;
+  int spin_iters_;
+
+  std::uint64_t epoch_ = 0;  // barriers passed
+  std::uint64_t step_ = 0;   // collective slots used (parity = step & 1)
+  std::mutex coll_mu_;
+  std::vector<std::mutex> send_mu_;  // per destination
+  std::vector<std::mutex> recv_mu_;  // per source
+  mutable std::mutex broken_mu_;
+  std::string broken_;  // why the group is unusable; empty while it is fine
+  std::atomic<bool> is_broken_{false};
+};
+
+}  // namespace plait::shm

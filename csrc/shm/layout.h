@@ -1,0 +1,76 @@
+// Where everything lives inside a group's shared-memory segment.
+//
+//   Header                       one page: sizes, attach count, abort flag, rank pids
+//   Flag arrive[size]            per rank: how many barriers it has arrived at
+//   ChanCtl chan[size*(size-1)]  per ordered pair (src, dst): chunks sent and consumed
+//   coll[size][2][slot_bytes]    per rank: two collective slots (double buffering)
+//   ring[size*(size-1)][2][chan_bytes]  per ordered pair: the send/recv ring
+//
+// Each flag sits on its own 128-byte block so ranks spinning on one never share a cache
+// line (or its prefetch pair) with a writer of another. Regions start on 4 KiB pages.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "shm/reduce.h"
+
+namespace plait::shm {
+
+constexpr std::uint64_t kMagic = 0x706C616974534D31ULL;  // "plaitSM1"
+constexpr std::uint32_t kVersion = 1;
+constexpr std::size_t kLine = 128;
+constexpr std::size_t kPage = 4096;
+constexpr int kMaxRanks = kMaxSources;
+constexpr int kCollSlots = 2;
+constexpr int kChanSlots = 2;
+constexpr std::size_t kReasonBytes = 512;
+
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "shared-memory flags need lock-free 64-bit atomics");
+static_assert(std::atomic<std::int32_t>::is_always_lock_free, "shared-memory flags need lock-free 32-bit atomics");
+
+struct Header {
+  std::uint64_t magic;
+  std::uint32_t version;
+  std::uint32_t size;            // ranks in the group
+  std::uint64_t slot_bytes;      // bytes of one collective slot
+  std::uint64_t chan_bytes;      // bytes of one send/recv ring slot
+  std::uint64_t oneshot_bytes;   // all_reduce up to this size is one-shot (the same on every rank)
+  std::uint64_t total_bytes;     // size of the whole segment
+  std::atomic<std::uint32_t> attached;    // ranks that mapped the segment
+  std::atomic<std::uint32_t> abort_claim; // 0, or 1 once a rank started writing abort_reason
+  std::atomic<std::int32_t> abort_rank;   // -1, or the group rank that gave up
+  std::int32_t pids[kMaxRanks];           // process id of each rank, for error messages
+  char abort_reason[kReasonBytes];        // written before abort_rank is published
+};
+
+struct alignas(kLine) Flag {
+  std::atomic<std::uint64_t> value;
+};
+
+// One direction of a send/recv channel. `sent` and `msg_bytes` are written by the sender,
+// `consumed` by the receiver, each on its own cache block.
+struct ChanCtl {
+  alignas(kLine) std::atomic<std::uint64_t> sent;  // chunks published
+  std::uint64_t msg_bytes[kChanSlots];              // total size of the message each slot's chunk belongs to
+  alignas(kLine) std::atomic<std::uint64_t> consumed;  // chunks copied out
+};
+
+// Byte offsets of the regions for a given group size and slot sizes.
+struct Layout {
+  int size = 0;
+  std::size_t slot_bytes = 0;
+  std::size_t chan_bytes = 0;
+  std::size_t arrive_off = 0;
+  std::size_t chan_ctl_off = 0;
+  std::size_t coll_off = 0;
+  std::size_t ring_off = 0;
+  std::size_t total = 0;
+
+  static Layout compute(int size, std::size_t slot_bytes, std::size_t chan_bytes);
+  // Index of the ordered pair (src, dst), src != dst, in 0 .. size*(size-1)-1.
+  int pair(int src, int dst) const { return src * (size - 1) + (dst < src ? dst : dst - 1); }
+};
+
+}  // namespace plait::shm

@@ -1,0 +1,139 @@
+// The AVX-512 reduction path: 16 fp32 lanes per vector, two vectors per iteration, the
+// same structure and rounding as reduce_avx2.cpp (see there). Compiled with a target
+// attribute and entered only when the CPU reports AVX-512F at run time.
+#if defined(__x86_64__)
+
+// GCC 12's AVX-512 headers start some conversions from _mm512_undefined_*(), which
+// -Wmaybe-uninitialized reports at every inlined use; the values are never read.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "shm/reduce.h"
+
+#define PLAIT_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+namespace plait::shm::detail {
+namespace {
+
+struct F32 {
+  static constexpr std::size_t kSize = 4;
+  PLAIT_AVX512 static __m512 load(const void* p, std::size_t i) {
+    return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  }
+  PLAIT_AVX512 static void store(void* p, std::size_t i, __m512 v) {
+    _mm512_storeu_ps(static_cast<float*>(p) + i, v);
+  }
+};
+
+struct F16 {
+  static constexpr std::size_t kSize = 2;
+  PLAIT_AVX512 static __m512 load(const void* p, std::size_t i) {
+    return _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const std::uint16_t*>(p) + i)));
+  }
+  PLAIT_AVX512 static void store(void* p, std::size_t i, __m512 v) {
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<std::uint16_t*>(p) + i), h);
+  }
+};
+
+struct BF16 {
+  static constexpr std::size_t kSize = 2;
+  PLAIT_AVX512 static __m512 load(const void* p, std::size_t i) {
+    const __m256i h =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const std::uint16_t*>(p) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  // Round to nearest even, NaN -> 0x7FC0, as in reduce_avx2.cpp.
+  PLAIT_AVX512 static void store(void* p, std::size_t i, __m512 v) {
+    const __m512i x = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), lsb);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i chosen = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
+    const __m256i packed = _mm512_cvtepi32_epi16(_mm512_srli_epi32(chosen, 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<std::uint16_t*>(p) + i), packed);
+  }
+};
+
+struct Sum {
+  PLAIT_AVX512 static __m512 apply(__m512 acc, __m512 x) { return _mm512_add_ps(acc, x); }
+};
+struct Max {
+  PLAIT_AVX512 static __m512 apply(__m512 acc, __m512 x) {
+    return _mm512_mask_mov_ps(_mm512_max_ps(acc, x), _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q), acc);
+  }
+};
+struct Min {
+  PLAIT_AVX512 static __m512 apply(__m512 acc, __m512 x) {
+    return _mm512_mask_mov_ps(_mm512_min_ps(acc, x), _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q), acc);
+  }
+};
+
+template <typename T, typename Op>
+PLAIT_AVX512 void run(DType dtype, ReduceOp op, const ReduceArgs& a) {
+  const bool average = op == ReduceOp::avg;
+  const __m512 divisor = _mm512_set1_ps(static_cast<float>(a.nsrc));
+  std::size_t i = 0;
+  for (; i + 32 <= a.count; i += 32) {
+    __m512 lo = T::load(a.srcs[0], i);
+    __m512 hi = T::load(a.srcs[0], i + 16);
+    for (int j = 1; j < a.nsrc; ++j) {
+      lo = Op::apply(lo, T::load(a.srcs[j], i));
+      hi = Op::apply(hi, T::load(a.srcs[j], i + 16));
+    }
+    if (average) {
+      lo = _mm512_div_ps(lo, divisor);
+      hi = _mm512_div_ps(hi, divisor);
+    }
+    T::store(a.out, i, lo);
+    T::store(a.out, i + 16, hi);
+    if (a.out2 != nullptr) {
+      T::store(a.out2, i, lo);
+      T::store(a.out2, i + 16, hi);
+    }
+  }
+  if (i == a.count) return;
+  const void* tails[kMaxSources];  // the source pointers moved to the tail
+  for (int j = 0; j < a.nsrc; ++j) tails[j] = static_cast<const char*>(a.srcs[j]) + i * T::kSize;
+  const ReduceArgs rest{static_cast<char*>(a.out) + i * T::kSize,
+                        a.out2 ? static_cast<char*>(a.out2) + i * T::kSize : nullptr, tails, a.nsrc,
+                        a.count - i};
+  reduce_scalar(dtype, op, rest);
+}
+
+template <typename T>
+PLAIT_AVX512 void run_op(DType dtype, ReduceOp op, const ReduceArgs& a) {
+  switch (op) {
+    case ReduceOp::sum:
+    case ReduceOp::avg: return run<T, Sum>(dtype, op, a);
+    case ReduceOp::max: return run<T, Max>(dtype, op, a);
+    case ReduceOp::min: return run<T, Min>(dtype, op, a);
+  }
+}
+
+}  // namespace
+
+PLAIT_AVX512 bool reduce_avx512(DType dtype, ReduceOp op, const ReduceArgs& args) {
+  switch (dtype) {
+    case DType::f32: run_op<F32>(dtype, op, args); return true;
+    case DType::f16: run_op<F16>(dtype, op, args); return true;
+    case DType::bf16: run_op<BF16>(dtype, op, args); return true;
+    default: return false;
+  }
+}
+
+}  // namespace plait::shm::detail
+
+#else  // not x86-64: no AVX-512 path
+
+#include "shm/reduce.h"
+
+namespace plait::shm::detail {
+bool reduce_avx512(DType, ReduceOp, const ReduceArgs&) { return false; }
+}  // namespace plait::shm::detail
+
+#endif

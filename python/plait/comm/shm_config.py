@@ -1,0 +1,81 @@
+"""Settings of the shared-memory backend, read from the environment, and segment names.
+
+=========================  ===========  ====================================================
+variable                   default      meaning
+=========================  ===========  ====================================================
+PLAIT_SHM_SLOT_BYTES       1 MiB        one collective slot per rank (x2, double-buffered);
+                                        larger messages go in chunks of this size
+PLAIT_SHM_CHANNEL_BYTES    256 KiB      one send/recv ring slot per ordered rank pair (x2)
+PLAIT_SHM_ONESHOT_BYTES    64 KiB       all_reduce up to this size is one-shot, above two-shot
+PLAIT_SHM_SIMD             auto         reduction code path: auto, avx512, avx2 or scalar
+PLAIT_SHM_JOB              creator pid  job token in segment names (/dev/shm/plait-JOB-...)
+=========================  ===========  ====================================================
+
+Sizes are rounded up to 4 KiB pages. The defaults shrink for large groups so a
+segment stays under about 64 MiB of collective slots and 64 MiB of rings. Only the
+creating rank's (group rank 0's) sizes count: the others read them from the segment.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import zlib
+from dataclasses import dataclass
+
+PAGE = 4096
+SEGMENT_PREFIX = "plait-"
+_BUDGET = 64 << 20
+
+
+def _bytes_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    match = re.fullmatch(r"(\d+)\s*([kKmMgG]?)i?[bB]?", raw)
+    if match is None:
+        raise ValueError(f"{name}={raw!r} is not a size; write bytes, or e.g. 256K, 4M")
+    value = int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _pages(value: int) -> int:
+    return max(PAGE, (value + PAGE - 1) // PAGE * PAGE)
+
+
+@dataclass(frozen=True)
+class ShmConfig:
+    """Sizes and code path for one shared-memory group (see the module docstring)."""
+
+    slot_bytes: int
+    chan_bytes: int
+    oneshot_bytes: int
+    simd: str
+
+    def __post_init__(self) -> None:
+        if self.simd not in ("auto", "avx512", "avx2", "scalar"):
+            raise ValueError(f"PLAIT_SHM_SIMD={self.simd!r}: use auto, avx512, avx2 or scalar")
+
+    @classmethod
+    def from_env(cls, size: int) -> "ShmConfig":
+        pairs = max(1, size * (size - 1))
+        slot = _bytes_env("PLAIT_SHM_SLOT_BYTES", min(1 << 20, _BUDGET // (2 * size)))
+        chan = _bytes_env("PLAIT_SHM_CHANNEL_BYTES", min(256 << 10, _BUDGET // (2 * pairs)))
+        oneshot = _bytes_env("PLAIT_SHM_ONESHOT_BYTES", 64 << 10)
+        simd = os.environ.get("PLAIT_SHM_SIMD", "auto").strip().lower() or "auto"
+        return cls(slot_bytes=_pages(slot), chan_bytes=_pages(chan), oneshot_bytes=oneshot, simd=simd)
+
+
+def job_token() -> str:
+    """PLAIT_SHM_JOB, else this process's pid: shared by the segments one job creates."""
+    raw = os.environ.get("PLAIT_SHM_JOB", "").strip() or str(os.getpid())
+    return re.sub(r"[^A-Za-z0-9_.]", "_", raw)[:40]
+
+
+def segment_name(global_ranks: list[int]) -> str:
+    """A new, unique POSIX shm name for a group: /plait-JOB-gRANKS-RANDOM."""
+    ranks = "_".join(map(str, global_ranks))
+    tag = ranks if len(ranks) <= 40 else f"{global_ranks[0]}x{len(global_ranks)}h{zlib.crc32(ranks.encode()):08x}"
+    return f"/{SEGMENT_PREFIX}{job_token()}-g{tag}-{secrets.token_hex(6)}"

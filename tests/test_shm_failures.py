@@ -1,0 +1,141 @@
+"""The shm communicator when a peer dies or never comes: bounded, named errors, no leftovers.
+
+The killed-rank test starts its own processes (plait.launch.run_ranks would, rightly,
+fail the whole run as soon as a rank dies) and kills one with SIGKILL while all of
+them are inside back-to-back multi-chunk all-reduces.
+"""
+import multiprocessing as mp
+import os
+import pathlib
+import queue
+import signal
+import socket
+import time
+
+import torch
+
+from plait.launch import run_ranks
+
+TIMEOUT_S = 3.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def looping_rank(rank: int, world: int, port: int, results) -> None:
+    """All-reduce 4 MB tensors until an error; report ready after 3 calls, then the error."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from plait.comm import Communicator
+
+    try:
+        dist.init_process_group("gloo")
+        comm = Communicator.create("shm", None, name="tp", timeout_s=TIMEOUT_S)
+        x = torch.ones(1 << 20)  # 4 MB: several chunks, two barriers each
+        calls = 0
+        while True:
+            start = time.monotonic()
+            try:
+                comm.all_reduce(x)
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                results.put((rank, type(exc).__name__, str(exc), time.monotonic() - start, calls))
+                break
+            calls += 1
+            if calls == 3:
+                results.put((rank, "ready", "", 0.0, calls))
+            x.fill_(1.0)
+    finally:
+        results.close()
+        results.join_thread()
+        os._exit(0)
+
+
+def test_killed_rank_makes_survivors_time_out_and_leaves_no_segment():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=looping_rank, args=(r, 3, port, results), daemon=True) for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        ready = set()
+        deadline = time.monotonic() + 120
+        while len(ready) < 3:
+            rank, status, message, _, _ = results.get(timeout=max(1.0, deadline - time.monotonic()))
+            assert status == "ready", f"rank {rank} failed before the kill: {status}: {message}"
+            ready.add(rank)
+        time.sleep(0.2)
+        os.kill(procs[2].pid, signal.SIGKILL)
+        reports = {}
+        while len(reports) < 2:
+            rank, status, message, elapsed, calls = results.get(timeout=60)
+            if status != "ready":
+                reports[rank] = (status, message, elapsed, calls)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert procs[2].exitcode == -signal.SIGKILL
+    for rank, (status, message, elapsed, calls) in sorted(reports.items()):
+        assert status == "CommTimeoutError", f"rank {rank}: {status}: {message}"
+        assert elapsed < TIMEOUT_S + 1.5, f"rank {rank} needed {elapsed:.1f} s for a {TIMEOUT_S} s bound"
+        assert f"rank {rank} of group 'tp'" in message and "all_reduce(float32[1048576])" in message
+        assert "chunk" in message and "3 s" in message
+    assert any("rank 2 (pid" in m and "no longer running" in m for _, m, _, _ in reports.values()), reports
+    job = os.environ["PLAIT_SHM_JOB"]
+    assert not list(pathlib.Path("/dev/shm").glob(f"plait-{job}-*")), "a segment outlived its ranks"
+
+
+def absent_peer(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from plait.comm import Communicator
+    from plait.errors import CommError, CommTimeoutError
+
+    dist.init_process_group("gloo")
+    comm = Communicator.create("shm", None, name="pp", timeout_s=2.0)
+    report = {}
+    start = time.monotonic()
+    try:
+        if rank == 0:
+            comm.recv(torch.empty(8), src=1)  # rank 1 never sends
+        else:
+            time.sleep(0.5)
+    except CommTimeoutError as exc:
+        report["recv"] = (str(exc), time.monotonic() - start)
+    dist.barrier()
+    comm2 = Communicator.create("shm", None, name="tp", timeout_s=2.0)
+    start = time.monotonic()
+    if rank == 1:
+        time.sleep(4.0)  # arrives long after rank 0 gave up
+    try:
+        comm2.all_reduce(torch.ones(16))
+    except CommTimeoutError as exc:
+        report["all_reduce"] = (str(exc), time.monotonic() - start)
+    try:
+        comm2.barrier()
+    except CommError as exc:
+        report["after"] = (f"{type(exc).__name__}: {exc}", 0.0)
+    dist.destroy_process_group()
+    return report
+
+
+def test_absent_peer_times_out_naming_rank_group_and_op():
+    first, second = run_ranks(absent_peer, 2, timeout=120)
+    message, elapsed = first["recv"]
+    assert elapsed < 3.5 and "rank 0 of group 'pp'" in message and "recv(from group rank 1)" in message
+    assert "group rank 1 to send" in message and "within 2 s" in message
+    assert "recv" not in second
+    message, elapsed = first["all_reduce"]
+    assert elapsed < 3.5 and "rank 0 of group 'tp'" in message and "group rank 1 to arrive" in message
+    message, elapsed = second["all_reduce"]  # the late rank fails at once: its peer already gave up
+    assert elapsed < 4.0 + 1.0 and "rank 1 of group 'tp'" in message and "group rank 0 gave up" in message
+    for report in (first, second):
+        assert report["after"][0].startswith("CommError") and "unusable" in report["after"][0]
