@@ -43,6 +43,8 @@ class Kind(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    __hash__ = str.__hash__  # C speed (Enum's own hash is Python code); equal to hash(value)
+
     @property
     def is_compute(self) -> bool:
         return self in COMPUTE
@@ -68,11 +70,10 @@ class Action:
     microbatch: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.kind, Kind):
+        if self.kind.__class__ is not Kind:
             object.__setattr__(self, "kind", Kind(self.kind))
-        for name in ("stage", "microbatch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        for name, value in (("stage", self.stage), ("microbatch", self.microbatch)):
+            if value.__class__ is not int or value < 0:  # exact int: no bools, no floats
                 raise ValueError(f"Action {name} must be a non-negative int, got {value!r}")
 
     def __str__(self) -> str:

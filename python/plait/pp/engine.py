@@ -85,7 +85,7 @@ class PipelineEngine:
         mine = self.schedule.stages_of(self.rank)
         if len(mine) != len(modules):
             raise ValueError(f"pipeline rank {self.rank} holds stages {mine} in this schedule, so it needs "
-                             f"{len(mine)} stage modules, got {len(modules)}")
+                             f"{len(mine)} stage module(s), got {len(modules)}")
         self.modules = dict(zip(mine, modules))
         self.params = {s: [p for p in m.parameters() if p.requires_grad] for s, m in self.modules.items()}
         self.loss_fn, self.loss_reduction = loss_fn, loss_reduction

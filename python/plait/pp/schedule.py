@@ -101,12 +101,17 @@ class Schedule:
     @property
     def is_lowered(self) -> bool:
         """Whether the lists already hold communication actions."""
-        return any(a.kind.is_comm for row in self.actions for a in row)
+        if "lowered?" not in self._cache:
+            self._cache["lowered?"] = any(a.kind.is_comm for row in self.actions for a in row)
+        return self._cache["lowered?"]
 
     @property
     def is_forward_only(self) -> bool:
         """Whether the schedule holds forwards only (inference, ``eval_step``)."""
-        return all(a.kind in (Kind.F, Kind.SEND_F, Kind.RECV_F) for row in self.actions for a in row)
+        if "forward?" not in self._cache:
+            self._cache["forward?"] = all(a.kind in (Kind.F, Kind.SEND_F, Kind.RECV_F)
+                                          for row in self.actions for a in row)
+        return self._cache["forward?"]
 
     # ---------------------------------------------------------------- passes
     def compute_only(self) -> "Schedule":

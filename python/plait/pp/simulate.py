@@ -60,10 +60,12 @@ def peak_activations(schedule: Schedule) -> tuple[int, ...]:
     """Per rank, the most stage-microbatches held at once, from the list order alone."""
     split = {(a.stage, a.microbatch) for row in schedule.actions for a in row if a.kind == Kind.W}
     peaks = []
+    if schedule.is_forward_only:
+        return tuple(0 for _ in schedule.actions)
     for row in schedule.actions:
         held = peak = 0
         for a in row:
-            if a.kind == Kind.F and not schedule.is_forward_only:
+            if a.kind == Kind.F:
                 held += 1
                 peak = max(peak, held)
             elif a.kind in (Kind.B, Kind.W) or (a.kind == Kind.I and (a.stage, a.microbatch) not in split):
@@ -79,9 +81,12 @@ def run_events(schedule: Schedule, costs: dict[Kind, float], p2p: float) -> dict
     ranks wait on each other forever.
     """
     rows = [[a for a in row if a.kind.is_compute] for row in schedule.actions]
+    index = {a: (rank, i) for rank, row in enumerate(rows) for i, a in enumerate(row)}
     bwd = backward_kinds(schedule)
     deps = [[compute_deps(a, schedule, bwd) for a in row] for row in rows]
-    done: dict[Action, tuple[int, float, float]] = {}
+    # Dependencies as (rank, position); a missing one can never finish: (-1, -1).
+    needs = [[[index.get(d, (-1, -1)) for d in ds] for ds in row] for row in deps]
+    ends = [[-1.0] * len(row) for row in rows]  # -1: not run yet
     pointer = [0] * len(rows)
     free = [0.0] * len(rows)
     progress = True
@@ -90,18 +95,20 @@ def run_events(schedule: Schedule, costs: dict[Kind, float], p2p: float) -> dict
         for rank, row in enumerate(rows):
             while pointer[rank] < len(row):
                 i = pointer[rank]
-                needs = deps[rank][i]
-                if any(d not in done for d in needs):
-                    break
                 start = free[rank]
-                for d in needs:
-                    d_rank, _, d_end = done[d]
+                for d_rank, d_i in needs[rank][i]:
+                    d_end = ends[d_rank][d_i] if d_rank >= 0 else -1.0
+                    if d_end < 0:
+                        break
                     start = max(start, d_end + (p2p if d_rank != rank else 0.0))
-                end = start + costs[row[i].kind]
-                done[row[i]] = (rank, start, end)
-                free[rank] = end
-                pointer[rank] += 1
-                progress = True
+                else:
+                    ends[rank][i] = free[rank] = start + costs[row[i].kind]
+                    pointer[rank] += 1
+                    progress = True
+                    continue
+                break
+    done = {row[i]: (rank, ends[rank][i] - costs[row[i].kind], ends[rank][i])
+            for rank, row in enumerate(rows) for i in range(pointer[rank])}
     if any(pointer[r] < len(rows[r]) for r in range(len(rows))):
         from .validate import deadlock_error
 

@@ -110,21 +110,23 @@ def _check_counts(schedule: Schedule, where: dict[Action, list[tuple[int, int]]]
     forward_only = schedule.is_forward_only
     for s in range(schedule.num_stages):
         rank = schedule.placement[s]
+        end = (rank, len(schedule.actions[rank]))  # where a missing action is pointed at
         for mb in range(schedule.num_microbatches):
-            if Action(s, Kind.F, mb) not in where:
+            spot = {k: where.get(Action(s, k, mb), [None])[0] for k in (Kind.F, Kind.B, Kind.I, Kind.W)}
+            if spot[Kind.F] is None:
                 raise _fail(schedule, f"stage {s} never runs the forward of microbatch {mb}: add {s}F{mb} to "
-                            f"rank {rank}", {})
+                            f"rank {rank}", {spot[Kind.B] or spot[Kind.I] or end: f"{s}F{mb} is missing"})
             if forward_only:
                 continue
-            has = {k: Action(s, k, mb) in where for k in (Kind.B, Kind.I, Kind.W)}
-            if has[Kind.B] and (has[Kind.I] or has[Kind.W]):
-                spots = [where[Action(s, k, mb)][0] for k in (Kind.B, Kind.I, Kind.W) if has[k]]
+            if spot[Kind.B] and (spot[Kind.I] or spot[Kind.W]):
                 raise _fail(schedule, f"stage {s} microbatch {mb} has both a full backward B and a split "
-                            f"one (I/W); keep one of them", {spot: "conflict" for spot in spots})
-            if not has[Kind.B] and not (has[Kind.I] and has[Kind.W]):
-                missing = "B" if not (has[Kind.I] or has[Kind.W]) else ("W" if has[Kind.I] else "I")
+                            f"one (I/W); keep one of them",
+                            {spot[k]: "conflict" for k in (Kind.B, Kind.I, Kind.W) if spot[k]})
+            if not spot[Kind.B] and not (spot[Kind.I] and spot[Kind.W]):
+                missing = "B" if not (spot[Kind.I] or spot[Kind.W]) else ("W" if spot[Kind.I] else "I")
                 raise _fail(schedule, f"stage {s} never runs the backward {missing} of microbatch {mb}: add "
-                            f"{s}{missing}{mb} to rank {rank}", {})
+                            f"{s}{missing}{mb} to rank {rank}",
+                            {spot[Kind.I] or spot[Kind.W] or spot[Kind.F]: f"{s}{missing}{mb} is missing"})
 
 
 def _check_local_order(schedule: Schedule, where: dict[Action, list[tuple[int, int]]]) -> None:
