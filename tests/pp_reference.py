@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import plait
+from plait.comm import Communicator
 from plait.errors import CommError, CommTimeoutError
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -59,13 +60,14 @@ def reference_step(stages: list[nn.Module], x: torch.Tensor, y: torch.Tensor, re
 
 
 def check_schedule(mesh, schedule, dtype=torch.float64, reduction="mean", seqs=(3, 3, 5), rows=None,
-                   label="") -> int:
+                   label="", comm=None) -> int:
     """Train steps with the given sequence lengths (a new one makes new headers) and one eval step."""
     stages = make_stages(schedule.num_stages, dtype)
     reference = copy.deepcopy(stages)
     mine = [stages[s] for s in schedule.stages_of(mesh.pp_rank)]
     loss_fn = (lambda out, tgt: F.mse_loss(out, tgt, reduction=reduction))
-    engine = plait.PipelineEngine(mine, mesh, schedule, loss_fn=loss_fn, loss_reduction=reduction, track_memory=True)
+    engine = plait.PipelineEngine(mine, mesh, schedule, loss_fn=loss_fn, loss_reduction=reduction, track_memory=True,
+                                  comm=comm)
     m = schedule.num_microbatches
     rows = rows or 2 * m + 1  # uneven microbatches: the mean must weight them by size
     where = f"{label or schedule.name} p={schedule.num_ranks} m={m} v={schedule.num_virtual} {dtype} {reduction}"
@@ -123,9 +125,28 @@ def engine_cases(rank: int, world: int) -> dict:
         count += check_schedule(mesh, v_shape_schedule(4), seqs=(3, 4))
         lowered = plait.pp.build_schedule("zb1p", 2, 4).lower()
         count += check_schedule(mesh, plait.pp.parse_schedule(lowered.to_text()), label="zb1p from text")
+        shm = Communicator.create("shm", mesh.pp_group, name="pp-shm")
+        count += check_schedule(mesh, plait.pp.build_schedule("zb1p", 2, 4), comm=shm, label="zb1p over shm")
+        count += check_schedule(mesh, plait.pp.build_schedule("interleaved", 2, 4, 2), comm=shm, label="i1f1b shm")
         peaks = activation_peaks(mesh)
+        events = timeline(mesh)
     plait.destroy_mesh()
-    return {"checks": count, "peaks": peaks}
+    return {"checks": count, "peaks": peaks, "events": events if world == 2 else None}
+
+
+def timeline(mesh) -> list:
+    """Every rank's events of one zb1p step, gathered on every rank."""
+    schedule = plait.pp.build_schedule("zb1p", mesh.pp, 4)
+    stages = make_stages(schedule.num_stages, torch.float64)
+    engine = plait.PipelineEngine([stages[s] for s in schedule.stages_of(mesh.pp_rank)], mesh, schedule,
+                                  loss_fn=F.mse_loss)
+    x, y = batch(schedule.num_stages, 8, 4, torch.float64, seed=3)
+    engine.train_step(x, y)
+    mine = engine.timeline
+    gathered = engine.gather_timeline()
+    if [e for e in gathered if e.rank == mesh.pp_rank] != mine:
+        raise AssertionError("gather_timeline lost or changed this rank's events")
+    return gathered
 
 
 def activation_peaks(mesh) -> dict:

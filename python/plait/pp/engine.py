@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..comm import Communicator
 from ..errors import PlaitError
 from .p2p import Meta, MetaCache, Transport, decode_signature, encode_signature, signature_length
 from .runner import ActivationMemory, StepRunner
@@ -61,6 +62,9 @@ class PipelineEngine:
         loss_reduction: ``"mean"`` or ``"sum"`` (table above).
         record_timeline: keep each step's per-action times (``engine.timeline``).
         track_memory: count bytes saved for backward (``engine.activation_bytes_peak``).
+        comm: the Communicator for the point-to-point transfers along the PP axis
+            (default ``mesh.pp_comm``, torch ``isend``/``irecv``); e.g.
+            ``Communicator.create("shm", mesh.pp_group)`` for CPU ranks on one host.
 
     All arguments are checked on construction, on every rank alike, so a mistake is a
     ValueError everywhere before any communication.
@@ -69,7 +73,8 @@ class PipelineEngine:
     def __init__(self, stage_modules: Union[nn.Module, Sequence[nn.Module]], mesh,
                  schedule: Union[str, Schedule] = "1f1b", num_microbatches: Optional[int] = None,
                  loss_fn: Optional[Callable] = None, *, num_virtual: Optional[int] = None,
-                 loss_reduction: str = "mean", record_timeline: bool = True, track_memory: bool = False) -> None:
+                 loss_reduction: str = "mean", record_timeline: bool = True, track_memory: bool = False,
+                 comm: Optional[Communicator] = None) -> None:
         modules = [stage_modules] if isinstance(stage_modules, nn.Module) else list(stage_modules)
         if not modules or not all(isinstance(m, nn.Module) for m in modules):
             raise ValueError("stage_modules must be an nn.Module or a non-empty sequence of them (this rank's "
@@ -93,9 +98,13 @@ class PipelineEngine:
         self.first_rank, self.last_rank = self.schedule.placement[0], self.schedule.placement[-1]
         self.program = self.schedule.lower().actions[self.rank]
         self.eval_program = self.schedule.forward_only().lower().actions[self.rank]
-        self.transport = Transport(mesh.pp_comm, mesh.device)
+        comm = mesh.pp_comm if comm is None else comm
+        if not isinstance(comm, Communicator) or comm.size != mesh.pp or comm.rank != mesh.pp_rank:
+            raise ValueError(f"comm must be a plait Communicator over this rank's PP group (size {mesh.pp}, "
+                             f"rank {mesh.pp_rank}), e.g. Communicator.create('shm', mesh.pp_group); got {comm!r}")
+        self.transport = Transport(comm, mesh.device)
         self._metas = MetaCache()
-        self.recorder = Recorder(self.rank, record_timeline)
+        self.recorder = Recorder(self.rank, record_timeline, mesh.device)
         self._memory = ActivationMemory([p for m in modules for p in m.parameters()]) if track_memory else None
         self.peak_activations = 0
         self.last_outputs: Optional[torch.Tensor] = None
@@ -148,7 +157,7 @@ class PipelineEngine:
 
     def gather_timeline(self) -> list[Event]:
         """Every pipeline rank's events of the last step (a collective: call it on all ranks)."""
-        return gather_events(self.recorder.events, self.mesh.pp_comm)
+        return gather_events(self.recorder.events, self.transport.comm, self.mesh.device)
 
     @property
     def activation_bytes_peak(self) -> Optional[int]:
@@ -205,6 +214,7 @@ class PipelineEngine:
         else:
             with torch.no_grad():
                 runner.run()
+        self.recorder.finish()
         if known is None:
             self._metas.put(signature, runner.new_metas)
         if training:

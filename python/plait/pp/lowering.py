@@ -16,18 +16,15 @@ from .actions import Kind
 from .graph import transfer_out
 from .schedule import Schedule
 
-_UNIT = {Kind.F: 1.0, Kind.B: 2.0, Kind.I: 1.0, Kind.W: 1.0}
-
-
 def lower(schedule: Schedule) -> Schedule:
     """``schedule`` with SEND_F/RECV_F/SEND_B/RECV_B added; returned unchanged if it has them."""
     if schedule.is_lowered:
         return schedule
-    from .simulate import run_events
+    from .simulate import run_events, unit_costs
     from .validate import check_structure
 
     check_structure(schedule)
-    done = run_events(schedule, _UNIT, 0.0)
+    done = run_events(schedule, unit_costs(schedule.num_stages), 0.0)
     events: list[list[tuple]] = [[] for _ in range(schedule.num_ranks)]
     for rank, row in enumerate(schedule.actions):
         for step, action in enumerate(row):

@@ -6,7 +6,6 @@ Activations live from a stage's F until its B (or W) and are dropped then.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -89,9 +88,13 @@ class StepRunner:
                     Kind.SEND_B: self._send_b, Kind.F: self._forward, Kind.B: self._backward,
                     Kind.I: self._backward, Kind.W: self._weight}
         for action in self.program:
-            handlers[action.kind](action)
             if action.kind.is_compute:
+                handlers[action.kind](action)
                 self.transport.prune()
+            else:
+                start = self.recorder.start()
+                handlers[action.kind](action)
+                self.recorder.stop(action, "post", start)
         self.transport.drain()
         left = list(self.acts) + list(self.work) + list(self.recvs) + list(self.outbox)
         if left:
@@ -138,9 +141,9 @@ class StepRunner:
 
     def _take(self, action: Action) -> torch.Tensor:
         pending = self.recvs.pop(action)
-        start = time.perf_counter()
+        start = self.recorder.start()
         tensor = self.transport.wait_recv(pending)
-        self.recorder.add(action, "wait", start, time.perf_counter())
+        self.recorder.stop(action, "wait", start)
         return tensor
 
     # ------------------------------------------------------------------ compute
@@ -154,7 +157,7 @@ class StepRunner:
             x = self._take(Action(s, Kind.RECV_F, mb))
         if self.training and s > 0 and x.is_floating_point():
             x.requires_grad_(True)
-        start = time.perf_counter()
+        start = self.recorder.start()
         with torch.set_grad_enabled(self.training):
             if self.memory is not None and self.training:
                 with self.memory.hooks():
@@ -169,7 +172,7 @@ class StepRunner:
             self.acts[(s, mb)] = (x if s > 0 else None, keep)
             self.held += 1
             self.peak_held = max(self.peak_held, self.held)
-        self.recorder.add(action, "compute", start, time.perf_counter())
+        self.recorder.stop(action, "compute", start)
 
     def _finish_forward(self, s: int, mb: int, y: torch.Tensor) -> torch.Tensor:
         if s == self.last:
@@ -204,7 +207,7 @@ class StepRunner:
             grad = self.local.pop(("B", s, mb))
         else:
             grad = self._take(Action(s, Kind.RECV_B, mb))
-        start = time.perf_counter()
+        start = self.recorder.start()
         if action.kind == Kind.B:
             if y.requires_grad:
                 torch.autograd.backward(y, grad)
@@ -218,10 +221,10 @@ class StepRunner:
                 self.local[("B", s - 1, mb)] = dx
             else:
                 self.outbox[Action(s, Kind.SEND_B, mb)] = dx
-        self.recorder.add(action, "compute", start, time.perf_counter())
+        self.recorder.stop(action, "compute", start)
 
     def _weight(self, action: Action) -> None:
-        start = time.perf_counter()
+        start = self.recorder.start()
         backward_weight(self.work.pop((action.stage, action.microbatch)))
         self.held -= 1
-        self.recorder.add(action, "compute", start, time.perf_counter())
+        self.recorder.stop(action, "compute", start)

@@ -18,7 +18,7 @@ of the rank's layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from .actions import Action, Kind
 from .graph import backward_kinds, compute_deps
@@ -42,18 +42,37 @@ class SimResult:
         return sum(self.idle)
 
 
-def _costs(forward: float, backward: float, weight: Optional[float], p2p: float) -> dict[Kind, float]:
-    weight = backward / 2 if weight is None else weight
-    for name, value in (("forward", forward), ("backward", backward), ("weight", weight), ("p2p", p2p)):
-        if not isinstance(value, (int, float)) or value != value or value < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    if forward <= 0 or backward <= 0:
+Cost = Union[float, Sequence[float]]
+
+
+def unit_costs(num_stages: int) -> dict[Kind, list[float]]:
+    """F=1, B=2, I=W=1 for every stage: the costs lowering and validation use."""
+    return stage_costs(1.0, 2.0, 1.0, 0.0, num_stages)
+
+
+def stage_costs(forward: Cost, backward: Cost, weight: Optional[Cost], p2p: float,
+                num_stages: int) -> dict[Kind, list[float]]:
+    """Per-kind, per-stage costs from numbers (every stage alike) or one value per stage."""
+    def per_stage(name: str, value) -> list[float]:
+        values = [value] * num_stages if isinstance(value, (int, float)) else list(value)
+        if len(values) != num_stages:
+            raise ValueError(f"{name} has {len(values)} values, but the schedule has {num_stages} stages; give "
+                             f"one number, or one per stage")
+        for v in values:
+            if not isinstance(v, (int, float)) or v != v or v < 0:
+                raise ValueError(f"{name} must be non-negative numbers, got {v!r}")
+        return [float(v) for v in values]
+
+    f, b = per_stage("forward", forward), per_stage("backward", backward)
+    w = [x / 2 for x in b] if weight is None else per_stage("weight", weight)
+    if not isinstance(p2p, (int, float)) or p2p != p2p or p2p < 0:
+        raise ValueError(f"p2p must be a non-negative number of time units, got {p2p!r}")
+    if min(f) <= 0 or min(b) <= 0:
         raise ValueError(f"forward and backward must be positive, got forward={forward}, backward={backward}")
-    if weight > backward:
+    if any(wi > bi for wi, bi in zip(w, b)):
         raise ValueError(f"weight={weight} is the weight-gradient part of backward={backward}, so it cannot "
                          f"exceed it; pass weight <= backward")
-    return {Kind.F: float(forward), Kind.B: float(backward), Kind.I: float(backward - weight),
-            Kind.W: float(weight)}
+    return {Kind.F: f, Kind.B: b, Kind.I: [bi - wi for bi, wi in zip(b, w)], Kind.W: w}
 
 
 def peak_activations(schedule: Schedule) -> tuple[int, ...]:
@@ -74,7 +93,7 @@ def peak_activations(schedule: Schedule) -> tuple[int, ...]:
     return tuple(peaks)
 
 
-def run_events(schedule: Schedule, costs: dict[Kind, float], p2p: float) -> dict[Action, tuple[int, float, float]]:
+def run_events(schedule: Schedule, costs: dict[Kind, list[float]], p2p: float) -> dict[Action, tuple[int, float, float]]:
     """Start and end of every compute action: action -> (rank, start, end).
 
     Raises :class:`~plait.pp.validate.ScheduleError` with the blocked actions when the
@@ -102,12 +121,12 @@ def run_events(schedule: Schedule, costs: dict[Kind, float], p2p: float) -> dict
                         break
                     start = max(start, d_end + (p2p if d_rank != rank else 0.0))
                 else:
-                    ends[rank][i] = free[rank] = start + costs[row[i].kind]
+                    ends[rank][i] = free[rank] = start + costs[row[i].kind][row[i].stage]
                     pointer[rank] += 1
                     progress = True
                     continue
                 break
-    done = {row[i]: (rank, ends[rank][i] - costs[row[i].kind], ends[rank][i])
+    done = {row[i]: (rank, ends[rank][i] - costs[row[i].kind][row[i].stage], ends[rank][i])
             for rank, row in enumerate(rows) for i in range(pointer[rank])}
     if any(pointer[r] < len(rows[r]) for r in range(len(rows))):
         from .validate import deadlock_error
@@ -116,9 +135,12 @@ def run_events(schedule: Schedule, costs: dict[Kind, float], p2p: float) -> dict
     return done
 
 
-def simulate(schedule: Schedule, forward: float = 1.0, backward: float = 2.0, weight: Optional[float] = None,
+def simulate(schedule: Schedule, forward: Cost = 1.0, backward: Cost = 2.0, weight: Optional[Cost] = None,
              p2p: float = 0.0) -> SimResult:
     """Simulate ``schedule`` with the given costs; see the module docstring.
+
+    Each cost is one number for every stage, or a sequence with one per model stage
+    (e.g. measured times of unbalanced stages).
 
     The schedule's structure is checked first (a ValueError with a step x rank grid
     names any fault), so the numbers always describe a schedule that can run.
@@ -126,7 +148,7 @@ def simulate(schedule: Schedule, forward: float = 1.0, backward: float = 2.0, we
     from .validate import check_structure
 
     check_structure(schedule.compute_only())
-    costs = _costs(forward, backward, weight, p2p)
+    costs = stage_costs(forward, backward, weight, p2p, schedule.num_stages)
     done = run_events(schedule, costs, float(p2p))
     makespan = max((end for _, _, end in done.values()), default=0.0)
     busy = [0.0] * schedule.num_ranks

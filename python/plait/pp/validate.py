@@ -259,9 +259,9 @@ def _name(t: Transfer, rank: int) -> str:
 
 def validate(schedule: Schedule) -> None:
     """All checks of the module docstring; raises :class:`ScheduleError` on the first fault."""
-    from .simulate import run_events, _costs
+    from .simulate import run_events, unit_costs
 
     check_structure(schedule)
-    run_events(schedule, _costs(1.0, 2.0, None, 0.0), 0.0)  # compute-level deadlocks, named by action
+    run_events(schedule, unit_costs(schedule.num_stages), 0.0)  # compute-level deadlocks, named by action
     dry_run(schedule if schedule.is_lowered else schedule.lower())
 

@@ -1,0 +1,227 @@
+"""Pipeline schedules: plait's PipelineEngine vs torch.distributed.pipelining, and measured vs simulated bubble.
+
+    python bench/pipeline.py [--world 4] [--microbatches 8] [--hidden 256] [--rows 64] [--blocks 8]
+    plait bench pipeline ...
+
+The model is ``--blocks`` MLP blocks (Linear(H, 4H) -> GELU -> Linear(4H, H)) cut into
+``world * v`` equal stages, trained with an MSE loss on a batch of ``microbatches * rows``
+rows. Each schedule runs on plait and on its torch counterpart with the identical model,
+data and microbatching:
+
+    plait          torch.distributed.pipelining
+    gpipe          ScheduleGPipe
+    1f1b           Schedule1F1B
+    interleaved/2  ScheduleInterleaved1F1B (2 stages per rank)
+    zb1p/1         ScheduleInterleavedZeroBubble (1 stage per rank)
+    zb1p/2         ScheduleInterleavedZeroBubble (2 stages per rank)
+
+CPU: gloo, fp32, one thread per rank. GPU: NCCL, bf16, one GPU per rank (needs ``--world``
+GPUs; NCCL cannot put two ranks on one GPU). A step's time is the slowest rank's; the
+figure is the median over ``--iters`` steps after ``--warmup``. The measured bubble is
+1 - compute time / (ranks x step time) of plait's last timed step; the simulated one is
+``Schedule.simulate`` with that step's measured mean time of each action kind per stage.
+Gradients of the two implementations are compared after one step from the same weights.
+Results go to bench/results/pipeline-*.json, Gantt charts of plait's steps to the .png
+beside it (when matplotlib is installed).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import plait
+from plait.bench.common import results_dir, slug, device_name, write_result
+from plait.launch import run_ranks
+from plait.pp import build_schedule, gantt_png, measured_bubble
+
+CONFIGS = (("gpipe", 1, "ScheduleGPipe"), ("1f1b", 1, "Schedule1F1B"),
+           ("interleaved", 2, "ScheduleInterleaved1F1B"), ("zb1p", 1, "ScheduleInterleavedZeroBubble"),
+           ("zb1p", 2, "ScheduleInterleavedZeroBubble"))
+
+
+def _setup(rank: int, world: int):
+    if torch.cuda.is_available():
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        return device, torch.bfloat16, "nccl"
+    return torch.device("cpu"), torch.float32, "gloo"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stage_modules(num_blocks: int, num_stages: int, hidden: int) -> list[nn.Module]:
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+              for _ in range(num_blocks)]
+    per = num_blocks // num_stages
+    return [nn.Sequential(*blocks[s * per:(s + 1) * per]) for s in range(num_stages)]
+
+
+def _timed(step, mesh, device, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        mesh.pp_comm.barrier()
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    slowest = mesh.pp_comm.all_reduce(torch.tensor(times, dtype=torch.float64, device=device), op="max")
+    return slowest.tolist()
+
+
+def _stage_costs(events, num_stages: int) -> dict:
+    """Mean measured time (ms) of each action kind per stage, for the simulator."""
+    sums: dict = defaultdict(list)
+    for e in events:
+        if e.category == "compute":
+            sums[(e.action.kind.value, e.action.stage)].append((e.end - e.start) * 1e3)
+    mean = {key: statistics.fmean(v) for key, v in sums.items()}
+    forward = [mean[("F", s)] for s in range(num_stages)]
+    if ("B", 0) in mean:
+        return dict(forward=forward, backward=[mean[("B", s)] for s in range(num_stages)])
+    weight = [mean[("W", s)] for s in range(num_stages)]
+    return dict(forward=forward, backward=[mean[("I", s)] + w for s, w in enumerate(weight)], weight=weight)
+
+
+def _torch_step(schedule, rank: int, first: int, last: int, x, y):
+    def step():
+        if rank == first:
+            schedule.step(x)
+        elif rank == last:
+            schedule.step(target=y, losses=[])
+        else:
+            schedule.step()
+    return step
+
+
+def bench_rank(rank: int, world: int, cfg: dict) -> list[dict]:
+    from torch.distributed import pipelining
+
+    device, dtype, backend = _setup(rank, world)
+    mesh = plait.init_mesh(pp=world, backend=backend)
+    m, hidden = cfg["microbatches"], cfg["hidden"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m * cfg["rows"], hidden, generator=gen).to(device, dtype)
+    y = torch.randn(m * cfg["rows"], hidden, generator=gen).to(device, dtype)
+    out = []
+    for name, v, torch_name in cfg["configs"]:
+        schedule = build_schedule(name, world, m, v)
+        stages = _stage_modules(cfg["blocks"], world * v, hidden)
+        mine = schedule.stages_of(rank)
+        ours = [copy.deepcopy(stages[s]).to(device, dtype) for s in mine]
+        theirs = [copy.deepcopy(stages[s]).to(device, dtype) for s in mine]
+        engine = plait.PipelineEngine(ours, mesh, schedule, loss_fn=F.mse_loss)
+
+        def plait_step():
+            for module in ours:
+                module.zero_grad(set_to_none=True)
+            engine.train_step(x, y)
+
+        plait_ms = _timed(plait_step, mesh, device, cfg["warmup"], cfg["iters"])
+        events = engine.gather_timeline()
+        measured = measured_bubble(events, world)
+        sim = schedule.simulate(**_stage_costs(events, world * v))
+
+        pipe_stages = [pipelining.PipelineStage(mod, s, world * v, device, group=mesh.pp_group)
+                       for mod, s in zip(theirs, mine)]
+        cls = getattr(pipelining, torch_name)
+        torch_schedule = cls(pipe_stages[0] if v == 1 and torch_name in ("ScheduleGPipe", "Schedule1F1B")
+                             else pipe_stages, n_microbatches=m, loss_fn=F.mse_loss)
+        step = _torch_step(torch_schedule, rank, schedule.placement[0], schedule.placement[-1], x, y)
+
+        def torch_step():
+            for module in theirs:
+                module.zero_grad(set_to_none=True)
+            step()
+
+        torch_ms = _timed(torch_step, mesh, device, cfg["warmup"], cfg["iters"])
+        plait_step()
+        torch_step()
+        diff = max((a.grad.float() - b.grad.float()).abs().max().item()
+                   for ma, mb in zip(ours, theirs) for a, b in zip(ma.parameters(), mb.parameters()))
+        diff = mesh.pp_comm.all_reduce(torch.tensor([diff], dtype=torch.float64, device=device), op="max").item()
+        out.append({"schedule": name, "num_virtual": v, "torch_schedule": torch_name, "backend": backend,
+                    "plait_ms": statistics.median(plait_ms), "torch_ms": statistics.median(torch_ms),
+                    "plait_times_ms": plait_ms, "torch_times_ms": torch_ms,
+                    "measured_bubble": measured["bubble_fraction"], "simulated_bubble": sim.bubble_fraction,
+                    "unit_cost_bubble": schedule.simulate().bubble_fraction,
+                    "peak_activations": engine.peak_activations, "max_grad_diff_vs_torch": diff,
+                    "events": [(e.rank, str(e.action), e.category, e.start, e.end) for e in events]
+                    if rank == 0 else None})
+    plait.destroy_mesh()
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="plait PipelineEngine vs torch.distributed.pipelining")
+    parser.add_argument("--world", type=int, default=4, help="pipeline ranks")
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=64, help="rows per microbatch")
+    parser.add_argument("--blocks", type=int, default=8, help="MLP blocks in the model (divisible by world*2)")
+    parser.add_argument("--schedules", nargs="+", default=[f"{n}/{v}" for n, v, _ in CONFIGS],
+                        help="subset of " + " ".join(f"{n}/{v}" for n, v, _ in CONFIGS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--no-save", action="store_true", help="print only, write no JSON or PNG")
+    args = parser.parse_args(argv)
+    configs = [c for c in CONFIGS if f"{c[0]}/{c[1]}" in args.schedules]
+    if not configs:
+        parser.error(f"no known schedule in {args.schedules}")
+    for _, v, _ in configs:
+        if args.blocks % (args.world * v):
+            parser.error(f"--blocks {args.blocks} must be divisible by world*v = {args.world * v}")
+    if torch.cuda.is_available() and torch.cuda.device_count() < args.world:
+        print(f"this machine has {torch.cuda.device_count()} GPU(s); the GPU benchmark needs --world "
+              f"{args.world} GPUs (NCCL cannot put two ranks on one GPU). Use --world "
+              f"{torch.cuda.device_count()} or CUDA_VISIBLE_DEVICES= for the CPU benchmark.", file=sys.stderr)
+        return 2
+    cfg = dict(vars(args), configs=configs)
+    rows = run_ranks(bench_rank, args.world, cfg, timeout=3000)[0]
+    header = ["schedule", "v", "torch schedule", "plait ms", "torch ms", "plait/torch", "bubble measured",
+              "bubble simulated", "bubble unit costs", "peak act. rank 0", "max |grad diff|"]
+    table = [[r["schedule"], r["num_virtual"], r["torch_schedule"], round(r["plait_ms"], 1), round(r["torch_ms"], 1),
+              round(r["plait_ms"] / r["torch_ms"], 3), round(r["measured_bubble"], 3),
+              round(r["simulated_bubble"], 3), round(r["unit_cost_bubble"], 3), r["peak_activations"],
+              float(f"{r['max_grad_diff_vs_torch']:.2g}")] for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
+    for line in [header, *table]:
+        print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+    if args.no_save:
+        return 0
+    command = "plait bench pipeline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    events = {f"{r['schedule']}/{r['num_virtual']}": r.pop("events") for r in rows}
+    path = write_result("pipeline", {"rows": rows, "table": {"columns": header, "rows": table},
+                                     "config": {k: v for k, v in vars(args).items() if k != "no_save"},
+                                     "threads_per_rank": 1}, command.strip())
+    panels = [(f"plait {key}: {r['plait_ms']:.0f} ms/step, bubble {r['measured_bubble']:.2f} measured, "
+               f"{r['simulated_bubble']:.2f} simulated", _events(events[key]))
+              for key, r in zip(events, rows)]
+    png = gantt_png(panels, path.with_suffix(".png"))
+    print(f"wrote {path}" + (f" and {png}" if png else " (no PNG: pip install matplotlib)"))
+    return 0
+
+
+def _events(raw: list) -> list:
+    from plait.pp import Action, Event
+
+    return [Event(rank, Action.parse(action), category, start, end) for rank, action, category, start, end in raw]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
