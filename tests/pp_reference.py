@@ -35,11 +35,12 @@ def make_stages(num_stages: int, dtype: torch.dtype, seed: int = 0) -> list[nn.M
             for s in range(num_stages)]
 
 
-def batch(num_stages: int, rows: int, seq: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(num_stages: int, rows: int, seq: int, dtype: torch.dtype, seed: int,
+          device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     w = widths(num_stages)
-    return (torch.randn(rows, seq, w[0], generator=gen, dtype=dtype),
-            torch.randn(rows, seq, w[-1], generator=gen, dtype=dtype))
+    return (torch.randn(rows, seq, w[0], generator=gen, dtype=dtype).to(device),
+            torch.randn(rows, seq, w[-1], generator=gen, dtype=dtype).to(device))
 
 
 def close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
@@ -60,9 +61,9 @@ def reference_step(stages: list[nn.Module], x: torch.Tensor, y: torch.Tensor, re
 
 
 def check_schedule(mesh, schedule, dtype=torch.float64, reduction="mean", seqs=(3, 3, 5), rows=None,
-                   label="", comm=None) -> int:
+                   label="", comm=None, device="cpu") -> int:
     """Train steps with the given sequence lengths (a new one makes new headers) and one eval step."""
-    stages = make_stages(schedule.num_stages, dtype)
+    stages = [stage.to(device) for stage in make_stages(schedule.num_stages, dtype)]
     reference = copy.deepcopy(stages)
     mine = [stages[s] for s in schedule.stages_of(mesh.pp_rank)]
     loss_fn = (lambda out, tgt: F.mse_loss(out, tgt, reduction=reduction))
@@ -74,7 +75,7 @@ def check_schedule(mesh, schedule, dtype=torch.float64, reduction="mean", seqs=(
     sim_peak = schedule.simulate().peak_activations[mesh.pp_rank]
     checks = 0
     for step, seq in enumerate(seqs):
-        x, y = batch(schedule.num_stages, rows, seq, dtype, seed=100 + step)
+        x, y = batch(schedule.num_stages, rows, seq, dtype, seed=100 + step, device=device)
         for module in mine:
             module.zero_grad(set_to_none=True)
         want = reference_step(reference, x, y, reduction)
@@ -89,7 +90,7 @@ def check_schedule(mesh, schedule, dtype=torch.float64, reduction="mean", seqs=(
                                  f"says {sim_peak}")
         if engine.activation_bytes_live != 0:
             raise AssertionError(f"{where}: {engine.activation_bytes_live} activation bytes outlived the step")
-    x, y = batch(schedule.num_stages, rows, seqs[0], dtype, seed=7)
+    x, y = batch(schedule.num_stages, rows, seqs[0], dtype, seed=7, device=device)
     with torch.no_grad():
         h = x
         for stage in reference:
@@ -98,6 +99,20 @@ def check_schedule(mesh, schedule, dtype=torch.float64, reduction="mean", seqs=(
     if mesh.pp_rank == schedule.placement[-1]:
         close(f"{where} eval outputs", engine.last_outputs, h, dtype)
     return checks + 1
+
+
+def cuda_cases(rank: int, world: int) -> int:
+    """The engine on CUDA tensors (NCCL): every schedule with p=world, including p=1 with 2 stages."""
+    mesh = plait.init_mesh(pp=world)
+    count = 0
+    for name, v in (("1f1b", 1), ("interleaved", 2), ("zb1p", 1), ("zb1p", 2)):
+        if name == "1f1b" and world == 1:
+            continue
+        for m in (1, 4):
+            count += check_schedule(mesh, plait.pp.build_schedule(name, world, m, v), device="cuda",
+                                    seqs=(3, 5) if m == 4 else (3,))
+    plait.destroy_mesh()
+    return count
 
 
 def v_shape_schedule(m: int):
