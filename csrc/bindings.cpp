@@ -39,13 +39,13 @@ using shm::Group;
 void* ptr(std::uintptr_t address) { return reinterpret_cast<void*>(address); }
 
 shm::Options shm_options(std::size_t slot_bytes, std::size_t chan_bytes, std::size_t oneshot_bytes,
-                         const std::string& simd, int spin_iters) {
+                         const std::string& simd, int spin_us) {
   shm::Options options;
   options.slot_bytes = slot_bytes;
   options.chan_bytes = chan_bytes;
   options.oneshot_bytes = oneshot_bytes;
   options.simd = shm::simd_from_name(simd);
-  options.spin_iters = spin_iters;
+  options.spin_us = spin_us;
   return options;
 }
 
@@ -105,18 +105,18 @@ void bind_shm(py::module_& m) {
                     "timeout_s, raising ShmTimeout, ShmAborted (a peer gave up) or ShmError.")
       .def_static("create",
                   [](const std::string& name, int size, std::size_t slot_bytes, std::size_t chan_bytes,
-                     std::size_t oneshot_bytes, const std::string& simd, int spin_iters) {
-                    return Group::create(name, size, shm_options(slot_bytes, chan_bytes, oneshot_bytes, simd, spin_iters));
+                     std::size_t oneshot_bytes, const std::string& simd, int spin_us) {
+                    return Group::create(name, size, shm_options(slot_bytes, chan_bytes, oneshot_bytes, simd, spin_us));
                   },
                   py::arg("name"), py::arg("size"), py::arg("slot_bytes"), py::arg("chan_bytes"),
-                  py::arg("oneshot_bytes"), py::arg("simd") = "auto", py::arg("spin_iters") = -1,
+                  py::arg("oneshot_bytes"), py::arg("simd") = "auto", py::arg("spin_us") = -1,
                   py::call_guard<py::gil_scoped_release>(), "Create the segment `name` as group rank 0.")
       .def_static("attach",
-                  [](const std::string& name, int rank, int size, const std::string& simd, int spin_iters) {
-                    return Group::attach(name, rank, size, shm_options(0, 0, 0, simd, spin_iters));
+                  [](const std::string& name, int rank, int size, const std::string& simd, int spin_us) {
+                    return Group::attach(name, rank, size, shm_options(0, 0, 0, simd, spin_us));
                   },
                   py::arg("name"), py::arg("rank"), py::arg("size"), py::arg("simd") = "auto",
-                  py::arg("spin_iters") = -1, py::call_guard<py::gil_scoped_release>(),
+                  py::arg("spin_us") = -1, py::call_guard<py::gil_scoped_release>(),
                   "Attach to the segment `name` created by rank 0; sizes come from its header.")
       .def("all_reduce",
            [](Group& g, std::uintptr_t data, std::size_t count, int dtype, int op, double timeout_s) {

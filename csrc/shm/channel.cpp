@@ -1,8 +1,9 @@
 // send / recv: one ring of kChanSlots slots per ordered pair of ranks (see layout.h).
 //
 // The sender copies a chunk into slot (sent % kChanSlots) once the receiver has consumed
-// the chunk that used it before, then publishes sent + 1 (release). The receiver waits
-// for sent > consumed (acquire), copies the chunk out and publishes consumed + 1. Each
+// the chunk that used it before, then publishes sent + 1. The receiver waits for
+// sent > consumed, copies the chunk out and publishes consumed + 1 (counters wrap; see
+// wait.h for the ordering and wake-ups). Each
 // chunk also carries the total size of its message, so a recv whose size differs from
 // the matching send fails instead of splitting messages wrongly.
 #include <algorithm>
@@ -31,15 +32,15 @@ void Group::send(const void* data, std::size_t bytes, int dst, double timeout_s)
   check_usable(op);
   ChanCtl* ctl = chan(rank_, dst);
   const auto* src = static_cast<const char*>(data);
-  std::uint64_t index = ctl->sent.load(std::memory_order_relaxed);  // only this side writes it
+  std::uint32_t index = ctl->sent.value.load(std::memory_order_relaxed);  // only this side writes it
   op.chunks = std::max<std::size_t>(1, ceil_div(bytes, layout_.chan_bytes));
   for (op.chunk = 0; op.chunk < op.chunks; ++op.chunk) {
-    wait_until([&] { return index - ctl->consumed.load(std::memory_order_acquire) < kChanSlots; }, op,
-               [&] { return describe_ranks({dst}) + " to receive"; });
+    wait_flag(ctl->consumed, [&](std::uint32_t consumed) { return index - consumed < kChanSlots; }, op,
+              [&] { return describe_ranks({dst}) + " to receive"; });
     const std::size_t b0 = op.chunk * layout_.chan_bytes;
     std::memcpy(ring(rank_, dst, index), src + b0, std::min(layout_.chan_bytes, bytes - b0));
     ctl->msg_bytes[index % kChanSlots] = bytes;
-    ctl->sent.store(++index, std::memory_order_release);
+    publish(ctl->sent, ++index);
   }
 }
 
@@ -50,11 +51,11 @@ void Group::recv(void* data, std::size_t bytes, int src, double timeout_s) {
   check_usable(op);
   ChanCtl* ctl = chan(src, rank_);
   auto* dst = static_cast<char*>(data);
-  std::uint64_t index = ctl->consumed.load(std::memory_order_relaxed);  // only this side writes it
+  std::uint32_t index = ctl->consumed.value.load(std::memory_order_relaxed);  // only this side writes it
   op.chunks = std::max<std::size_t>(1, ceil_div(bytes, layout_.chan_bytes));
   for (op.chunk = 0; op.chunk < op.chunks; ++op.chunk) {
-    wait_until([&] { return ctl->sent.load(std::memory_order_acquire) > index; }, op,
-               [&] { return describe_ranks({src}) + " to send"; });
+    wait_flag(ctl->sent, [&](std::uint32_t sent) { return flag_distance(sent, index) > 0; }, op,
+              [&] { return describe_ranks({src}) + " to send"; });
     const std::uint64_t sent_bytes = ctl->msg_bytes[index % kChanSlots];
     if (sent_bytes != bytes) {
       const std::string message = "recv of " + std::to_string(bytes) + " bytes from group rank " + std::to_string(src) +
@@ -65,7 +66,7 @@ void Group::recv(void* data, std::size_t bytes, int src, double timeout_s) {
     }
     const std::size_t b0 = op.chunk * layout_.chan_bytes;
     std::memcpy(dst + b0, ring(src, rank_, index), std::min(layout_.chan_bytes, bytes - b0));
-    ctl->consumed.store(++index, std::memory_order_release);
+    publish(ctl->consumed, ++index);
   }
 }
 

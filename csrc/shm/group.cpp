@@ -88,7 +88,7 @@ Group::Group(Segment segment, std::string name, int rank, const Layout& layout, 
       layout_(layout),
       oneshot_bytes_(reinterpret_cast<Header*>(segment_.data())->oneshot_bytes),
       simd_(options.simd),
-      spin_iters_(options.spin_iters >= 0 ? options.spin_iters : default_spin_iters(layout.size)),
+      spin_us_(options.spin_us >= 0 ? options.spin_us : default_spin_us(layout.size)),
       send_mu_(layout.size),
       recv_mu_(layout.size) {}
 
@@ -113,15 +113,14 @@ char* Group::ring(int src, int dst, std::uint64_t chunk) const {
 
 // Publishes this rank's arrival at the next barrier, then waits for every other rank's.
 void Group::arrive_and_wait(Op& op) {
-  const std::uint64_t epoch = ++epoch_;
-  arrive(rank_)->value.store(epoch, std::memory_order_release);
+  const std::uint32_t epoch = ++epoch_;
+  publish(*arrive(rank_), epoch);
   for (int j = 0; j < size_; ++j) {
     if (j == rank_) continue;
-    std::atomic<std::uint64_t>& flag = arrive(j)->value;
-    wait_until([&] { return flag.load(std::memory_order_acquire) >= epoch; }, op, [&] {
+    wait_flag(*arrive(j), [&](std::uint32_t v) { return flag_distance(v, epoch) >= 0; }, op, [&] {
       std::vector<int> late;
       for (int k = 0; k < size_; ++k) {
-        if (k != rank_ && arrive(k)->value.load(std::memory_order_acquire) < epoch) late.push_back(k);
+        if (k != rank_ && flag_distance(arrive(k)->value.load(std::memory_order_acquire), epoch) < 0) late.push_back(k);
       }
       return describe_ranks(late) + " to arrive";
     });

@@ -39,11 +39,11 @@
 namespace plait::shm {
 
 struct Options {
-  std::size_t slot_bytes = 1 << 20;      // per rank per collective slot (creator decides)
+  std::size_t slot_bytes = 256 << 10;    // per rank per collective slot (creator decides)
   std::size_t chan_bytes = 256 << 10;    // per send/recv ring slot (creator decides)
   std::size_t oneshot_bytes = 64 << 10;  // all_reduce one-shot threshold (creator decides)
   Simd simd = Simd::scalar;              // this rank's reduction code path
-  int spin_iters = -1;                   // spins before yielding; -1: default_spin_iters(size)
+  int spin_us = -1;                      // spin before sleeping on a flag; -1: default_spin_us(size)
 };
 
 class Group {
@@ -90,9 +90,9 @@ class Group {
   void one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op);
   void two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op);
 
-  // Waits until ready() holds; on timeout or a peer's abort, throws (see class comment).
+  // Waits until ready(flag value) holds; on timeout or a peer's abort, throws (see class comment).
   template <typename Ready, typename Describe>
-  void wait_until(Ready ready, Op& op, Describe waiting_for);
+  void wait_flag(Flag& flag, Ready ready, Op& op, Describe waiting_for);
   void check_usable(const Op& op);
   void check_abort(const Op& op);
   [[noreturn]] void timed_out(const Op& op, const std::string& waiting_for);
@@ -107,9 +107,9 @@ class Group {
   Layout layout_;
   std::size_t oneshot_bytes_;
   Simd simd_;
-  int spin_iters_;
+  int spin_us_;
 
-  std::uint64_t epoch_ = 0;  // barriers passed
+  std::uint32_t epoch_ = 0;  // barriers passed (wraps, like the flags)
   std::uint64_t step_ = 0;   // collective slots used (parity = step & 1)
   std::mutex coll_mu_;
   std::vector<std::mutex> send_mu_;  // per destination

@@ -23,14 +23,29 @@ struct Group::Op {
   std::size_t chunks = 1;
 };
 
+// Longest single sleep: how late a rank notices a peer's abort or its own deadline.
+constexpr long long kSleepSliceNs = 50'000'000;
+
 template <typename Ready, typename Describe>
-void Group::wait_until(Ready ready, Op& op, Describe waiting_for) {
-  Backoff backoff(spin_iters_);
-  while (!ready()) {
-    if (backoff.pause()) {
-      check_abort(op);
-      if (op.deadline.passed()) timed_out(op, waiting_for());
+void Group::wait_flag(Flag& flag, Ready ready, Op& op, Describe waiting_for) {
+  std::uint32_t seen = flag.value.load(std::memory_order_acquire);
+  if (ready(seen)) return;
+  if (spin_us_ > 0) {
+    const auto spin_end = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+    for (unsigned i = 1;; ++i) {
+      cpu_relax();
+      seen = flag.value.load(std::memory_order_acquire);
+      if (ready(seen)) return;
+      if ((i & 63) == 0 && std::chrono::steady_clock::now() >= spin_end) break;
     }
+  }
+  for (;;) {
+    check_abort(op);
+    const long long left = op.deadline.remaining_ns();
+    if (left == 0) timed_out(op, waiting_for());
+    sleep_on(flag, seen, static_cast<long>(left < kSleepSliceNs ? left : kSleepSliceNs));
+    seen = flag.value.load(std::memory_order_acquire);
+    if (ready(seen)) return;
   }
 }
 

@@ -1,7 +1,7 @@
 // Where everything lives inside a group's shared-memory segment.
 //
 //   Header                       one page: sizes, attach count, abort flag, rank pids
-//   Flag arrive[size]            per rank: how many barriers it has arrived at
+//   Flag arrive[size]            per rank: how many barriers it has arrived at (wrapping)
 //   ChanCtl chan[size*(size-1)]  per ordered pair (src, dst): chunks sent and consumed
 //   coll[size][2][slot_bytes]    per rank: two collective slots (double buffering)
 //   ring[size*(size-1)][2][chan_bytes]  per ordered pair: the send/recv ring
@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "shm/reduce.h"
+#include "shm/wait.h"
 
 namespace plait::shm {
 
@@ -27,8 +28,8 @@ constexpr int kCollSlots = 2;
 constexpr int kChanSlots = 2;
 constexpr std::size_t kReasonBytes = 512;
 
-static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "shared-memory flags need lock-free 64-bit atomics");
 static_assert(std::atomic<std::int32_t>::is_always_lock_free, "shared-memory flags need lock-free 32-bit atomics");
+static_assert(kLine == kFlagBlock, "flags fill one block each");
 
 struct Header {
   std::uint64_t magic;
@@ -45,16 +46,12 @@ struct Header {
   char abort_reason[kReasonBytes];        // written before abort_rank is published
 };
 
-struct alignas(kLine) Flag {
-  std::atomic<std::uint64_t> value;
-};
-
-// One direction of a send/recv channel. `sent` and `msg_bytes` are written by the sender,
-// `consumed` by the receiver, each on its own cache block.
+// One direction of a send/recv channel: `sent` and `msg_bytes` are written by the sender,
+// `consumed` by the receiver, each in its own cache block.
 struct ChanCtl {
-  alignas(kLine) std::atomic<std::uint64_t> sent;  // chunks published
-  std::uint64_t msg_bytes[kChanSlots];              // total size of the message each slot's chunk belongs to
-  alignas(kLine) std::atomic<std::uint64_t> consumed;  // chunks copied out
+  Flag sent;      // chunks published (wraps around; compared as distances)
+  Flag consumed;  // chunks copied out
+  alignas(kLine) std::uint64_t msg_bytes[kChanSlots];  // total size of the message each slot's chunk is part of
 };
 
 // Byte offsets of the regions for a given group size and slot sizes.

@@ -1,26 +1,46 @@
-// Deadline and Backoff (see wait.h).
+// Flag publishing and sleeping (futex on Linux), Deadline, spin budget (see wait.h).
 #include "shm/wait.h"
 
 #include <sched.h>
 #include <time.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
+#include <climits>
 #include <stdexcept>
 
 namespace plait::shm {
-namespace {
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
+void publish(Flag& flag, std::uint32_t value) {
+  // seq_cst store, then seq_cst load of waiters; a waiter increments waiters, then reloads
+  // value (both seq_cst). In the single total order one of the two sees the other, so a
+  // waiter either sees the new value or is seen here and woken. The kernel's own
+  // compare of the futex word closes the gap between its reload and its sleep.
+  flag.value.store(value, std::memory_order_seq_cst);
+  if (flag.waiters.load(std::memory_order_seq_cst) != 0) {
+#if defined(__linux__)
+    syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&flag.value), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
 #endif
+  }
 }
 
-constexpr auto kYieldPhase = std::chrono::milliseconds(2);  // then nap
-constexpr long kNapNs = 20'000;
-
-}  // namespace
+void sleep_on(Flag& flag, std::uint32_t seen, long max_ns) {
+  if (max_ns <= 0) return;
+  flag.waiters.fetch_add(1, std::memory_order_seq_cst);
+  if (flag.value.load(std::memory_order_seq_cst) == seen) {
+#if defined(__linux__)
+    const timespec slice{max_ns / 1'000'000'000L, max_ns % 1'000'000'000L};
+    syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&flag.value), FUTEX_WAIT, seen, &slice, nullptr, 0);
+#else
+    const timespec nap{0, max_ns < 50'000L ? max_ns : 50'000L};
+    nanosleep(&nap, nullptr);
+#endif
+  }
+  flag.waiters.fetch_sub(1, std::memory_order_seq_cst);
+}
 
 Deadline::Deadline(double timeout_s) : start_(std::chrono::steady_clock::now()), timeout_s_(timeout_s) {
   if (!(timeout_s > 0)) throw std::invalid_argument("timeout must be a positive number of seconds");
@@ -32,31 +52,16 @@ double Deadline::elapsed_s() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
 }
 
-bool Backoff::pause() {
-  if (iters_ < spin_iters_) {
-    ++iters_;
-    cpu_relax();
-    return (iters_ & 255) == 0;
-  }
-  const auto now = std::chrono::steady_clock::now();
-  if (iters_ == spin_iters_) {
-    ++iters_;
-    slow_since_ = now;
-  }
-  if (now - slow_since_ < kYieldPhase) {
-    sched_yield();
-  } else {
-    const timespec nap{0, kNapNs};
-    nanosleep(&nap, nullptr);
-  }
-  return true;
+long long Deadline::remaining_ns() const {
+  const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(end_ - std::chrono::steady_clock::now());
+  return left.count() > 0 ? left.count() : 0;
 }
 
-int default_spin_iters(int ranks) {
+int default_spin_us(int ranks) {
   cpu_set_t cpus;
   CPU_ZERO(&cpus);
   const int available = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
-  return ranks <= available ? 4000 : 0;
+  return ranks <= available ? 50 : 0;
 }
 
 }  // namespace plait::shm

@@ -39,7 +39,7 @@ def same_host_or_raise(comm: TorchCommunicator, where: str) -> None:
                         f"or 'auto', which picks per group")
 
 
-def open_group(comm: TorchCommunicator, config: ShmConfig, spin_iters: int = -1):
+def open_group(comm: TorchCommunicator, config: ShmConfig):
     """Create (group rank 0) or attach to (the others) the group's segment: a plait._C.ShmGroup."""
     _C = shm_extension()
     where = comm.describe("shm setup")
@@ -52,7 +52,7 @@ def open_group(comm: TorchCommunicator, config: ShmConfig, spin_iters: int = -1)
         if comm.rank == 0:
             try:
                 group = _C.ShmGroup.create(mine, comm.size, config.slot_bytes, config.chan_bytes,
-                                           config.oneshot_bytes, config.simd, spin_iters)
+                                           config.oneshot_bytes, config.simd, config.spin_us)
             except (_C.ShmError, ValueError) as exc:
                 error = str(exc)
         name = all_gather_text(comm, "!" + error if error else mine)[0]
@@ -60,7 +60,7 @@ def open_group(comm: TorchCommunicator, config: ShmConfig, spin_iters: int = -1)
             raise CommError(f"{where}: group rank 0 could not create the shared memory: {name[1:]}")
         if comm.rank != 0:
             try:
-                group = _C.ShmGroup.attach(name, comm.rank, comm.size, config.simd, spin_iters)
+                group = _C.ShmGroup.attach(name, comm.rank, comm.size, config.simd, config.spin_us)
             except (_C.ShmError, ValueError) as exc:
                 error = str(exc)
         outcomes = all_gather_text(comm, error)
