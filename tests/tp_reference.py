@@ -30,20 +30,25 @@ def block(t: torch.Tensor, dim: int, rank: int, parts: int) -> torch.Tensor:
     return t.chunk(parts, dim=dim)[rank]
 
 
-def check_column(case: dict, tp: int, rank: int) -> None:
-    shape, k, n, dtype = case["shape"], case["k"], case["n"], case["dtype"]
-    bias, sp, gather, act, overlap = case["bias"], case["sp"], case["gather"], case["act"], case["overlap"]
-    where = f"ColumnParallelLinear tp={tp} {case}"
-    dev = case.get("device", "cpu")
+def _dense_and_parallel(case: dict, cls, **layer_kwargs):
+    """nn.Linear and the parallel layer from one seed, plus fresh input and output-gradient data."""
+    k, n, dtype, dev = case["k"], case["n"], case["dtype"], case.get("device", "cpu")
     torch.manual_seed(case["seed"])
-    dense = nn.Linear(k, n, bias=bias, dtype=dtype, device=dev)
+    dense = nn.Linear(k, n, bias=case["bias"], dtype=dtype, device=dev)
     torch.manual_seed(case["seed"])
-    layer = plait.ColumnParallelLinear(k, n, bias=bias, gather_output=gather, sequence_parallel=sp,
-                                       activation=act, overlap=overlap, dtype=dtype, device=dev)
-    close("fresh weight", layer.weight, block(dense.weight, 0, rank, tp), dtype, where)
+    layer = cls(k, n, bias=case["bias"], sequence_parallel=case["sp"], overlap=case["overlap"], dtype=dtype,
+                device=dev, **layer_kwargs)
     gen = torch.Generator().manual_seed(case["seed"] + 1)
-    x = torch.randn(*shape, k, dtype=dtype, generator=gen).to(dev).requires_grad_()
-    dy = torch.randn(*shape, n, dtype=dtype, generator=gen).to(dev)
+    x = torch.randn(*case["shape"], k, dtype=dtype, generator=gen).to(dev).requires_grad_()
+    dy = torch.randn(*case["shape"], n, dtype=dtype, generator=gen).to(dev)
+    return dense, layer, x, dy
+
+
+def check_column(case: dict, tp: int, rank: int) -> None:
+    dtype, bias, sp, gather, act = case["dtype"], case["bias"], case["sp"], case["gather"], case["act"]
+    where = f"ColumnParallelLinear tp={tp} {case}"
+    dense, layer, x, dy = _dense_and_parallel(case, plait.ColumnParallelLinear, gather_output=gather, activation=act)
+    close("fresh weight", layer.weight, block(dense.weight, 0, rank, tp), dtype, where)
     y = apply_activation(dense(x), act)
     (y * dy).sum().backward()
 
@@ -59,19 +64,10 @@ def check_column(case: dict, tp: int, rank: int) -> None:
 
 
 def check_row(case: dict, tp: int, rank: int) -> None:
-    shape, k, n, dtype = case["shape"], case["k"], case["n"], case["dtype"]
-    bias, sp, parallel_in, overlap = case["bias"], case["sp"], case["parallel_in"], case["overlap"]
+    dtype, bias, sp, parallel_in = case["dtype"], case["bias"], case["sp"], case["parallel_in"]
     where = f"RowParallelLinear tp={tp} {case}"
-    dev = case.get("device", "cpu")
-    torch.manual_seed(case["seed"])
-    dense = nn.Linear(k, n, bias=bias, dtype=dtype, device=dev)
-    torch.manual_seed(case["seed"])
-    layer = plait.RowParallelLinear(k, n, bias=bias, input_is_parallel=parallel_in, sequence_parallel=sp,
-                                    overlap=overlap, dtype=dtype, device=dev)
+    dense, layer, x, dy = _dense_and_parallel(case, plait.RowParallelLinear, input_is_parallel=parallel_in)
     close("fresh weight", layer.weight, block(dense.weight, 1, rank, tp), dtype, where)
-    gen = torch.Generator().manual_seed(case["seed"] + 1)
-    x = torch.randn(*shape, k, dtype=dtype, generator=gen).to(dev).requires_grad_()
-    dy = torch.randn(*shape, n, dtype=dtype, generator=gen).to(dev)
     y = dense(x)
     (y * dy).sum().backward()
 

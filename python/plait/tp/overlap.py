@@ -53,6 +53,13 @@ def num_chunks(rows: int, requested: int) -> int:
     return max(1, min(requested, rows // MIN_ROWS_PER_CHUNK))
 
 
+def _save(ctx, x, x2, weight, bias, comm: Communicator, sequence_parallel: bool) -> None:
+    """What both backwards need: the 2-D input and weight, and how the forward ran."""
+    ctx.save_for_backward(x2, weight)
+    ctx.comm, ctx.sequence_parallel, ctx.has_bias = comm, sequence_parallel, bias is not None
+    ctx.x_shape = x.shape
+
+
 def _weight_grads(ctx, grad2: torch.Tensor, x2: torch.Tensor):
     grad_w = grad2.t().mm(x2) if ctx.needs_input_grad[1] else None
     grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -79,9 +86,7 @@ class _ColumnLinearOverlapped(torch.autograd.Function):
         else:
             out = torch.nn.functional.linear(x2, weight, bias)
             out_shape = (*x.shape[:-1], weight.shape[0])
-        ctx.save_for_backward(x2, weight)
-        ctx.comm, ctx.sequence_parallel, ctx.has_bias = comm, sequence_parallel, bias is not None
-        ctx.x_shape = x.shape
+        _save(ctx, x, x2, weight, bias, comm, sequence_parallel)
         return out.view(out_shape)
 
     @staticmethod
@@ -132,9 +137,7 @@ class _RowLinearOverlapped(torch.autograd.Function):
             out_shape = (*x.shape[:-1], n)
         if bias is not None:
             out.add_(bias)
-        ctx.save_for_backward(x2, weight)
-        ctx.comm, ctx.sequence_parallel, ctx.has_bias = comm, sequence_parallel, bias is not None
-        ctx.x_shape = x.shape
+        _save(ctx, x, x2, weight, bias, comm, sequence_parallel)
         return out.view(out_shape)
 
     @staticmethod
