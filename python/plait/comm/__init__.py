@@ -2,7 +2,8 @@
 
 ``Communicator.create("torch", group)`` runs on ``torch.distributed`` (NCCL on
 CUDA, gloo on CPU); ``"shm"`` runs CPU collectives between the processes of one
-host through shared memory (csrc/shm/). Every operation is bounded by a timeout
+host through shared memory (csrc/shm/); ``"auto"`` picks per group and per tensor
+(see :mod:`plait.comm.auto`). Every operation is bounded by a timeout
 (``PLAIT_TIMEOUT_S``, default 300 s) and fails with
 :class:`~plait.errors.CommTimeoutError` naming the rank, group and operation.
 """
@@ -12,11 +13,13 @@ import torch.distributed as dist
 
 from ..errors import CommError, CommTimeoutError
 from .base import Communicator, DoneHandle, Handle
+from .auto import AutoCommunicator
 from .shm_backend import ShmCommunicator
+from .shm_setup import shm_status
 from .torch_backend import TorchCommunicator, TorchHandle
 
 __all__ = ["Communicator", "Handle", "DoneHandle", "TorchCommunicator", "TorchHandle", "ShmCommunicator",
-           "CommError", "CommTimeoutError", "available_backends"]
+           "AutoCommunicator", "CommError", "CommTimeoutError", "available_backends"]
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:
@@ -28,24 +31,5 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     engines = [name for name, ok in (("nccl", dist.is_nccl_available()),
                                      ("gloo", dist.is_gloo_available())) if ok]
     result["torch"] = (bool(engines), "torch.distributed with " + (", ".join(engines) or "no engine"))
-    result["shm"] = _shm_status()
+    result["shm"] = shm_status()
     return result
-
-
-def _shm_status() -> tuple[bool, str]:
-    """Whether the shm backend can run here: plait._C built with it, and a writable /dev/shm."""
-    import os
-    import shutil
-
-    from .shm_setup import shm_extension
-
-    try:
-        _C = shm_extension()
-    except CommError as exc:
-        return False, str(exc)
-    if not os.access("/dev/shm", os.W_OK):
-        return False, "/dev/shm is missing or not writable"
-    free_mib = shutil.disk_usage("/dev/shm").free >> 20
-    return True, (f"CPU collectives through /dev/shm ({free_mib} MiB free), reductions with "
-                  f"{_C.shm_simd_levels()[-1]}")
-

@@ -66,6 +66,10 @@ class ShmCommunicator(Communicator):
         """The reduction code path this rank uses ("avx512", "avx2" or "scalar")."""
         return self._simd
 
+    def reduces(self, dtype: torch.dtype) -> bool:
+        """Whether all_reduce / reduce_scatter take ``dtype`` here (copies take any)."""
+        return dtype in self._dtype_codes
+
     def close(self) -> None:
         """Finish queued transfers and unmap the segment; later calls raise CommError."""
         self._lanes.shutdown()

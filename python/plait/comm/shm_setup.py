@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Optional
 
 from ..errors import CommError
@@ -28,6 +30,19 @@ def shm_extension():
     if not hasattr(_C, "ShmGroup"):
         raise CommError("this build of plait._C has no shared-memory collectives; rebuild plait")
     return _C
+
+
+def shm_status() -> tuple[bool, str]:
+    """Whether the shm backend can run here (plait._C built with it, /dev/shm writable), and why."""
+    try:
+        _C = shm_extension()
+    except CommError as exc:
+        return False, str(exc)
+    if not os.access("/dev/shm", os.W_OK):
+        return False, "/dev/shm is missing or not writable"
+    free_mib = shutil.disk_usage("/dev/shm").free >> 20
+    return True, (f"CPU collectives through /dev/shm ({free_mib} MiB free), reductions with "
+                  f"{_C.shm_simd_levels()[-1]}")
 
 
 def same_host_or_raise(comm: TorchCommunicator, where: str) -> None:
