@@ -18,8 +18,11 @@ data and microbatching:
 CPU: gloo, fp32, one thread per rank. GPU: NCCL, bf16, one GPU per rank (needs ``--world``
 GPUs; NCCL cannot put two ranks on one GPU). A step's time is the slowest rank's; the
 figure is the median over ``--iters`` steps after ``--warmup``. The measured bubble is
-1 - compute time / (ranks x step time) of plait's last timed step; the simulated one is
-``Schedule.simulate`` with that step's measured mean time of each action kind per stage.
+1 - compute time / (ranks x step time) of one more plait step, split in the JSON into time
+posting transfers, waiting for them and the rest; the simulated one is ``Schedule.simulate``
+with that step's measured mean time of each action kind per stage (no transfer cost). On
+CPU, plait is also timed over the shared-memory communicator (``comm=`` of the engine).
+Contenders alternate step by step, so drifting load from other processes hits all alike.
 Gradients of the two implementations are compared after one step from the same weights.
 Results go to bench/results/pipeline-*.json, Gantt charts of plait's steps to the .png
 beside it (when matplotlib is installed).
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import plait
-from plait.bench.common import results_dir, slug, device_name, write_result
+from plait.bench.common import write_result
 from plait.launch import run_ranks
 from plait.pp import build_schedule, gantt_png, measured_bubble
 
@@ -69,19 +72,25 @@ def _stage_modules(num_blocks: int, num_stages: int, hidden: int) -> list[nn.Mod
     return [nn.Sequential(*blocks[s * per:(s + 1) * per]) for s in range(num_stages)]
 
 
-def _timed(step, mesh, device, warmup: int, iters: int) -> list[float]:
+def _timed_together(steps: dict, mesh, device, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Time several step functions, alternating them every iteration so load drifts hit all alike."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(iters):
-        mesh.pp_comm.barrier()
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    slowest = mesh.pp_comm.all_reduce(torch.tensor(times, dtype=torch.float64, device=device), op="max")
-    return slowest.tolist()
+        for name, step in steps.items():
+            mesh.pp_comm.barrier()
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, values in times.items():
+        slowest = mesh.pp_comm.all_reduce(torch.tensor(values, dtype=torch.float64, device=device), op="max")
+        out[name] = slowest.tolist()
+    return out
 
 
 def _stage_costs(events, num_stages: int) -> dict:
@@ -96,6 +105,15 @@ def _stage_costs(events, num_stages: int) -> dict:
         return dict(forward=forward, backward=[mean[("B", s)] for s in range(num_stages)])
     weight = [mean[("W", s)] for s in range(num_stages)]
     return dict(forward=forward, backward=[mean[("I", s)] + w for s, w in enumerate(weight)], weight=weight)
+
+
+def _breakdown(events, world: int) -> dict:
+    """Shares of rank-time (ranks x step) spent computing, posting transfers, waiting for them, and else."""
+    span = max(e.end for e in events) - min(e.start for e in events)
+    total = {c: sum(e.end - e.start for e in events if e.category == c) / (world * span)
+             for c in ("compute", "post", "wait")}
+    total["other"] = 1.0 - sum(total.values())
+    return {k: round(v, 4) for k, v in total.items()}
 
 
 def _torch_step(schedule, rank: int, first: int, last: int, x, y):
@@ -114,6 +132,11 @@ def bench_rank(rank: int, world: int, cfg: dict) -> list[dict]:
 
     device, dtype, backend = _setup(rank, world)
     mesh = plait.init_mesh(pp=world, backend=backend)
+    shm = None
+    if device.type == "cpu" and cfg["shm"]:
+        from plait.comm import Communicator
+
+        shm = Communicator.create("shm", mesh.pp_group, name="pp-shm")
     m, hidden = cfg["microbatches"], cfg["hidden"]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(m * cfg["rows"], hidden, generator=gen).to(device, dtype)
@@ -123,46 +146,47 @@ def bench_rank(rank: int, world: int, cfg: dict) -> list[dict]:
         schedule = build_schedule(name, world, m, v)
         stages = _stage_modules(cfg["blocks"], world * v, hidden)
         mine = schedule.stages_of(rank)
-        ours = [copy.deepcopy(stages[s]).to(device, dtype) for s in mine]
-        theirs = [copy.deepcopy(stages[s]).to(device, dtype) for s in mine]
-        engine = plait.PipelineEngine(ours, mesh, schedule, loss_fn=F.mse_loss)
+        copies = {key: [copy.deepcopy(stages[s]).to(device, dtype) for s in mine]
+                  for key in ("plait", "torch", "plait_shm")}
+        engine = plait.PipelineEngine(copies["plait"], mesh, schedule, loss_fn=F.mse_loss)
+        pipe_stages = [pipelining.PipelineStage(mod, s, world * v, device, group=mesh.pp_group)
+                       for mod, s in zip(copies["torch"], mine)]
+        cls = getattr(pipelining, torch_name)
+        single = v == 1 and torch_name in ("ScheduleGPipe", "Schedule1F1B")
+        torch_schedule = cls(pipe_stages[0] if single else pipe_stages, n_microbatches=m, loss_fn=F.mse_loss)
+        torch_step = _torch_step(torch_schedule, rank, schedule.placement[0], schedule.placement[-1], x, y)
+        steps = {"plait": lambda: engine.train_step(x, y), "torch": torch_step}
+        if shm is not None:
+            shm_engine = plait.PipelineEngine(copies["plait_shm"], mesh, schedule, loss_fn=F.mse_loss, comm=shm)
+            steps["plait_shm"] = lambda: shm_engine.train_step(x, y)
 
-        def plait_step():
-            for module in ours:
-                module.zero_grad(set_to_none=True)
-            engine.train_step(x, y)
+        def zeroed(step, modules):
+            def run():
+                for module in modules:
+                    module.zero_grad(set_to_none=True)
+                step()
+            return run
 
-        plait_ms = _timed(plait_step, mesh, device, cfg["warmup"], cfg["iters"])
+        steps = {key: zeroed(step, copies[key]) for key, step in steps.items()}
+        times = _timed_together(steps, mesh, device, cfg["warmup"], cfg["iters"])
+        steps["plait"]()  # a fresh step for the timeline and the gradient check
         events = engine.gather_timeline()
         measured = measured_bubble(events, world)
         sim = schedule.simulate(**_stage_costs(events, world * v))
-
-        pipe_stages = [pipelining.PipelineStage(mod, s, world * v, device, group=mesh.pp_group)
-                       for mod, s in zip(theirs, mine)]
-        cls = getattr(pipelining, torch_name)
-        torch_schedule = cls(pipe_stages[0] if v == 1 and torch_name in ("ScheduleGPipe", "Schedule1F1B")
-                             else pipe_stages, n_microbatches=m, loss_fn=F.mse_loss)
-        step = _torch_step(torch_schedule, rank, schedule.placement[0], schedule.placement[-1], x, y)
-
-        def torch_step():
-            for module in theirs:
-                module.zero_grad(set_to_none=True)
-            step()
-
-        torch_ms = _timed(torch_step, mesh, device, cfg["warmup"], cfg["iters"])
-        plait_step()
-        torch_step()
+        steps["torch"]()
         diff = max((a.grad.float() - b.grad.float()).abs().max().item()
-                   for ma, mb in zip(ours, theirs) for a, b in zip(ma.parameters(), mb.parameters()))
+                   for ma, mb in zip(copies["plait"], copies["torch"]) for a, b in zip(ma.parameters(), mb.parameters()))
         diff = mesh.pp_comm.all_reduce(torch.tensor([diff], dtype=torch.float64, device=device), op="max").item()
-        out.append({"schedule": name, "num_virtual": v, "torch_schedule": torch_name, "backend": backend,
-                    "plait_ms": statistics.median(plait_ms), "torch_ms": statistics.median(torch_ms),
-                    "plait_times_ms": plait_ms, "torch_times_ms": torch_ms,
-                    "measured_bubble": measured["bubble_fraction"], "simulated_bubble": sim.bubble_fraction,
-                    "unit_cost_bubble": schedule.simulate().bubble_fraction,
-                    "peak_activations": engine.peak_activations, "max_grad_diff_vs_torch": diff,
-                    "events": [(e.rank, str(e.action), e.category, e.start, e.end) for e in events]
-                    if rank == 0 else None})
+        row = {"schedule": name, "num_virtual": v, "torch_schedule": torch_name, "backend": backend,
+               "plait_ms": statistics.median(times["plait"]), "torch_ms": statistics.median(times["torch"]),
+               "times_ms": times, "measured_bubble": measured["bubble_fraction"],
+               "simulated_bubble": sim.bubble_fraction, "unit_cost_bubble": schedule.simulate().bubble_fraction,
+               "time_shares": _breakdown(events, world),
+               "peak_activations": engine.peak_activations, "max_grad_diff_vs_torch": diff,
+               "events": [(e.rank, str(e.action), e.category, e.start, e.end) for e in events] if rank == 0 else None}
+        if "plait_shm" in times:
+            row["plait_shm_ms"] = statistics.median(times["plait_shm"])
+        out.append(row)
     plait.destroy_mesh()
     return out
 
@@ -178,6 +202,8 @@ def main(argv=None) -> int:
                         help="subset of " + " ".join(f"{n}/{v}" for n, v, _ in CONFIGS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--no-shm", dest="shm", action="store_false",
+                        help="CPU: do not also time plait over the shared-memory communicator")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON or PNG")
     args = parser.parse_args(argv)
     configs = [c for c in CONFIGS if f"{c[0]}/{c[1]}" in args.schedules]
@@ -193,10 +219,11 @@ def main(argv=None) -> int:
         return 2
     cfg = dict(vars(args), configs=configs)
     rows = run_ranks(bench_rank, args.world, cfg, timeout=3000)[0]
-    header = ["schedule", "v", "torch schedule", "plait ms", "torch ms", "plait/torch", "bubble measured",
-              "bubble simulated", "bubble unit costs", "peak act. rank 0", "max |grad diff|"]
+    header = ["schedule", "v", "torch schedule", "plait ms", "torch ms", "plait/torch", "plait shm ms",
+              "bubble measured", "bubble simulated", "bubble unit costs", "peak act. rank 0", "max |grad diff|"]
     table = [[r["schedule"], r["num_virtual"], r["torch_schedule"], round(r["plait_ms"], 1), round(r["torch_ms"], 1),
-              round(r["plait_ms"] / r["torch_ms"], 3), round(r["measured_bubble"], 3),
+              round(r["plait_ms"] / r["torch_ms"], 3), round(r["plait_shm_ms"], 1) if "plait_shm_ms" in r else None,
+              round(r["measured_bubble"], 3),
               round(r["simulated_bubble"], 3), round(r["unit_cost_bubble"], 3), r["peak_activations"],
               float(f"{r['max_grad_diff_vs_torch']:.2g}")] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
@@ -206,7 +233,8 @@ def main(argv=None) -> int:
         return 0
     command = "plait bench pipeline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     events = {f"{r['schedule']}/{r['num_virtual']}": r.pop("events") for r in rows}
-    path = write_result("pipeline", {"rows": rows, "table": {"columns": header, "rows": table},
+    name = "pipeline" if args.world == 4 else f"pipeline-{args.world}ranks"
+    path = write_result(name, {"rows": rows, "table": {"columns": header, "rows": table},
                                      "config": {k: v for k, v in vars(args).items() if k != "no_save"},
                                      "threads_per_rank": 1}, command.strip())
     panels = [(f"plait {key}: {r['plait_ms']:.0f} ms/step, bubble {r['measured_bubble']:.2f} measured, "

@@ -11,9 +11,10 @@ through nodes that are not (for ``nn.Linear``, its ``AddmmBackward0``)::
 
 I runs ``autograd.grad(output, stage_input)``, which executes only the input path and
 skips the weight matmuls, and captures the gradient entering each split node. W then
-runs ``autograd.grad`` from those captured gradients to the parameters, one call per
-group of split nodes sharing parameters, so it computes the weight branches only. The
-same method is used by ``torch.distributed.pipelining``; here the graph is walked once.
+runs ``autograd.backward(..., inputs=params)`` from those captured gradients, one call per
+group of split nodes sharing parameters, so it computes the weight branches only and
+autograd accumulates ``.grad`` (parameter hooks fire as usual). The same method is used by
+``torch.distributed.pipelining``; here the graph is walked once.
 
 Notes: a stage whose input needs no gradient (the first stage) does all of its backward
 in W. Parameters reached through one custom ``autograd.Function`` that computes input
@@ -141,17 +142,8 @@ def _group(split: list, below: dict, param_of: dict) -> list[tuple[list, list]]:
     return [(nodes, [param_of[n] for n in param_of if n in params]) for nodes, params in groups]
 
 
-def _accumulate(param: torch.nn.Parameter, grad: Optional[torch.Tensor]) -> None:
-    if grad is None:
-        return
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad += grad
-
-
 def backward_weight(work: WeightWork) -> None:
-    """Run W: accumulate the parameter gradients into ``.grad``; then release the graph."""
+    """Run W: accumulate the parameter gradients into ``.grad`` (hooks fire); then release the graph."""
     try:
         if work.full is not None:
             output, grad = work.full
@@ -171,12 +163,11 @@ def backward_weight(work: WeightWork) -> None:
             pins = ([node.register_prehook(lambda _, saved=work.captured.get(node): saved) for node in nodes]
                     if len(nodes) > 1 else [])
             try:
-                dweights = torch.autograd.grad(roots, [get_gradient_edge(p) for p in params], grads,
-                                               retain_graph=True, allow_unused=True)
+                # backward(inputs=params), not grad(): .grad is accumulated by autograd itself, so
+                # post-accumulate-grad hooks (data-parallel reducers) fire as after a full backward.
+                torch.autograd.backward(roots, grads, retain_graph=True, inputs=params)
             finally:
                 for pin in pins:
                     pin.remove()
-            for param, dw in zip(params, dweights):
-                _accumulate(param, dw)
     finally:
         work.clear()
