@@ -15,13 +15,14 @@ data and microbatching:
     zb1p/1         ScheduleInterleavedZeroBubble (1 stage per rank)
     zb1p/2         ScheduleInterleavedZeroBubble (2 stages per rank)
 
-CPU: gloo, fp32, one thread per rank. GPU: NCCL, bf16, one GPU per rank (needs ``--world``
-GPUs; NCCL cannot put two ranks on one GPU). A step's time is the slowest rank's; the
+CPU: fp32, one thread per rank; torch's pipelining sends over gloo, plait over its default
+transport (the "auto" communicator: shared memory on one host) and, for the same-transport
+comparison, also over gloo ("plait gloo ms"). GPU: NCCL, bf16, one GPU per rank (needs
+``--world`` GPUs; NCCL cannot put two ranks on one GPU). A step's time is the slowest rank's; the
 figure is the median over ``--iters`` steps after ``--warmup``. The measured bubble is
 1 - compute time / (ranks x step time) of one more plait step, split in the JSON into time
 posting transfers, waiting for them and the rest; the simulated one is ``Schedule.simulate``
-with that step's measured mean time of each action kind per stage (no transfer cost). On
-CPU, plait is also timed over the shared-memory communicator (``comm=`` of the engine).
+with that step's measured mean time of each action kind per stage (no transfer cost).
 Contenders alternate step by step, so drifting load from other processes hits all alike.
 Gradients of the two implementations are compared after one step from the same weights.
 Results go to bench/results/pipeline-*.json, Gantt charts of plait's steps to the .png
@@ -132,11 +133,6 @@ def bench_rank(rank: int, world: int, cfg: dict) -> list[dict]:
 
     device, dtype, backend = _setup(rank, world)
     mesh = plait.init_mesh(pp=world, backend=backend)
-    shm = None
-    if device.type == "cpu" and cfg["shm"]:
-        from plait.comm import Communicator
-
-        shm = Communicator.create("shm", mesh.pp_group, name="pp-shm")
     m, hidden = cfg["microbatches"], cfg["hidden"]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(m * cfg["rows"], hidden, generator=gen).to(device, dtype)
@@ -147,7 +143,7 @@ def bench_rank(rank: int, world: int, cfg: dict) -> list[dict]:
         stages = _stage_modules(cfg["blocks"], world * v, hidden)
         mine = schedule.stages_of(rank)
         copies = {key: [copy.deepcopy(stages[s]).to(device, dtype) for s in mine]
-                  for key in ("plait", "torch", "plait_shm")}
+                  for key in ("plait", "torch", "plait_gloo")}
         engine = plait.PipelineEngine(copies["plait"], mesh, schedule, loss_fn=F.mse_loss)
         pipe_stages = [pipelining.PipelineStage(mod, s, world * v, device, group=mesh.pp_group)
                        for mod, s in zip(copies["torch"], mine)]
@@ -156,9 +152,10 @@ def bench_rank(rank: int, world: int, cfg: dict) -> list[dict]:
         torch_schedule = cls(pipe_stages[0] if single else pipe_stages, n_microbatches=m, loss_fn=F.mse_loss)
         torch_step = _torch_step(torch_schedule, rank, schedule.placement[0], schedule.placement[-1], x, y)
         steps = {"plait": lambda: engine.train_step(x, y), "torch": torch_step}
-        if shm is not None:
-            shm_engine = plait.PipelineEngine(copies["plait_shm"], mesh, schedule, loss_fn=F.mse_loss, comm=shm)
-            steps["plait_shm"] = lambda: shm_engine.train_step(x, y)
+        if device.type == "cpu" and cfg["gloo"]:  # the default transport on CPU is "auto" (shared memory)
+            gloo_engine = plait.PipelineEngine(copies["plait_gloo"], mesh, schedule, loss_fn=F.mse_loss,
+                                               comm=mesh.pp_comm)
+            steps["plait_gloo"] = lambda: gloo_engine.train_step(x, y)
 
         def zeroed(step, modules):
             def run():
@@ -184,8 +181,8 @@ def bench_rank(rank: int, world: int, cfg: dict) -> list[dict]:
                "time_shares": _breakdown(events, world),
                "peak_activations": engine.peak_activations, "max_grad_diff_vs_torch": diff,
                "events": [(e.rank, str(e.action), e.category, e.start, e.end) for e in events] if rank == 0 else None}
-        if "plait_shm" in times:
-            row["plait_shm_ms"] = statistics.median(times["plait_shm"])
+        if "plait_gloo" in times:
+            row["plait_gloo_ms"] = statistics.median(times["plait_gloo"])
         out.append(row)
     plait.destroy_mesh()
     return out
@@ -202,8 +199,8 @@ def main(argv=None) -> int:
                         help="subset of " + " ".join(f"{n}/{v}" for n, v, _ in CONFIGS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--no-shm", dest="shm", action="store_false",
-                        help="CPU: do not also time plait over the shared-memory communicator")
+    parser.add_argument("--no-gloo", dest="gloo", action="store_false",
+                        help="CPU: do not also time plait over gloo (torch.distributed) transfers")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON or PNG")
     args = parser.parse_args(argv)
     configs = [c for c in CONFIGS if f"{c[0]}/{c[1]}" in args.schedules]
@@ -219,10 +216,10 @@ def main(argv=None) -> int:
         return 2
     cfg = dict(vars(args), configs=configs)
     rows = run_ranks(bench_rank, args.world, cfg, timeout=3000)[0]
-    header = ["schedule", "v", "torch schedule", "plait ms", "torch ms", "plait/torch", "plait shm ms",
+    header = ["schedule", "v", "torch schedule", "plait ms", "torch ms", "plait/torch", "plait gloo ms",
               "bubble measured", "bubble simulated", "bubble unit costs", "peak act. rank 0", "max |grad diff|"]
     table = [[r["schedule"], r["num_virtual"], r["torch_schedule"], round(r["plait_ms"], 1), round(r["torch_ms"], 1),
-              round(r["plait_ms"] / r["torch_ms"], 3), round(r["plait_shm_ms"], 1) if "plait_shm_ms" in r else None,
+              round(r["plait_ms"] / r["torch_ms"], 3), round(r["plait_gloo_ms"], 1) if "plait_gloo_ms" in r else None,
               round(r["measured_bubble"], 3),
               round(r["simulated_bubble"], 3), round(r["unit_cost_bubble"], 3), r["peak_activations"],
               float(f"{r['max_grad_diff_vs_torch']:.2g}")] for r in rows]

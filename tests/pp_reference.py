@@ -124,13 +124,18 @@ def v_shape_schedule(m: int):
     return plait.pp.parse_schedule(text)
 
 
-def engine_cases(rank: int, world: int) -> dict:
-    """Every schedule for p=world, m in {1, 2, 4, 8}; on p=2 also float32, sum, user schedules."""
+def engine_cases(rank: int, world: int, transport: str) -> dict:
+    """Every schedule for p=world, m in {1, 2, 4, 8}; on p=2 also float32, sum, user schedules.
+
+    ``transport`` "torch": transfers over mesh.pp_comm (gloo); "auto": the engine's default
+    (shared memory on one host).
+    """
     mesh = plait.init_mesh(pp=world)
+    comm = mesh.pp_comm if transport == "torch" else None
     count = 0
     for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb1p", 1), ("zb1p", 2)):
         for m in (1, 2, 4, 8):
-            count += check_schedule(mesh, plait.pp.build_schedule(name, world, m, v),
+            count += check_schedule(mesh, plait.pp.build_schedule(name, world, m, v), comm=comm,
                                     seqs=(3, 3, 5) if m == 4 else (3,))
     peaks = {}
     if world == 2:
@@ -142,7 +147,7 @@ def engine_cases(rank: int, world: int) -> dict:
         count += check_schedule(mesh, plait.pp.parse_schedule(lowered.to_text()), label="zb1p from text")
         shm = Communicator.create("shm", mesh.pp_group, name="pp-shm")
         count += check_schedule(mesh, plait.pp.build_schedule("zb1p", 2, 4), comm=shm, label="zb1p over shm")
-        count += check_schedule(mesh, plait.pp.build_schedule("interleaved", 2, 4, 2), comm=shm, label="i1f1b shm")
+        count += check_schedule(mesh, plait.pp.build_schedule("interleaved", 2, 4, 2), label="i1f1b auto")
         peaks = activation_peaks(mesh)
         events = timeline(mesh)
     plait.destroy_mesh()
@@ -260,16 +265,17 @@ def bad_input_cases(rank: int, world: int) -> list[str]:
     return messages
 
 
-def dead_peer(rank: int, world: int, mode: str) -> str:
+def dead_peer(rank: int, world: int, mode: str, transport: str) -> str:
     """Rank 1 stops taking part after one step (``mode``: "hang" sleeps, "exit" ends its process)."""
     mesh = plait.init_mesh(pp=world)
     stages = make_stages(world, torch.float64)
-    engine = plait.PipelineEngine([stages[rank]], mesh, "1f1b", num_microbatches=2, loss_fn=F.mse_loss)
+    engine = plait.PipelineEngine([stages[rank]], mesh, "1f1b", num_microbatches=2, loss_fn=F.mse_loss,
+                                  comm=mesh.pp_comm if transport == "torch" else None)
     x, y = batch(world, 4, 2, torch.float64, seed=1)
     engine.train_step(x, y)
     if rank == 1:
         if mode == "hang":
-            time.sleep(float(os.environ["PLAIT_TIMEOUT_S"]) + 4)
+            time.sleep(float(os.environ["PLAIT_TIMEOUT_S"]) + 1.5)
         return "stopped"
     start = time.monotonic()
     try:

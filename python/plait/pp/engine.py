@@ -31,6 +31,7 @@ identical on every pipeline rank (with data parallelism, per replica).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -45,6 +46,20 @@ from .schedules import build_schedule
 from .timeline import Event, Recorder, gather_events
 
 TRAIN, EVAL = 0, 1
+_P2P_COMMS: dict[int, Communicator] = {}  # id(mesh) -> its default P2P communicator on CPU
+
+
+def default_p2p_comm(mesh) -> Communicator:
+    """The engine's default transport: on CPU one "auto" communicator per mesh, made on first
+    use (collective over the PP group) and shared by its engines; else ``mesh.pp_comm``."""
+    if mesh.device.type != "cpu" or mesh.pp == 1:
+        return mesh.pp_comm
+    comm = _P2P_COMMS.get(id(mesh))
+    if comm is None:
+        comm = Communicator.create("auto", mesh.pp_group, name="pp")
+        _P2P_COMMS[id(mesh)] = comm
+        weakref.finalize(mesh, _P2P_COMMS.pop, id(mesh), None)
+    return comm
 _MODE_NAMES = {TRAIN: "train_step", EVAL: "eval_step"}
 
 
@@ -62,9 +77,10 @@ class PipelineEngine:
         loss_reduction: ``"mean"`` or ``"sum"`` (table above).
         record_timeline: keep each step's per-action times (``engine.timeline``).
         track_memory: count bytes saved for backward (``engine.activation_bytes_peak``).
-        comm: the Communicator for the point-to-point transfers along the PP axis
-            (default ``mesh.pp_comm``, torch ``isend``/``irecv``); e.g.
-            ``Communicator.create("shm", mesh.pp_group)`` for CPU ranks on one host.
+        comm: the Communicator for the point-to-point transfers along the PP axis. Default:
+            on CPU one ``Communicator.create("auto", mesh.pp_group)`` per mesh (shared memory
+            when the ranks share a host, else gloo); on CUDA ``mesh.pp_comm`` (NCCL
+            ``isend``/``irecv``). Pass ``mesh.pp_comm`` to force torch.distributed.
 
     All arguments are checked on construction, on every rank alike, so a mistake is a
     ValueError everywhere before any communication.
@@ -98,7 +114,7 @@ class PipelineEngine:
         self.first_rank, self.last_rank = self.schedule.placement[0], self.schedule.placement[-1]
         self.program = self.schedule.lower().actions[self.rank]
         self.eval_program = self.schedule.forward_only().lower().actions[self.rank]
-        comm = mesh.pp_comm if comm is None else comm
+        comm = default_p2p_comm(mesh) if comm is None else comm
         if not isinstance(comm, Communicator) or comm.size != mesh.pp or comm.rank != mesh.pp_rank:
             raise ValueError(f"comm must be a plait Communicator over this rank's PP group (size {mesh.pp}, "
                              f"rank {mesh.pp_rank}), e.g. Communicator.create('shm', mesh.pp_group); got {comm!r}")
