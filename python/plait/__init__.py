@@ -4,17 +4,41 @@
     mesh = plait.init_mesh(dp=2, pp=2, tp=2)
     layer = plait.ColumnParallelLinear(1024, 4096, activation="gelu")
 
-The compiled extension ``plait._C`` and the Triton kernels ``plait.kernels`` are
-imported on demand, so the pure-Python parts work without them.
+Names are imported on first use (PEP 562), so ``plait plan`` and other torch-free
+tools start without paying for ``import torch``. The compiled extension
+``plait._C`` and the Triton kernels ``plait.kernels`` are likewise on demand,
+so the pure-Python parts work without them.
 """
-from . import comm, plan, pp, tp
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import CommError, CommTimeoutError, PlaitError
-from .mesh import ParallelMesh, current_mesh, destroy_mesh, init_mesh
-from .pp import PipelineEngine
-from .tp import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 __version__ = "0.1.0"
 
-__all__ = ["init_mesh", "current_mesh", "destroy_mesh", "ParallelMesh", "ColumnParallelLinear",
-           "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
-           "CommError", "CommTimeoutError", "PlaitError", "comm", "plan", "pp", "tp", "PipelineEngine", "__version__"]
+# public name -> submodule that defines it
+_LAZY_NAMES = {
+    "init_mesh": "mesh", "current_mesh": "mesh", "destroy_mesh": "mesh", "ParallelMesh": "mesh",
+    "ColumnParallelLinear": "tp", "RowParallelLinear": "tp", "VocabParallelEmbedding": "tp",
+    "vocab_parallel_cross_entropy": "tp", "PipelineEngine": "pp",
+}
+_SUBMODULES = ("comm", "dp", "models", "plan", "pp", "tp", "launch", "mesh")
+
+__all__ = [*_LAZY_NAMES, *_SUBMODULES, "CommError", "CommTimeoutError", "PlaitError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'plait' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
