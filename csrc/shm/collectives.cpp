@@ -49,41 +49,62 @@ void Group::all_reduce(void* data, std::size_t count, DType dtype, ReduceOp op_k
 
 // Every rank publishes its whole input, then reduces all inputs (its own from its tensor).
 void Group::one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op) {
-  const int parity = next_parity();
-  std::memcpy(slot(rank_, parity), data, count * dtype_size(dtype));
+  const int index = next_slot();
+  std::memcpy(slot(rank_, index), data, count * dtype_size(dtype));
   arrive_and_wait(op);
   const void* srcs[kMaxRanks];
-  for (int j = 0; j < size_; ++j) srcs[j] = j == rank_ ? data : slot(j, parity);
+  for (int j = 0; j < size_; ++j) srcs[j] = j == rank_ ? data : slot(j, index);
   reduce(simd_, dtype, op_kind, ReduceArgs{data, nullptr, srcs, size_, count});
 }
 
-// Per chunk: publish every slice but our own; reduce our slice (into the tensor and our
-// slot); barrier; copy the other ranks' reduced slices from their slots.
+// Per chunk: publish every slice but our own (copy-in), reduce our slice from our tensor
+// and the others' slots into the tensor and our slot, then copy the others' reduced
+// slices (gather). Pipelined: chunk c+1's copy-in shares the barrier that publishes
+// chunk c's reduced slices, so each chunk costs one barrier (see group.h for why three
+// slots make that safe).
 void Group::two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op) {
   const std::size_t es = dtype_size(dtype);
   const std::size_t chunk_elems = layout_.slot_bytes / es;
   op.chunks = ceil_div(count, chunk_elems);
+  struct Chunk {
+    char* data;         // the chunk in the tensor
+    std::size_t len;    // elements
+    std::size_t slice;  // slice length: equal, 32-element aligned, the last ones shorter
+    int index;          // the slot it uses
+    std::size_t begin(int j) const { return std::min(len, j * slice); }
+    std::size_t end(int j) const { return std::min(len, (j + 1) * slice); }
+  };
+  auto chunk_at = [&](std::size_t c) {
+    const std::size_t len = std::min(chunk_elems, count - c * chunk_elems);
+    return Chunk{data + c * chunk_elems * es, len, ceil_div(ceil_div(len, size_), 32) * 32, next_slot()};
+  };
+  auto copy_in = [&](const Chunk& k) {
+    char* mine = slot(rank_, k.index);
+    std::memcpy(mine, k.data, k.begin(rank_) * es);
+    std::memcpy(mine + k.end(rank_) * es, k.data + k.end(rank_) * es, (k.len - k.end(rank_)) * es);
+  };
   const void* srcs[kMaxRanks];
+  Chunk current = chunk_at(0);
+  copy_in(current);
+  arrive_and_wait(op);
   for (op.chunk = 0; op.chunk < op.chunks; ++op.chunk) {
-    const std::size_t c0 = op.chunk * chunk_elems;
-    const std::size_t len = std::min(chunk_elems, count - c0);
-    // Slice j of the chunk is [begin(j), end(j)): equal, 32-element aligned, the last ones shorter.
-    const std::size_t slice = ceil_div(ceil_div(len, size_), 32) * 32;
-    auto begin = [&](int j) { return std::min(len, j * slice); };
-    auto end = [&](int j) { return std::min(len, (j + 1) * slice); };
-    char* chunk = data + c0 * es;
-    const int parity = next_parity();
-    char* mine = slot(rank_, parity);
-    std::memcpy(mine, chunk, begin(rank_) * es);
-    std::memcpy(mine + end(rank_) * es, chunk + end(rank_) * es, (len - end(rank_)) * es);
-    arrive_and_wait(op);
-    const std::size_t b = begin(rank_);
-    for (int j = 0; j < size_; ++j) srcs[j] = j == rank_ ? chunk + b * es : slot(j, parity) + b * es;
-    reduce(simd_, dtype, op_kind, ReduceArgs{chunk + b * es, mine + b * es, srcs, size_, end(rank_) - b});
+    const std::size_t b = current.begin(rank_);
+    char* mine = slot(rank_, current.index) + b * es;
+    for (int j = 0; j < size_; ++j) srcs[j] = j == rank_ ? current.data + b * es : slot(j, current.index) + b * es;
+    reduce(simd_, dtype, op_kind, ReduceArgs{current.data + b * es, mine, srcs, size_, current.end(rank_) - b});
+    const bool more = op.chunk + 1 < op.chunks;
+    Chunk next{};
+    if (more) {
+      next = chunk_at(op.chunk + 1);
+      copy_in(next);
+    }
     arrive_and_wait(op);
     for (int j = 0; j < size_; ++j) {
-      if (j != rank_) std::memcpy(chunk + begin(j) * es, slot(j, parity) + begin(j) * es, (end(j) - begin(j)) * es);
+      if (j == rank_) continue;
+      const std::size_t at = current.begin(j) * es;
+      std::memcpy(current.data + at, slot(j, current.index) + at, (current.end(j) - current.begin(j)) * es);
     }
+    if (more) current = next;
   }
 }
 
@@ -103,13 +124,13 @@ void Group::all_gather(const void* in, void* out, std::size_t bytes_per_rank, st
   for (op.chunk = 0; op.chunk < op.chunks; ++op.chunk) {
     const std::size_t b0 = op.chunk * layout_.slot_bytes;
     const std::size_t b1 = std::min(bytes_per_rank, b0 + layout_.slot_bytes);
-    const int parity = next_parity();
+    const int index = next_slot();
     if (size_ > 1) {
-      std::memcpy(slot(rank_, parity), src + b0, b1 - b0);
+      std::memcpy(slot(rank_, index), src + b0, b1 - b0);
       arrive_and_wait(op);
     }
     for (int j = 0; j < size_; ++j) {
-      const char* from = j == rank_ ? src + b0 : slot(j, parity);
+      const char* from = j == rank_ ? src + b0 : slot(j, index);
       for_each_run(inner, size_, j, b0, b1, [&](std::size_t at, std::size_t off, std::size_t n) {
         std::memcpy(dst + at, from + off, n);
       });
@@ -141,8 +162,8 @@ void Group::reduce_scatter(const void* in, void* out, std::size_t count_per_rank
     const std::size_t e0 = op.chunk * chunk_elems;
     const std::size_t e1 = std::min(count_per_rank, e0 + chunk_elems);
     const std::size_t len = e1 - e0;
-    const int parity = next_parity();
-    char* mine = slot(rank_, parity);
+    const int index = next_slot();
+    char* mine = slot(rank_, index);
     for (int b = 0; b < size_; ++b) {
       if (b == rank_) continue;
       for_each_run(inner, size_, b, e0, e1, [&](std::size_t at, std::size_t off, std::size_t n) {
@@ -152,7 +173,7 @@ void Group::reduce_scatter(const void* in, void* out, std::size_t count_per_rank
     if (size_ > 1) arrive_and_wait(op);
     for_each_run(inner, size_, rank_, e0, e1, [&](std::size_t at, std::size_t off, std::size_t n) {
       for (int j = 0; j < size_; ++j) {
-        srcs[j] = j == rank_ ? src + at * es : slot(j, parity) + (rank_ * len + off) * es;
+        srcs[j] = j == rank_ ? src + at * es : slot(j, index) + (rank_ * len + off) * es;
       }
       reduce(simd_, dtype, op_kind, ReduceArgs{dst + (e0 + off) * es, nullptr, srcs, size_, n});
     });
@@ -173,10 +194,10 @@ void Group::broadcast(void* data, std::size_t bytes, int src, double timeout_s) 
   for (op.chunk = 0; op.chunk < op.chunks; ++op.chunk) {
     const std::size_t b0 = op.chunk * layout_.slot_bytes;
     const std::size_t n = std::min(bytes - b0, layout_.slot_bytes);
-    const int parity = next_parity();
-    if (rank_ == src) std::memcpy(slot(src, parity), buf + b0, n);
+    const int index = next_slot();
+    if (rank_ == src) std::memcpy(slot(src, index), buf + b0, n);
     arrive_and_wait(op);
-    if (rank_ != src) std::memcpy(buf + b0, slot(src, parity), n);
+    if (rank_ != src) std::memcpy(buf + b0, slot(src, index), n);
   }
 }
 

@@ -89,6 +89,7 @@ Group::Group(Segment segment, std::string name, int rank, const Layout& layout, 
       oneshot_bytes_(reinterpret_cast<Header*>(segment_.data())->oneshot_bytes),
       simd_(options.simd),
       spin_us_(options.spin_us >= 0 ? options.spin_us : default_spin_us(layout.size)),
+      spin_budget_us_(spin_us_),
       send_mu_(layout.size),
       recv_mu_(layout.size) {}
 
@@ -102,8 +103,8 @@ ChanCtl* Group::chan(int src, int dst) const {
   return reinterpret_cast<ChanCtl*>(segment_.data() + layout_.chan_ctl_off) + layout_.pair(src, dst);
 }
 
-char* Group::slot(int rank, int parity) const {
-  return segment_.data() + layout_.coll_off + (static_cast<std::size_t>(rank) * kCollSlots + parity) * layout_.slot_bytes;
+char* Group::slot(int rank, int index) const {
+  return segment_.data() + layout_.coll_off + (static_cast<std::size_t>(rank) * kCollSlots + index) * layout_.slot_bytes;
 }
 
 char* Group::ring(int src, int dst, std::uint64_t chunk) const {

@@ -3,17 +3,21 @@
 // Collectives (every rank calls them in the same order with the same sizes):
 //   all_reduce      in place; one-shot up to oneshot_bytes (every rank reduces every
 //                   rank's input, in rank order), else two-shot (rank r reduces slice r
-//                   of each chunk, then every rank gathers the slices). Both reduce in
-//                   rank order 0..n-1, so all ranks get bitwise the same result.
+//                   of each chunk, then every rank gathers the slices), pipelined so a
+//                   chunk costs one barrier. Both reduce in rank order 0..n-1, so all
+//                   ranks get bitwise the same result.
 //   all_gather      rank j's input lands in block j of the output, viewed as
 //                   [outer][size][bytes_per_rank/outer] (outer > 1 gathers along an inner dim).
 //   reduce_scatter  input viewed as [outer][size][inner]; rank r gets block r, reduced.
 //   broadcast       rank src's data to every rank.
 //   barrier
-// Messages larger than a slot go in chunks. Each chunk alternates between a rank's two
-// slots and contains at least one barrier after its writes, so a slot is rewritten only
-// after every rank has passed a later barrier, i.e. finished reading it: back-to-back
-// calls need no extra synchronisation.
+// Messages larger than a slot go in chunks. Each step (a chunk, or a small call) takes
+// the next of a rank's three slots in turn; a step's data is read only between the
+// barrier that follows its writes and the next barrier the reader arrives at, and a
+// slot is rewritten only after the writer passed a barrier that every rank reached
+// after those reads. So back-to-back calls need no extra synchronisation; the third
+// slot is what lets the pipelined two-shot write chunk c+1 before the barrier that
+// releases the reads of chunk c.
 //
 // send/recv: one ring of two slots per ordered pair of ranks, independent of the
 // collectives and of other pairs; a send and its recv must have the same size.
@@ -82,9 +86,9 @@ class Group {
   Header* header() const { return reinterpret_cast<Header*>(segment_.data()); }
   Flag* arrive(int rank) const;
   ChanCtl* chan(int src, int dst) const;
-  char* slot(int rank, int parity) const;
+  char* slot(int rank, int index) const;
   char* ring(int src, int dst, std::uint64_t chunk) const;
-  int next_parity() { return static_cast<int>(step_++ & 1); }
+  int next_slot() { return static_cast<int>(step_++ % kCollSlots); }
 
   void arrive_and_wait(Op& op);
   void one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op);
@@ -107,10 +111,11 @@ class Group {
   Layout layout_;
   std::size_t oneshot_bytes_;
   Simd simd_;
-  int spin_us_;
+  int spin_us_;                          // most a wait spins before sleeping
+  std::atomic<int> spin_budget_us_{0};   // what it spins now (adaptive, see group_impl.h)
 
   std::uint32_t epoch_ = 0;  // barriers passed (wraps, like the flags)
-  std::uint64_t step_ = 0;   // collective slots used (parity = step & 1)
+  std::uint64_t step_ = 0;   // collective slots used (slot index = step % kCollSlots)
   std::mutex coll_mu_;
   std::vector<std::mutex> send_mu_;  // per destination
   std::vector<std::mutex> recv_mu_;  // per source

@@ -3,7 +3,7 @@
 //   Header                       one page: sizes, attach count, abort flag, rank pids
 //   Flag arrive[size]            per rank: how many barriers it has arrived at (wrapping)
 //   ChanCtl chan[size*(size-1)]  per ordered pair (src, dst): chunks sent and consumed
-//   coll[size][2][slot_bytes]    per rank: two collective slots (double buffering)
+//   coll[size][3][slot_bytes]    per rank: three collective slots (used in turn)
 //   ring[size*(size-1)][2][chan_bytes]  per ordered pair: the send/recv ring
 //
 // Each flag sits on its own 128-byte block so ranks spinning on one never share a cache
@@ -24,7 +24,7 @@ constexpr std::uint32_t kVersion = 1;
 constexpr std::size_t kLine = 128;
 constexpr std::size_t kPage = 4096;
 constexpr int kMaxRanks = kMaxSources;
-constexpr int kCollSlots = 2;
+constexpr int kCollSlots = 3;
 constexpr int kChanSlots = 2;
 constexpr std::size_t kReasonBytes = 512;
 

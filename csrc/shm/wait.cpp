@@ -61,7 +61,7 @@ int default_spin_us(int ranks) {
   cpu_set_t cpus;
   CPU_ZERO(&cpus);
   const int available = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
-  return ranks <= available ? 50 : 0;
+  return ranks <= available ? 20 : 0;
 }
 
 }  // namespace plait::shm

@@ -48,7 +48,7 @@ class Deadline {
   double timeout_s_;
 };
 
-// Microseconds to spin before sleeping: some when every rank of a group of `ranks` can
+// Most microseconds to spin before sleeping: 20 when every rank of a group of `ranks` can
 // have its own CPU, else none (spinning would only delay the rank we wait for).
 int default_spin_us(int ranks);
 

@@ -9,7 +9,7 @@ PLAIT_SHM_CHANNEL_BYTES    256 KiB      one send/recv ring slot per ordered rank
 PLAIT_SHM_ONESHOT_BYTES    64 KiB       all_reduce up to this size is one-shot, above two-shot
 PLAIT_SHM_SIMD             auto         reduction code path: auto, avx512, avx2 or scalar
 PLAIT_SHM_SPIN_US          auto         microseconds a waiting rank spins before it sleeps
-                                        on the flag (auto: 50, or 0 with more ranks than CPUs)
+                                        on the flag (auto: up to 20, adapting; 0 with more ranks than CPUs)
 PLAIT_SHM_JOB              creator pid  job token in segment names (/dev/shm/plait-JOB-...)
 =========================  ===========  ====================================================
 
