@@ -20,9 +20,11 @@ transport (the "auto" communicator: shared memory on one host) and, for the same
 comparison, also over gloo ("plait gloo ms"). GPU: NCCL, bf16, one GPU per rank (needs
 ``--world`` GPUs; NCCL cannot put two ranks on one GPU). A step's time is the slowest rank's; the
 figure is the median over ``--iters`` steps after ``--warmup``. The measured bubble is
-1 - compute time / (ranks x step time) of one more plait step, split in the JSON into time
-posting transfers, waiting for them and the rest; the simulated one is ``Schedule.simulate``
-with that step's measured mean time of each action kind per stage (no transfer cost).
+1 - compute time / (ranks x step time), averaged over ``--timeline-steps`` more plait steps
+(the last one's time is split in the JSON into posting transfers, waiting and the rest); the simulated one is ``Schedule.simulate``
+with that step's measured mean time of each action kind per stage, once with compute alone
+and once charging each action the time spent posting its transfers plus a measured
+transfer latency (``p2p``: median time from a send's post to the end of the wait for it).
 Contenders alternate step by step, so drifting load from other processes hits all alike.
 Gradients of the two implementations are compared after one step from the same weights.
 Results go to bench/results/pipeline-*.json, Gantt charts of plait's steps to the .png
@@ -94,18 +96,48 @@ def _timed_together(steps: dict, mesh, device, warmup: int, iters: int) -> dict[
     return out
 
 
-def _stage_costs(events, num_stages: int) -> dict:
-    """Mean measured time (ms) of each action kind per stage, for the simulator."""
+def _stage_costs(events, num_stages: int, overheads: bool) -> dict:
+    """Mean measured time (ms) of each action kind per stage, for the simulator.
+
+    With ``overheads`` each compute action is charged the time its rank spent posting
+    the transfers right before it (receives) and after it (sends) as well.
+    """
+    charged: dict = {}
+    for rank in {e.rank for e in events}:
+        mine = sorted((e for e in events if e.rank == rank), key=lambda e: e.start)
+        computes = [e for e in mine if e.category == "compute"]
+        for e in computes:
+            charged[(rank, e.start)] = e.end - e.start
+        if overheads:
+            for e in (e for e in mine if e.category == "post"):
+                after = next((c for c in computes if c.start >= e.end), None)
+                before = max((c for c in computes if c.end <= e.start), key=lambda c: c.end, default=None)
+                owner = after if (e.action.kind.value.startswith("RECV") and after) or before is None else before
+                if owner is not None:
+                    charged[(rank, owner.start)] += e.end - e.start
     sums: dict = defaultdict(list)
     for e in events:
         if e.category == "compute":
-            sums[(e.action.kind.value, e.action.stage)].append((e.end - e.start) * 1e3)
+            sums[(e.action.kind.value, e.action.stage)].append(charged[(e.rank, e.start)] * 1e3)
     mean = {key: statistics.fmean(v) for key, v in sums.items()}
     forward = [mean[("F", s)] for s in range(num_stages)]
     if ("B", 0) in mean:
         return dict(forward=forward, backward=[mean[("B", s)] for s in range(num_stages)])
     weight = [mean[("W", s)] for s in range(num_stages)]
     return dict(forward=forward, backward=[mean[("I", s)] + w for s, w in enumerate(weight)], weight=weight)
+
+
+def _p2p_latency(events) -> float:
+    """Median time (ms) from a send being posted to the end of the receiver's wait for it, over the
+    transfers a receiver actually waited for: the transfer cost the simulator can add."""
+    sent = {}
+    for e in events:
+        if e.category == "post" and e.action.kind.value.startswith("SEND"):
+            step = 1 if e.action.kind.value == "SEND_F" else -1
+            sent[(e.action.kind.value[-1], e.action.stage + step, e.action.microbatch)] = e.end
+    latencies = [(e.end - sent[key]) * 1e3 for e in events if e.category == "wait" and e.end - e.start > 1e-5
+                 for key in [(e.action.kind.value[-1], e.action.stage, e.action.microbatch)] if key in sent]
+    return max(0.0, statistics.median(latencies)) if latencies else 0.0
 
 
 def _breakdown(events, world: int) -> dict:
@@ -166,18 +198,25 @@ def bench_rank(rank: int, world: int, cfg: dict) -> list[dict]:
 
         steps = {key: zeroed(step, copies[key]) for key, step in steps.items()}
         times = _timed_together(steps, mesh, device, cfg["warmup"], cfg["iters"])
-        steps["plait"]()  # a fresh step for the timeline and the gradient check
-        events = engine.gather_timeline()
-        measured = measured_bubble(events, world)
-        sim = schedule.simulate(**_stage_costs(events, world * v))
+        measured, sims, sims_full, p2ps = [], [], [], []
+        for _ in range(cfg["timeline_steps"]):  # fresh steps for the timeline (the last one also for grads)
+            steps["plait"]()
+            events = engine.gather_timeline()
+            measured.append(measured_bubble(events, world)["bubble_fraction"])
+            sims.append(schedule.simulate(**_stage_costs(events, world * v, overheads=False)).bubble_fraction)
+            p2ps.append(_p2p_latency(events))
+            sims_full.append(schedule.simulate(**_stage_costs(events, world * v, overheads=True),
+                                               p2p=p2ps[-1]).bubble_fraction)
         steps["torch"]()
         diff = max((a.grad.float() - b.grad.float()).abs().max().item()
                    for ma, mb in zip(copies["plait"], copies["torch"]) for a, b in zip(ma.parameters(), mb.parameters()))
         diff = mesh.pp_comm.all_reduce(torch.tensor([diff], dtype=torch.float64, device=device), op="max").item()
         row = {"schedule": name, "num_virtual": v, "torch_schedule": torch_name, "backend": backend,
                "plait_ms": statistics.median(times["plait"]), "torch_ms": statistics.median(times["torch"]),
-               "times_ms": times, "measured_bubble": measured["bubble_fraction"],
-               "simulated_bubble": sim.bubble_fraction, "unit_cost_bubble": schedule.simulate().bubble_fraction,
+               "times_ms": times, "measured_bubble": statistics.fmean(measured),
+               "simulated_bubble": statistics.fmean(sims), "unit_cost_bubble": schedule.simulate().bubble_fraction,
+               "simulated_bubble_with_overheads": statistics.fmean(sims_full), "p2p_latency_ms": statistics.fmean(p2ps),
+               "bubble_per_step": {"measured": measured, "simulated": sims, "simulated_with_overheads": sims_full},
                "time_shares": _breakdown(events, world),
                "peak_activations": engine.peak_activations, "max_grad_diff_vs_torch": diff,
                "events": [(e.rank, str(e.action), e.category, e.start, e.end) for e in events] if rank == 0 else None}
@@ -198,6 +237,7 @@ def main(argv=None) -> int:
     parser.add_argument("--schedules", nargs="+", default=[f"{n}/{v}" for n, v, _ in CONFIGS],
                         help="subset of " + " ".join(f"{n}/{v}" for n, v, _ in CONFIGS))
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timeline-steps", type=int, default=3, help="steps whose bubbles are averaged")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--no-gloo", dest="gloo", action="store_false",
                         help="CPU: do not also time plait over gloo (torch.distributed) transfers")
@@ -217,11 +257,13 @@ def main(argv=None) -> int:
     cfg = dict(vars(args), configs=configs)
     rows = run_ranks(bench_rank, args.world, cfg, timeout=3000)[0]
     header = ["schedule", "v", "torch schedule", "plait ms", "torch ms", "plait/torch", "plait gloo ms",
-              "bubble measured", "bubble simulated", "bubble unit costs", "peak act. rank 0", "max |grad diff|"]
+              "bubble measured", "bubble sim. (compute)", "bubble sim. (+posts, p2p)", "bubble unit costs",
+              "peak act. rank 0", "max |grad diff|"]
     table = [[r["schedule"], r["num_virtual"], r["torch_schedule"], round(r["plait_ms"], 1), round(r["torch_ms"], 1),
               round(r["plait_ms"] / r["torch_ms"], 3), round(r["plait_gloo_ms"], 1) if "plait_gloo_ms" in r else None,
               round(r["measured_bubble"], 3),
-              round(r["simulated_bubble"], 3), round(r["unit_cost_bubble"], 3), r["peak_activations"],
+              round(r["simulated_bubble"], 3), round(r["simulated_bubble_with_overheads"], 3),
+              round(r["unit_cost_bubble"], 3), r["peak_activations"],
               float(f"{r['max_grad_diff_vs_torch']:.2g}")] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
     for line in [header, *table]:
@@ -234,8 +276,8 @@ def main(argv=None) -> int:
     path = write_result(name, {"rows": rows, "table": {"columns": header, "rows": table},
                                      "config": {k: v for k, v in vars(args).items() if k != "no_save"},
                                      "threads_per_rank": 1}, command.strip())
-    panels = [(f"plait {key}: {r['plait_ms']:.0f} ms/step, bubble {r['measured_bubble']:.2f} measured, "
-               f"{r['simulated_bubble']:.2f} simulated", _events(events[key]))
+    panels = [(f"plait {key} (median step {r['plait_ms']:.0f} ms); the step drawn: bubble "
+               f"{r['measured_bubble']:.2f} measured, {r['simulated_bubble']:.2f} simulated", _events(events[key]))
               for key, r in zip(events, rows)]
     png = gantt_png(panels, path.with_suffix(".png"))
     print(f"wrote {path}" + (f" and {png}" if png else " (no PNG: pip install matplotlib)"))
