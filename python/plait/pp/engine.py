@@ -28,6 +28,16 @@ mode      loss backpropagated and returned                  equals, on the whole
 so gradients match the non-pipelined model's. Gradients accumulate into ``.grad`` like
 ``loss.backward()``; zero them between steps. The returned loss is a float64 scalar,
 identical on every pipeline rank (with data parallelism, per replica).
+
+Transfers: the schedule is lowered once (:mod:`plait.pp.lowering`), so every pair of
+ranks posts its sends and receives in one global order (they can never cross, even on
+in-order transports such as NCCL) and receives are posted early, waited for only by the
+action that needs them. Shapes and dtypes travel at the first step and whenever the
+inputs' shapes change (:mod:`plait.pp.p2p`), so sequence lengths may vary between steps.
+A microbatch's activations are released by its B (or W); ``peak_activations`` and, with
+``track_memory=True``, ``activation_bytes_peak`` report the step's high-water mark.
+Every wait is bounded (``PLAIT_TIMEOUT_S``): a dead or stuck peer becomes a
+:class:`~plait.errors.CommTimeoutError` naming the rank, the group and the pipeline action.
 """
 from __future__ import annotations
 
