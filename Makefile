@@ -91,9 +91,11 @@ demo: build
 	@echo ">> examples/demo.py"
 	@$(VPY) examples/demo.py
 
+# Benchmarks that run anywhere; gemm needs a CUDA GPU and is skipped, with a line, without one.
+BENCHES ?= tp_layers comm pipeline train plan_validation
+
 bench: build
-	@echo ">> plait bench tp_layers"
-	@$(VENV)/bin/plait bench tp_layers
+	@for name in $(BENCHES); do echo ">> plait bench $$name"; $(VENV)/bin/plait bench $$name; done
 	@if $(VPY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  echo ">> plait bench gemm --plot"; $(VENV)/bin/plait bench gemm --plot; \
 	else echo ">> plait bench gemm: skipped (needs a CUDA GPU)"; fi
