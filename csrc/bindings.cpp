@@ -11,6 +11,7 @@
 
 #include "build_info.h"
 #include "cuda/cuda_api.h"
+#include "cuda/ipc_api.h"
 #include "shm/errors.h"
 #include "shm/group.h"
 #include "shm/reduce.h"
@@ -170,6 +171,60 @@ void bind_shm(py::module_& m) {
       .def_property_readonly("segment_bytes", [](const Group& g) { return g.layout().total; });
 }
 
+// CUDA IPC communication: IpcGroup and its timeout exception. Addresses and streams are
+// integers (tensor.data_ptr(), torch.cuda.Stream.cuda_stream).
+void bind_ipc(py::module_& m) {
+  using plait::cuda::IpcGroup;
+  static py::exception<plait::cuda::IpcTimeout> timeout(m, "IpcTimeout", PyExc_TimeoutError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const plait::cuda::IpcTimeout& e) {
+      py::set_error(timeout, e.what());
+    }
+  });
+  m.attr("ipc_max_ranks") = plait::cuda::kIpcMaxRanks;
+  m.attr("ipc_user_flags") = plait::cuda::kIpcUserFlags;
+  py::class_<IpcGroup>(m, "IpcGroup",
+                       "This rank's CUDA IPC buffer and the mapped buffers of its peers. Operations are enqueued on "
+                       "the given stream; waits on the GPU are bounded by timeout_s and recorded for check().")
+      .def(py::init<int, int, int, std::size_t, std::size_t, std::size_t>(), py::arg("rank"), py::arg("size"),
+           py::arg("device"), py::arg("data_bytes"), py::arg("inbox_bytes"), py::arg("oneshot_bytes"))
+      .def("handle", [](const IpcGroup& g) { return py::bytes(g.handle()); }, "This rank's IPC handle (bytes).")
+      .def("open", [](IpcGroup& g, const std::vector<py::bytes>& handles) {
+             std::vector<std::string> raw(handles.begin(), handles.end());
+             g.open(raw);
+           }, py::arg("handles"), "Map every peer's buffer (handles in group rank order).")
+      .def("all_reduce", &IpcGroup::all_reduce, py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("op"),
+           py::arg("stream"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def("reduce_scatter", &IpcGroup::reduce_scatter, py::arg("input"), py::arg("output"),
+           py::arg("count_per_rank"), py::arg("dtype"), py::arg("op"), py::arg("stream"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("all_gather", &IpcGroup::all_gather, py::arg("input"), py::arg("output"), py::arg("bytes_per_rank"),
+           py::arg("stream"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def("broadcast", &IpcGroup::broadcast, py::arg("data"), py::arg("bytes"), py::arg("src"), py::arg("stream"),
+           py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def("barrier", &IpcGroup::barrier, py::arg("stream"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("send", &IpcGroup::send, py::arg("data"), py::arg("bytes"), py::arg("dst"), py::arg("stream"),
+           py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def("send_done", &IpcGroup::send_done, py::arg("dst"), py::arg("stream"))
+      .def("send_stream", &IpcGroup::send_stream, py::arg("dst"), "The side stream sends to dst run on.")
+      .def("recv", &IpcGroup::recv, py::arg("data"), py::arg("bytes"), py::arg("src"), py::arg("stream"),
+           py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def("flag_address", &IpcGroup::flag_address, py::arg("rank"), py::arg("index"))
+      .def("set_flag", &IpcGroup::set_flag, py::arg("rank"), py::arg("index"), py::arg("value"), py::arg("stream"))
+      .def("wait_flag", &IpcGroup::wait_flag, py::arg("index"), py::arg("value"), py::arg("stream"),
+           py::arg("timeout_s"))
+      .def("check", &IpcGroup::check, "Raise IpcTimeout if a GPU wait timed out since the last check.")
+      .def_property_readonly("rank", &IpcGroup::rank)
+      .def_property_readonly("size", &IpcGroup::size)
+      .def_property_readonly("device", &IpcGroup::device)
+      .def_property_readonly("data_bytes", &IpcGroup::data_bytes)
+      .def_property_readonly("inbox_bytes", &IpcGroup::inbox_bytes)
+      .def_property_readonly("oneshot_bytes", &IpcGroup::oneshot_bytes);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -192,4 +247,5 @@ PYBIND11_MODULE(_C, m) {
         "Smoke test: write i*3 into n device ints with a kernel, copy back, return whether all match.");
 
   bind_shm(m);
+  bind_ipc(m);
 }

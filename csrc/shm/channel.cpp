@@ -18,7 +18,8 @@ namespace {
 
 void check_peer(int peer, int rank, int size, const char* what) {
   if (peer < 0 || peer >= size || peer == rank) {
-    throw std::invalid_argument(std::string(what) + " " + std::to_string(peer) + " must be another rank of this group (0.." +
+    throw std::invalid_argument(std::string(what) + " " + std::to_string(peer) +
+                                " must be another rank of this group (0.." +
                                 std::to_string(size - 1) + ", not " + std::to_string(rank) + ")");
   }
 }

@@ -24,7 +24,9 @@ void for_each_run(std::size_t inner, int blocks, int block, std::size_t begin, s
   }
 }
 
-bool is_float(DType dtype) { return dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16 || dtype == DType::f64; }
+bool is_float(DType dtype) {
+  return dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16 || dtype == DType::f64;
+}
 
 void check_reducible(DType dtype, ReduceOp op) {
   if (op == ReduceOp::avg && !is_float(dtype)) {

@@ -46,7 +46,9 @@ std::unique_ptr<Group> Group::create(const std::string& name, int size, const Op
   h->abort_rank.store(-1, std::memory_order_relaxed);
   h->pids[0] = static_cast<std::int32_t>(::getpid());
   for (int r = 0; r < size; ++r) new (segment.data() + layout.arrive_off + r * sizeof(Flag)) Flag();
-  for (int p = 0; p < size * (size - 1); ++p) new (segment.data() + layout.chan_ctl_off + p * sizeof(ChanCtl)) ChanCtl();
+  for (int p = 0; p < size * (size - 1); ++p) {
+    new (segment.data() + layout.chan_ctl_off + p * sizeof(ChanCtl)) ChanCtl();
+  }
   h->attached.store(1, std::memory_order_release);
   std::unique_ptr<Group> group(new Group(std::move(segment), name, 0, layout, options));
   if (size == 1) group->unlink_name();
@@ -104,7 +106,8 @@ ChanCtl* Group::chan(int src, int dst) const {
 }
 
 char* Group::slot(int rank, int index) const {
-  return segment_.data() + layout_.coll_off + (static_cast<std::size_t>(rank) * kCollSlots + index) * layout_.slot_bytes;
+  const std::size_t slot_index = static_cast<std::size_t>(rank) * kCollSlots + index;
+  return segment_.data() + layout_.coll_off + slot_index * layout_.slot_bytes;
 }
 
 char* Group::ring(int src, int dst, std::uint64_t chunk) const {

@@ -68,7 +68,7 @@ def plan_routes(size: int, host_keys: list[str], engines: str, shm: tuple[bool, 
     group's engines (e.g. "gloo", "nccl", "cpu:gloo,cuda:nccl") and whether the shm and
     ipc backends can run here (usable, why)."""
     torch_cpu = "torch (gloo)" if "gloo" in engines else "torch"
-    torch_cuda = "torch (NCCL)" if "nccl" in engines else "torch"
+    torch_cuda = "torch (NCCL)" if "nccl" in engines else torch_cpu
     if size == 1:
         return Plan(Route("torch", "one rank: nothing to send"), Route("torch", "one rank: nothing to send"))
     if len(set(host_keys)) > 1:
