@@ -85,7 +85,8 @@ class PipelineEngine:
         loss_fn: ``loss_fn(last_stage_output, targets_microbatch) -> scalar``.
         num_virtual: stages per rank for a schedule name (default ``len(stage_modules)``).
         loss_reduction: ``"mean"`` or ``"sum"`` (table above).
-        record_timeline: keep each step's per-action times (``engine.timeline``).
+        record_timeline: keep each step's per-action times (``engine.timeline``); on CUDA they
+            come from CUDA events and the step ends by waiting for the device.
         track_memory: count bytes saved for backward (``engine.activation_bytes_peak``).
         comm: the Communicator for the point-to-point transfers along the PP axis. Default:
             on CPU one ``Communicator.create("auto", mesh.pp_group)`` per mesh (shared memory
