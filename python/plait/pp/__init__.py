@@ -11,15 +11,31 @@ Modules, one job each: ``actions`` (the IR's atoms), ``schedule`` (the Schedule 
 ``lowering`` (adds communication), ``validate``, ``simulate``, ``split_backward`` (I/W),
 ``p2p`` (transport), ``runner`` (one step), ``engine`` (PipelineEngine), ``timeline``.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .actions import Action, Kind, parse_action
-from .engine import PipelineEngine
 from .schedule import Schedule
 from .schedule_io import load_schedule, parse_schedule
 from .schedules import SCHEDULES, build_schedule
 from .simulate import SimResult, simulate
-from .timeline import Event, chrome_trace, gantt_png, measured_bubble
 from .validate import ScheduleError
+
+# The schedule tools above need no torch; the engine and timeline do, so they load on first use
+# (``plait plan`` simulates schedules without paying for ``import torch``).
+_LAZY_NAMES = {"PipelineEngine": "engine", "Event": "timeline", "chrome_trace": "timeline",
+               "gantt_png": "timeline", "measured_bubble": "timeline"}
 
 __all__ = ["Action", "Kind", "parse_action", "Schedule", "build_schedule", "SCHEDULES", "parse_schedule",
            "load_schedule", "simulate", "SimResult", "ScheduleError", "PipelineEngine", "Event", "chrome_trace",
            "gantt_png", "measured_bubble"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module 'plait.pp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
