@@ -67,6 +67,8 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": _triton_version(),
+        # other work on the machine skews timings: keep the 1/5/15-minute load with every result
+        "load_average": list(os.getloadavg()),
     }
 
 
