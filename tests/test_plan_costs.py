@@ -21,7 +21,7 @@ def test_closed_form_bubbles() -> None:
     assert inter.fraction == pytest.approx(1.5 / 9.5)
     assert inter.peak_inflight == 2 * 4 + 4 - 1  # Megatron-LM warm-up 2(p-1) + (v-1)p, plus one
     assert inter.last_inflight == (2 - 1) * 4 + 1
-    zb = closed_form_bubble("zb-h1", 4, 8)
+    zb = closed_form_bubble("zb1p", 4, 8)
     assert zb.fraction == pytest.approx(3 / 27) and zb.peak_inflight == 4 and zb.last_inflight == 4
     assert zb.fraction < closed_form_bubble("1f1b", 4, 8).fraction / 2
     assert closed_form_bubble("1f1b", 1, 8) == (0.0, 1, "closed-form", 1)
@@ -75,7 +75,7 @@ def test_closed_form_agrees_with_plait_pp_simulator() -> None:
         pytest.skip("plait.pp has no build_schedule yet")
     checked = 0
     pipeline_bubble.cache_clear()
-    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
+    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb1p", 1)):
         for p, m in ((2, 4), (4, 8), (4, 16), (8, 16)):
             sim = bubble.simulated_bubble(schedule, p, m, v)
             if sim is None:

@@ -17,7 +17,7 @@ closed forms below answer:
     gpipe         (p-1) / (m+p-1)              m                         m
     1f1b          (p-1) / (m+p-1)              min(m, p)                 1
     interleaved   ((p-1)/v) / (m+(p-1)/v)      min(m*v, v*p + p - 1)     min(m*v, (v-1)*p + 1)
-    zb-h1         (p-1) / (3m+p-1)             min(m, p)                 min(m, p)
+    zb1p          (p-1) / (3m+p-1)             min(m, p)                 min(m, p)
 
 GPipe and 1F1B: Huang et al. 2019, Narayanan et al. 2021 (eq. 1). Interleaved 1F1B:
 Narayanan et al. 2021, sec. 2.2.2; its in-flight count is Megatron-LM's warm-up of
@@ -47,7 +47,7 @@ _spent_s = 0.0
 # Names plait.pp may know each schedule by, tried in order.
 SIMULATOR_NAMES = {"gpipe": ("gpipe",), "1f1b": ("1f1b",),
                    "interleaved": ("interleaved", "interleaved_1f1b", "interleaved-1f1b", "i1f1b"),
-                   "zb-h1": ("zb1p", "zb-h1", "zbh1")}
+                   "zb1p": ("zb1p",)}
 
 
 class Bubble(NamedTuple):
@@ -72,7 +72,7 @@ def closed_form_bubble(schedule: str, p: int, m: int, v: int = 1) -> Bubble:
     if schedule == "interleaved":
         warm = (p - 1) / v
         return Bubble(warm / (m + warm), min(m * v, v * p + p - 1), "closed-form", min(m * v, (v - 1) * p + 1))
-    if schedule == "zb-h1":
+    if schedule == "zb1p":
         return Bubble((p - 1) / (3 * m + p - 1), min(m, p), "closed-form", min(m, p))
     raise ValueError(f"unknown schedule {schedule!r}; use one of {sorted(SIMULATOR_NAMES)}")
 
@@ -114,7 +114,7 @@ def simulated_bubble(schedule: str, p: int, m: int, v: int = 1) -> Bubble | None
             sched = build(name, num_stages=p, num_microbatches=m, num_virtual=v)
         except (ValueError, KeyError, NotImplementedError):
             continue
-        sim = sched.simulate(forward=1.0, backward=2.0, weight=1.0 if schedule == "zb-h1" else None)
+        sim = sched.simulate(forward=1.0, backward=2.0, weight=1.0 if schedule == "zb1p" else None)
         held = sim.peak_activations
         return Bubble(_worst(sim.bubble_fraction), int(round(_rank(held, 0))), "simulator", int(round(_rank(held, -1))))
     return None

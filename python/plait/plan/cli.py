@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import JobSpec, ModelSpec, hardware_from, load_specs, model_from
 from .estimate import Estimate, estimate
-from .layout import SCHEDULES, Layout
+from .layout import SCHEDULE_ALIASES, SCHEDULES, Layout
 from .search import OBJECTIVES, Plan, search
 
 DIMENSIONS = {"layers": "num_layers", "hidden": "hidden", "heads": "num_heads", "kv_heads": "num_kv_heads",
@@ -64,7 +64,7 @@ def setup(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("fixed layout (estimate it instead of searching)")
     for flag in ("dp", "pp", "tp", "vpp", "microbatch-size"):
         g.add_argument(f"--{flag}", type=int)
-    g.add_argument("--schedule", choices=SCHEDULES)
+    g.add_argument("--schedule", choices=[*SCHEDULES, *SCHEDULE_ALIASES])
     g = parser.add_argument_group("output")
     g.add_argument("--objective", choices=OBJECTIVES, default="throughput")
     g.add_argument("--top", type=int, default=10, help="rows of the ranked table (default 10)")

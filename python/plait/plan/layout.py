@@ -18,7 +18,8 @@ from typing import Any
 
 from .config import RECOMPUTE_MODES, HardwareSpec, JobSpec, ModelSpec
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")  # the names plait.pp uses
+SCHEDULE_ALIASES = {"zb-h1": "zb1p", "zbh1": "zb1p"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Layout:
         for name in ("dp", "pp", "tp", "num_virtual", "microbatch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"layout: {name}={getattr(self, name)} must be >= 1")
+        object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))  # frozen
         if self.schedule not in SCHEDULES:
             raise ValueError(f"layout: unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
         if self.recompute is not None and self.recompute not in RECOMPUTE_MODES:

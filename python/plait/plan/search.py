@@ -63,7 +63,7 @@ def _schedules(model: ModelSpec, pp: int, m: int, allow_uneven: bool) -> Iterato
         yield "1f1b", 1
         return
     yield "1f1b", 1
-    yield "zb-h1", 1
+    yield "zb1p", 1
     if m % pp == 0:
         per_rank = model.num_layers // pp
         for v in range(2, min(per_rank, 8) + 1):
