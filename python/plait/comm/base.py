@@ -157,6 +157,12 @@ class Communicator(abc.ABC):
             raise ValueError(f"{what}={peer} is not a rank of group {self.name!r} "
                              f"(size {self.size}); ranks here are group ranks")
 
+    def _tensor_dim(self, tensor: torch.Tensor, dim: int, op: str) -> int:
+        """``dim`` as a non-negative index of ``tensor``; a scalar has no dim to gather or scatter."""
+        if tensor.dim() == 0:
+            raise ValueError(f"{op} needs a tensor with at least one dim, got a scalar")
+        return dim % tensor.dim()
+
     def _check_divisible(self, tensor: torch.Tensor, dim: int, op: str) -> None:
         if tensor.dim() == 0:
             raise ValueError(f"{op} needs a tensor with at least one dim, got a scalar")

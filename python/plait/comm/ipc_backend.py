@@ -182,9 +182,7 @@ class IpcCommunicator(Communicator):
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0, async_op: bool = False):
         self._prepare(tensor, "all_gather")
-        if tensor.dim() == 0:
-            raise ValueError("all_gather needs a tensor with at least one dim, got a scalar")
-        dim = dim % tensor.dim()
+        dim = self._tensor_dim(tensor, dim, "all_gather")
         if self.size == 1:
             return DoneHandle(tensor) if async_op else tensor
         src = tensor.contiguous()
@@ -198,9 +196,7 @@ class IpcCommunicator(Communicator):
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0, op: str = "sum", async_op: bool = False):
         self._check_op(op)
         self._prepare(tensor, "reduce_scatter")
-        if tensor.dim() == 0:
-            raise ValueError("reduce_scatter needs a tensor with at least one dim, got a scalar")
-        dim = dim % tensor.dim()
+        dim = self._tensor_dim(tensor, dim, "reduce_scatter")
         self._check_divisible(tensor, dim, "reduce_scatter")
         dtype = self._reduce_code(tensor, "reduce_scatter")
         if self.size == 1:

@@ -127,9 +127,7 @@ class TorchCommunicator(Communicator):
                            finish, async_op)
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0, async_op: bool = False):
-        if tensor.dim() == 0:
-            raise ValueError("all_gather needs a tensor with at least one dim, got a scalar")
-        dim = dim % tensor.dim()
+        dim = self._tensor_dim(tensor, dim, "all_gather")
         if self.size == 1:
             return DoneHandle(tensor) if async_op else tensor
         src = tensor.contiguous()
@@ -147,9 +145,7 @@ class TorchCommunicator(Communicator):
 
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0, op: str = "sum", async_op: bool = False):
         self._check_op(op)
-        if tensor.dim() == 0:
-            raise ValueError("reduce_scatter needs a tensor with at least one dim, got a scalar")
-        dim = dim % tensor.dim()
+        dim = self._tensor_dim(tensor, dim, "reduce_scatter")
         self._check_divisible(tensor, dim, "reduce_scatter")
         if self.size == 1:
             return DoneHandle(tensor) if async_op else tensor
