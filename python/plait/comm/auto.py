@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CommError
-from .base import Communicator
+from .base import Communicator, RanksOfTorch
 from .rendezvous import describe_hosts, hosts_of_group
 from .shm_setup import shm_status
 from .torch_backend import TorchCommunicator
@@ -90,7 +90,7 @@ def ipc_status(comm: TorchCommunicator) -> tuple[bool, str]:
     return Communicator._registry["ipc"].usable_for(comm)  # type: ignore[attr-defined]
 
 
-class AutoCommunicator(Communicator):
+class AutoCommunicator(RanksOfTorch, Communicator):
     """Routes each operation to shm, ipc or torch as planned at creation (module docstring)."""
 
     backend = "auto"
@@ -113,18 +113,6 @@ class AutoCommunicator(Communicator):
         if self.rank == 0:
             log.info("plait.comm auto for group %r (global ranks %s): %s", self.name, self.global_ranks,
                      plan.describe())
-
-    @property
-    def rank(self) -> int:
-        return self._torch.rank
-
-    @property
-    def size(self) -> int:
-        return self._torch.size
-
-    @property
-    def global_ranks(self) -> list[int]:
-        return self._torch.global_ranks
 
     def backend_for(self, tensor: torch.Tensor, op: str) -> Communicator:
         """The communicator that carries ``op`` on ``tensor`` (same answer on every rank)."""

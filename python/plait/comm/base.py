@@ -170,3 +170,22 @@ class Communicator(abc.ABC):
         if length % self.size:
             raise ValueError(f"{op}: dim {dim} has length {length}, not divisible by the "
                              f"group size {self.size}; pad it to a multiple of {self.size}")
+
+
+class RanksOfTorch:
+    """For backends that keep a torch communicator (``self._torch``) for set-up and fallbacks:
+    their group, and so their ranks, are that communicator's. Put it before Communicator."""
+
+    _torch: Communicator
+
+    @property
+    def rank(self) -> int:
+        return self._torch.rank
+
+    @property
+    def size(self) -> int:
+        return self._torch.size
+
+    @property
+    def global_ranks(self) -> list[int]:
+        return self._torch.global_ranks

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..errors import CommError, CommTimeoutError
-from .base import Communicator, DoneHandle, Handle
+from .base import Communicator, DoneHandle, Handle, RanksOfTorch
 from .rendezvous import all_gather_text, describe_hosts, host_key
 from .shm_config import _bytes_env, _pages
 from .torch_backend import TorchCommunicator
@@ -53,7 +53,7 @@ def ipc_local_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-class IpcCommunicator(Communicator):
+class IpcCommunicator(RanksOfTorch, Communicator):
     """Communicator over CUDA IPC buffers shared by the group's ranks (module docstring)."""
 
     backend = "ipc"
@@ -111,18 +111,6 @@ class IpcCommunicator(Communicator):
             failed = [f"group rank {r}: {e}" for r, e in enumerate(all_gather_text(self._torch, error)) if e]
         if failed:
             raise CommError(f"{self.describe('ipc setup')}: " + "; ".join(failed))
-
-    @property
-    def rank(self) -> int:
-        return self._torch.rank
-
-    @property
-    def size(self) -> int:
-        return self._torch.size
-
-    @property
-    def global_ranks(self) -> list[int]:
-        return self._torch.global_ranks
 
     def reduces(self, dtype: torch.dtype) -> bool:
         """Whether all_reduce / reduce_scatter take ``dtype`` here (copies take any)."""

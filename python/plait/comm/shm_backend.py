@@ -24,14 +24,14 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import CommError, CommTimeoutError
-from .base import Communicator, DoneHandle
+from .base import Communicator, DoneHandle, RanksOfTorch
 from .lanes import FutureHandle, Lanes
 from .shm_config import ShmConfig
 from .shm_setup import open_group, shm_extension
 from .torch_backend import TorchCommunicator
 
 
-class ShmCommunicator(Communicator):
+class ShmCommunicator(RanksOfTorch, Communicator):
     """Communicator over a POSIX shared-memory segment shared by the group's ranks."""
 
     backend = "shm"
@@ -48,18 +48,6 @@ class ShmCommunicator(Communicator):
         self._dtype_codes = {getattr(torch, n): code for n, code in self._C.shm_dtypes.items()}
         self._op_codes = dict(self._C.shm_ops)
         self._closed = False
-
-    @property
-    def rank(self) -> int:
-        return self._torch.rank
-
-    @property
-    def size(self) -> int:
-        return self._torch.size
-
-    @property
-    def global_ranks(self) -> list[int]:
-        return self._torch.global_ranks
 
     @property
     def simd(self) -> str:
