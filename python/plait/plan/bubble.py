@@ -36,6 +36,8 @@ import time
 import warnings
 from typing import Any, NamedTuple
 
+from .layout import SCHEDULES  # the same names plait.pp builds
+
 # Above this many scheduled actions (3*p*m*v) the closed form answers instead of the
 # simulator (pure Python, about 20 us per action plus a few ms per schedule), and once a
 # process has spent SIMULATION_BUDGET_S simulating, the closed forms answer the rest; they
@@ -44,10 +46,6 @@ from typing import Any, NamedTuple
 MAX_SIMULATED_ACTIONS = 600
 SIMULATION_BUDGET_S = 0.2
 _spent_s = 0.0
-# Names plait.pp may know each schedule by, tried in order.
-SIMULATOR_NAMES = {"gpipe": ("gpipe",), "1f1b": ("1f1b",),
-                   "interleaved": ("interleaved", "interleaved_1f1b", "interleaved-1f1b", "i1f1b"),
-                   "zb1p": ("zb1p",)}
 
 
 class Bubble(NamedTuple):
@@ -74,7 +72,7 @@ def closed_form_bubble(schedule: str, p: int, m: int, v: int = 1) -> Bubble:
         return Bubble(warm / (m + warm), min(m * v, v * p + p - 1), "closed-form", min(m * v, (v - 1) * p + 1))
     if schedule == "zb1p":
         return Bubble((p - 1) / (3 * m + p - 1), min(m, p), "closed-form", min(m, p))
-    raise ValueError(f"unknown schedule {schedule!r}; use one of {sorted(SIMULATOR_NAMES)}")
+    raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
 
 
 def _simulator() -> Any | None:
@@ -109,15 +107,15 @@ def simulated_bubble(schedule: str, p: int, m: int, v: int = 1) -> Bubble | None
     build = _simulator()
     if build is None:
         return None
-    for name in SIMULATOR_NAMES.get(schedule, ()):
-        try:
-            sched = build(name, num_stages=p, num_microbatches=m, num_virtual=v)
-        except (ValueError, KeyError, NotImplementedError):
-            continue
-        sim = sched.simulate(forward=1.0, backward=2.0, weight=1.0 if schedule == "zb1p" else None)
-        held = sim.peak_activations
-        return Bubble(_worst(sim.bubble_fraction), int(round(_rank(held, 0))), "simulator", int(round(_rank(held, -1))))
-    return None
+    if schedule not in SCHEDULES:
+        return None
+    try:
+        sched = build(schedule, num_stages=p, num_microbatches=m, num_virtual=v)
+    except ValueError:  # a combination plait.pp does not build (e.g. interleaved with v=1)
+        return None
+    sim = sched.simulate(forward=1.0, backward=2.0, weight=1.0 if schedule == "zb1p" else None)
+    held = sim.peak_activations
+    return Bubble(_worst(sim.bubble_fraction), int(round(_rank(held, 0))), "simulator", int(round(_rank(held, -1))))
 
 
 @functools.lru_cache(maxsize=4096)
