@@ -37,10 +37,11 @@ def _check_ids(where: str, ids: torch.Tensor, vocab_size: int, allowed: Optional
                          f"{getattr(ids, 'dtype', type(ids).__name__)}")
     if ids.numel() == 0:
         return
-    valid = ids if allowed is None else ids[ids != allowed]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
-        raise ValueError(f"{where}: token ids must lie in [0, {vocab_size}), got range "
-                         f"[{int(valid.min())}, {int(valid.max())}]")
+    # One min/max pass and one device sync; ``allowed`` (ignore_index) is mapped to 0, a valid id.
+    valid = ids if allowed is None else ids.masked_fill(ids == allowed, 0)
+    low, high = torch.stack(torch.aminmax(valid)).tolist()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{where}: token ids must lie in [0, {vocab_size}), got range [{low}, {high}]")
 
 
 class VocabParallelEmbedding(nn.Module):
