@@ -4,6 +4,10 @@ Parameters are taken in reverse registration order, which approximates the
 order in which backward produces their gradients, so the first bucket fills
 first and its reduction can start while backward continues. A bucket holds
 one dtype and one device and closes once it reaches ``bucket_bytes``.
+
+With ``pad_to=n`` each buffer is zero-padded to a multiple of ``n`` elements,
+so it splits into ``n`` equal shards (ZeRO-1 reduce-scatters it over DP); the
+padding is nobody's gradient and stays zero.
 """
 from __future__ import annotations
 
@@ -20,6 +24,12 @@ class Bucket:
     buffer: torch.Tensor
     params: list[torch.nn.Parameter] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    numel: int = 0  # elements that belong to parameters; the rest of ``buffer`` is padding
+
+    @property
+    def padding(self) -> int:
+        """Zero elements at the end of the buffer, there only to make it divisible."""
+        return self.buffer.numel() - self.numel
 
     def view_of(self, i: int) -> torch.Tensor:
         """The slice of the buffer that is parameter ``i``'s gradient, shaped like it."""
@@ -36,10 +46,13 @@ class Bucket:
                 param.grad = view
 
 
-def build_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[Bucket]:
-    """Group ``params`` (reverse order, same dtype and device) into buckets of about ``bucket_bytes``."""
+def build_buckets(params: list[torch.nn.Parameter], bucket_bytes: int, pad_to: int = 1) -> list[Bucket]:
+    """Group ``params`` (reverse order, same dtype and device) into buckets of about ``bucket_bytes``,
+    each buffer padded to a multiple of ``pad_to`` elements."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket size must be positive, got {bucket_bytes} bytes")
+    if not isinstance(pad_to, int) or pad_to < 1:
+        raise ValueError(f"pad_to must be a positive int, got {pad_to!r}")
     groups: list[list[torch.nn.Parameter]] = []
     size = 0
     for param in reversed(params):
@@ -59,8 +72,9 @@ def build_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[B
         for param in group:
             offsets.append(total)
             total += param.numel()
-        buffer = torch.zeros(total, dtype=group[0].dtype, device=group[0].device)
-        bucket = Bucket(index, buffer, list(group), offsets)
+        padded = -(-total // pad_to) * pad_to
+        buffer = torch.zeros(padded, dtype=group[0].dtype, device=group[0].device)
+        bucket = Bucket(index, buffer, list(group), offsets, total)
         bucket.attach()
         buckets.append(bucket)
     return buckets

@@ -16,6 +16,11 @@ backward goes on producing earlier layers' gradients. Earlier microbatches
 therefore trigger no communication, and no engine needs to tell the reducer
 which backward is the last. Parameters that received fewer gradients than
 expected (unused in the step) are reduced by :meth:`finish`.
+
+What a bucket's reduction is lives in :meth:`GradReducer._reduce` (here: an
+all-reduce of the whole buffer); ZeRO-1 (:mod:`plait.dp.zero`) overrides it
+with a reduce-scatter and keeps the rest: the counting, the launch points, the
+bounded waits.
 """
 from __future__ import annotations
 
@@ -37,13 +42,13 @@ class GradReducer:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], comm: Communicator, bucket_mb: float = 25.0,
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, *, pad_to: int = 1) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("GradReducer needs at least one parameter that requires grad")
         self.comm = comm
         self.overlap = overlap
-        self.buckets: list[Bucket] = build_buckets(self.params, int(bucket_mb * 2**20))
+        self.buckets: list[Bucket] = build_buckets(self.params, int(bucket_mb * 2**20), pad_to)
         self._where = {}
         for bucket in self.buckets:
             for i, param in enumerate(bucket.params):
@@ -52,6 +57,7 @@ class GradReducer:
         self._counts: dict[int, int] = {}
         self._pending: list[int] = [0] * len(self.buckets)
         self._handles: dict[int, Handle] = {}
+        self.reduced: dict[int, torch.Tensor] = {}  # bucket index -> what its reduction returned
         self.timeline: list[tuple[float, str, int]] = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
@@ -68,6 +74,7 @@ class GradReducer:
         self._expected = num_microbatches
         self._counts = {id(p): 0 for p in self.params}
         self._pending = [len(b.params) for b in self.buckets]
+        self.reduced = {}
         self.timeline = []
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
@@ -84,7 +91,11 @@ class GradReducer:
 
     def _launch(self, index: int) -> None:
         self.timeline.append((time.perf_counter(), "launch", index))
-        self._handles[index] = self.comm.all_reduce(self.buckets[index].buffer, op="avg", async_op=True)
+        self._handles[index] = self._reduce(self.buckets[index])
+
+    def _reduce(self, bucket: Bucket) -> Handle:
+        """Start the DP mean of one bucket: an all-reduce, in place (the ``.grad`` views see it)."""
+        return self.comm.all_reduce(bucket.buffer, op="avg", async_op=True)
 
     def finish(self) -> None:
         """Reduce what is still unreduced, wait for every bucket (bounded), end the step."""
@@ -94,7 +105,7 @@ class GradReducer:
             if bucket.index not in self._handles:
                 self._launch(bucket.index)
         for index in sorted(self._handles):
-            self._handles[index].wait()
+            self.reduced[index] = self._handles[index].wait()
         self._handles.clear()
         self._expected = 0
 
