@@ -134,3 +134,33 @@ def test_gemm_benchmark_script_runs(capsys):
 
     assert gemm.main(["--smoke", "--no-compile"]) == 0
     assert "fused_vs_eager_fwd" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- regressions: layouts and edge cases
+
+
+def _assert_matches_reference(x, w, b, activation, r, dy, tol=1e-5):
+    """fused_linear's output and the gradients of every input that requires grad, against float64."""
+    inputs = (x, w, b, r)
+    leaves = [t for t in inputs if t is not None and t.requires_grad]
+    y = fused_linear(x, w, b, activation, r)
+    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    ref = reference_linear(ref_inputs[0], ref_inputs[1], ref_inputs[2], activation, ref_inputs[3])
+    assert rel_err(y, ref) < tol, f"output: {rel_err(y, ref):.2e}"
+    if leaves:
+        got = torch.autograd.grad(y, leaves, dy)
+        want = torch.autograd.grad(ref, [t for t in ref_inputs if t is not None and t.requires_grad], dy.double())
+        for i, (g, e) in enumerate(zip(got, want)):
+            assert g.shape == e.shape and rel_err(g, e) < tol, f"gradient {i}: {rel_err(g, e):.2e}"
+
+
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_strided_and_expanded_bias(activation):
+    """The kernel used to read the bias as if contiguous: a strided slice or an expanded bias gave wrong sums."""
+    gen = torch.Generator().manual_seed(3)
+    rows = 10 if activation == "swiglu" else 5
+    x, w, dy = torch.randn(6, 7, generator=gen), torch.randn(rows, 7, generator=gen), torch.randn(6, 5, generator=gen)
+    strided = torch.randn(2 * rows, generator=gen)[::2].requires_grad_()
+    expanded = torch.randn(1, generator=gen).expand(rows)
+    for bias in (strided, expanded):
+        _assert_matches_reference(x.requires_grad_(), w.requires_grad_(), bias, activation, None, dy)

@@ -82,7 +82,7 @@ def gemm_kernel(a_ptr, z_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, pre_ptr, rowsum_p
                 sig_a_ptr, sig_b_ptr, error_ptr,
                 M, N, K,
                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                stride_rm, stride_rn, stride_pm, stride_pn,
+                stride_rm, stride_rn, stride_pm, stride_pn, stride_bias,
                 up_offset, epoch, rows_per_chunk, max_spins,
                 ACT: tl.constexpr, PROLOGUE_ACT: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr,
@@ -123,9 +123,10 @@ def gemm_kernel(a_ptr, z_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, pre_ptr, rowsum_p
                 b_up = tl.load(b_ptr + b_off + up_offset * stride_bn, mask=b_mask, other=0.0)
                 acc_up = _dot(a, b_up, acc_up, IEEE)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + rn * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if SWIGLU:
-                acc_up += tl.load(bias_ptr + up_offset + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                acc_up += tl.load(bias_ptr + (up_offset + rn) * stride_bias, mask=n_ok,
+                                  other=0.0).to(tl.float32)[None, :]
         c_mask = m_ok[:, None] & n_ok[None, :]
         if STORE_PRE:
             p_off = rm[:, None] * stride_pm + rn[None, :] * stride_pn
@@ -189,7 +190,8 @@ def launch_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, act: int =
             bias if bias is not None else dummy, residual if residual is not None else dummy,
             pre if pre is not None else dummy, rowsum if rowsum is not None else dummy,
             sig_a, sig_b, error, m, n, k, *_strides(a), *_strides(b), *_strides(c), *_strides(residual),
-            *_strides(pre), n if swiglu else 0, epoch, rows_per_chunk, max_spins)
+            *_strides(pre), bias.stride(0) if bias is not None else 0, n if swiglu else 0, epoch,
+            rows_per_chunk, max_spins)
     flags = dict(ACT=act, PROLOGUE_ACT=prologue_act, SWIGLU=swiglu, HAS_BIAS=bias is not None,
                  HAS_RES=residual is not None, STORE_PRE=pre is not None, ROWSUM=rowsum is not None,
                  AWAIT=await_ is not None, PUBLISH=publish is not None, IEEE=ieee)
