@@ -12,6 +12,7 @@
 #include "build_info.h"
 #include "cuda/cuda_api.h"
 #include "cuda/ipc_api.h"
+#include "cuda/symmetric_api.h"
 #include "shm/errors.h"
 #include "shm/group.h"
 #include "shm/reduce.h"
@@ -171,6 +172,37 @@ void bind_shm(py::module_& m) {
       .def_property_readonly("segment_bytes", [](const Group& g) { return g.layout().total; });
 }
 
+// SymmetricBuffer: per-rank device memory every peer maps, for fused GEMM + communication.
+void bind_symmetric(py::module_& m) {
+  using plait::cuda::SymmetricBuffer;
+  m.attr("symmetric_flags") = plait::cuda::kSymmetricFlags;
+  py::class_<SymmetricBuffer>(m, "SymmetricBuffer",
+                              "This rank's flag area and data area, and the mapped ones of its peers (CUDA IPC). "
+                              "Operations are enqueued on the given stream; GPU waits are bounded by timeout_s and "
+                              "recorded for check().")
+      .def(py::init<int, int, int, std::size_t>(), py::arg("rank"), py::arg("size"), py::arg("device"),
+           py::arg("data_bytes"))
+      .def("handle", [](const SymmetricBuffer& b) { return py::bytes(b.handle()); }, "This rank's IPC handle.")
+      .def("open", [](SymmetricBuffer& b, const std::vector<py::bytes>& handles) {
+             std::vector<std::string> raw(handles.begin(), handles.end());
+             b.open(raw);
+           }, py::arg("handles"), "Map every peer's buffer (handles in group rank order).")
+      .def("flag_address", &SymmetricBuffer::flag_address, py::arg("rank"), py::arg("index"))
+      .def("data_address", &SymmetricBuffer::data_address, py::arg("rank"))
+      .def("set_flag", &SymmetricBuffer::set_flag, py::arg("rank"), py::arg("index"), py::arg("value"),
+           py::arg("stream"))
+      .def("wait_flag", &SymmetricBuffer::wait_flag, py::arg("rank"), py::arg("index"), py::arg("value"),
+           py::arg("stream"), py::arg("timeout_s"))
+      .def("reduce_rows", &SymmetricBuffer::reduce_rows, py::arg("out"), py::arg("out_stride"), py::arg("dtype"),
+           py::arg("row_begin"), py::arg("row_end"), py::arg("cols"), py::arg("rows_per_chunk"),
+           py::arg("first_flag"), py::arg("epoch"), py::arg("blocks"), py::arg("stream"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("check", &SymmetricBuffer::check, "Raise IpcTimeout if a GPU wait timed out since the last check.")
+      .def_property_readonly("rank", &SymmetricBuffer::rank)
+      .def_property_readonly("size", &SymmetricBuffer::size)
+      .def_property_readonly("data_bytes", &SymmetricBuffer::data_bytes);
+}
+
 // CUDA IPC communication: IpcGroup and its timeout exception. Addresses and streams are
 // integers (tensor.data_ptr(), torch.cuda.Stream.cuda_stream).
 void bind_ipc(py::module_& m) {
@@ -223,6 +255,7 @@ void bind_ipc(py::module_& m) {
       .def_property_readonly("data_bytes", &IpcGroup::data_bytes)
       .def_property_readonly("inbox_bytes", &IpcGroup::inbox_bytes)
       .def_property_readonly("oneshot_bytes", &IpcGroup::oneshot_bytes);
+  bind_symmetric(m);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/host_util.h"
 #include "cuda/ipc_api.h"
 #include "cuda/ipc_launch.h"
 
@@ -15,30 +16,6 @@ namespace {
 
 constexpr std::size_t kSignalBytes = 64 << 10;
 static_assert(sizeof(ipc::Signals) <= kSignalBytes, "signal area too small");
-
-void cuda_check(cudaError_t err, const std::string& what) {
-  if (err == cudaSuccess) return;
-  cudaGetLastError();
-  throw std::runtime_error(what + " failed: " + cudaGetErrorString(err));
-}
-
-// Makes `device` current for a scope, restoring the previous device.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    cuda_check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) cuda_check(cudaSetDevice(device), "cudaSetDevice(" + std::to_string(device) + ")");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
-cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-char* as_ptr(std::uintptr_t p) { return reinterpret_cast<char*>(p); }
 
 const char* op_name(unsigned int op) {
   switch (op) {
@@ -50,13 +27,6 @@ const char* op_name(unsigned int op) {
     case ipc::kWaitFlag: return "wait_flag";
     default: return "operation";
   }
-}
-
-std::size_t dtype_bytes(int dtype) {
-  if (dtype == 0) return 4;
-  if (dtype == 1 || dtype == 2) return 2;
-  throw std::invalid_argument("the ipc backend reduces float32, float16 and bfloat16 (dtype codes 0-2), not code " +
-                              std::to_string(dtype));
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ struct ErrorRecord {
   unsigned int value;  // flag value waited for
 };
 
-enum OpCode : unsigned int { kAllReduce = 1, kReduceScatter, kBarrier, kSend, kRecv, kWaitFlag };
+enum OpCode : unsigned int { kAllReduce = 1, kReduceScatter, kBarrier, kSend, kRecv, kWaitFlag, kReduceRows };
 
 __device__ __forceinline__ std::uint32_t load_acquire(const std::uint32_t* p) {
   std::uint32_t v;

@@ -1,10 +1,11 @@
-// IpcGroup for a build without CUDA: constructing one fails with a message saying how to
+// IpcGroup and SymmetricBuffer for a build without CUDA: constructing one fails with a message saying how to
 // get CUDA; the other members exist only so bindings.cpp links (no object can reach them).
 #ifndef PLAIT_WITH_CUDA
 
 #include <stdexcept>
 
 #include "cuda/ipc_api.h"
+#include "cuda/symmetric_api.h"
 
 namespace plait::cuda {
 namespace {
@@ -44,6 +45,25 @@ int IpcGroup::device() const { no_cuda(); }
 std::size_t IpcGroup::data_bytes() const { no_cuda(); }
 std::size_t IpcGroup::inbox_bytes() const { no_cuda(); }
 std::size_t IpcGroup::oneshot_bytes() const { no_cuda(); }
+
+struct SymmetricBuffer::Impl {};
+
+SymmetricBuffer::SymmetricBuffer(int, int, int, std::size_t) { no_cuda(); }
+SymmetricBuffer::~SymmetricBuffer() = default;
+std::string SymmetricBuffer::handle() const { no_cuda(); }
+void SymmetricBuffer::open(const std::vector<std::string>&) { no_cuda(); }
+std::uintptr_t SymmetricBuffer::flag_address(int, int) const { no_cuda(); }
+std::uintptr_t SymmetricBuffer::data_address(int) const { no_cuda(); }
+void SymmetricBuffer::set_flag(int, int, std::uint32_t, std::uintptr_t) { no_cuda(); }
+void SymmetricBuffer::wait_flag(int, int, std::uint32_t, std::uintptr_t, double) { no_cuda(); }
+void SymmetricBuffer::reduce_rows(std::uintptr_t, std::size_t, int, std::size_t, std::size_t, std::size_t, std::size_t,
+                                  int, std::uint32_t, int, std::uintptr_t, double) {
+  no_cuda();
+}
+void SymmetricBuffer::check() { no_cuda(); }
+int SymmetricBuffer::rank() const { no_cuda(); }
+int SymmetricBuffer::size() const { no_cuda(); }
+std::size_t SymmetricBuffer::data_bytes() const { no_cuda(); }
 
 }  // namespace plait::cuda
 

@@ -2,43 +2,16 @@
 // cross-rank barrier, and flag set / wait. Reductions add in rank order 0..n-1 in fp32
 // and round once (round to nearest even), so every rank gets bitwise the same result,
 // equal to the shared-memory backend's on CPU.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <stdexcept>
 #include <string>
 
+#include "cuda/convert.cuh"
 #include "cuda/ipc_launch.h"
 
 namespace plait::cuda::ipc {
 namespace {
 
 constexpr int kThreads = 512;
-
-template <typename T>
-struct Conv;
-template <>
-struct Conv<float> {
-  __device__ static float in(float v) { return v; }
-  __device__ static float out(float v) { return v; }
-  __device__ static float load(const char* p) { return __ldcg(reinterpret_cast<const float*>(p)); }
-};
-template <>
-struct Conv<__half> {
-  __device__ static float in(__half v) { return __half2float(v); }
-  __device__ static __half out(float v) { return __float2half_rn(v); }
-  __device__ static __half load(const char* p) {
-    return __ushort_as_half(__ldcg(reinterpret_cast<const unsigned short*>(p)));
-  }
-};
-template <>
-struct Conv<__nv_bfloat16> {
-  __device__ static float in(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 out(float v) { return __float2bfloat16_rn(v); }
-  __device__ static __nv_bfloat16 load(const char* p) {
-    return __ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)));
-  }
-};
 
 // acc > x ? acc : x, keeping a NaN acc: the shm kernels' rule (csrc/shm/reduce_scalar.cpp).
 struct Sum {
@@ -50,9 +23,6 @@ struct Max {
 struct Min {
   __device__ static float apply(float acc, float x) { return acc != acc ? acc : (acc < x ? acc : x); }
 };
-
-template <typename T>
-constexpr int kPack = 16 / sizeof(T);
 
 // Reduces packs [begin, end) (16 bytes each; element offset src_offset into every data
 // area) into out. Pack q of the range goes to thread q mod (grid size), the same mapping
