@@ -164,3 +164,20 @@ def test_strided_and_expanded_bias(activation):
     expanded = torch.randn(1, generator=gen).expand(rows)
     for bias in (strided, expanded):
         _assert_matches_reference(x.requires_grad_(), w.requires_grad_(), bias, activation, None, dy)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_gradients_with_size_one_or_zero_dimensions(activation):
+    """Backward rejected its own saved pre-activation ("prologue_z must match a's ... strides") when the
+    incoming gradient had odd strides on a size-1 dimension (N=1 with a transposed grad_output, or
+    ``y.sum()`` of a 1x1 output), and when M was 0."""
+    gen = torch.Generator().manual_seed(4)
+    rows = 2 if activation == "swiglu" else 1
+    x, w = torch.randn(4, 3, generator=gen).requires_grad_(), torch.randn(rows, 3, generator=gen).requires_grad_()
+    _assert_matches_reference(x, w, None, activation, None, torch.randn(1, 4, generator=gen).t())
+    x1 = torch.randn(1, 3, generator=gen).requires_grad_()
+    _assert_matches_reference(x1, w, None, activation, None, torch.ones(()).expand(1, 1))
+    x0 = torch.randn(0, 3).requires_grad_()
+    b = torch.randn(rows, generator=gen).requires_grad_()
+    dx, dw, db = torch.autograd.grad(fused_linear(x0, w, b, activation).sum(), (x0, w, b))
+    assert dx.shape == (0, 3) and not dw.any() and not db.any()

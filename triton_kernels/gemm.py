@@ -155,6 +155,12 @@ _tuned_gemm = triton.autotune(configs=gemm_configs(),
                               key=["M", "N", "K", "ACT", "PROLOGUE_ACT", "SWIGLU", "ROWSUM"])(gemm_kernel)
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, and the same element addressing: strides of dimensions of size 1 never
+    move the address, so only the others must agree (``contiguous()`` keeps odd strides there)."""
+    return a.shape == b.shape and all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
 def _strides(t: Optional[torch.Tensor]) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
@@ -176,7 +182,7 @@ def launch_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, act: int =
     """
     m, k = a.shape
     n = c.shape[1]
-    if prologue_z is not None and (prologue_z.shape != a.shape or prologue_z.stride() != a.stride()):
+    if prologue_z is not None and not _same_layout(prologue_z, a):
         raise ValueError("prologue_z must match a's shape and strides")
     dummy = c
     sig_a = sig_b = error = dummy
