@@ -181,3 +181,17 @@ def test_gradients_with_size_one_or_zero_dimensions(activation):
     b = torch.randn(rows, generator=gen).requires_grad_()
     dx, dw, db = torch.autograd.grad(fused_linear(x0, w, b, activation).sum(), (x0, w, b))
     assert dx.shape == (0, 3) and not dw.any() and not db.any()
+
+
+def test_zero_features_in_or_out():
+    """K = 0 (the output is the bias) and N = 0 (an empty output) used to fail in ``reshape(-1, 0)``."""
+    x, w, b = torch.randn(3, 0).requires_grad_(), torch.randn(4, 0).requires_grad_(), torch.randn(4).requires_grad_()
+    _assert_matches_reference(x, w, b, "gelu", None, torch.randn(3, 4))
+    x, w = torch.randn(2, 3, 5).requires_grad_(), torch.randn(0, 5).requires_grad_()
+    y = fused_linear(x, w, None, "relu")
+    assert y.shape == (2, 3, 0)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    assert dx.shape == x.shape and not dx.any()
+    signals = ChunkSignals.create(6, 2, "cpu")
+    assert producer_linear(x, w, signals=signals).shape == (2, 3, 0)
+    assert signals.flags.tolist() == [1, 1]

@@ -14,6 +14,7 @@ writes it first.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -66,8 +67,10 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return n
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+def flatten_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., F] as [rows, F] (a view where possible). The row count is spelled out because
+    ``reshape(-1, 0)`` is ambiguous and raises for K = 0 or N = 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 class FusedLinearFunction(torch.autograd.Function):
@@ -76,13 +79,13 @@ class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, activation, out):
         n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
-        x2 = _rows(x)
+        x2 = flatten_rows(x)
         y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
         needs_grad = any(ctx.needs_input_grad[:3])
         pre = (torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
                if needs_grad and activation is not None else None)
-        launch_gemm(x2, weight.t(), _rows(y), act=ACT_CODES[activation], swiglu=activation == "swiglu",
-                    bias=bias, residual=_rows(residual) if residual is not None else None, pre=pre)
+        launch_gemm(x2, weight.t(), flatten_rows(y), act=ACT_CODES[activation], swiglu=activation == "swiglu",
+                    bias=bias, residual=flatten_rows(residual) if residual is not None else None, pre=pre)
         ctx.save_for_backward(x2, weight, pre)
         ctx.activation, ctx.has_bias, ctx.x_shape = activation, bias is not None, x.shape
         return y
@@ -91,7 +94,7 @@ class FusedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x2, weight, pre = ctx.saved_tensors
         act = ctx.activation
-        g2 = _rows(grad).contiguous()
+        g2 = flatten_rows(grad).contiguous()
         if act == "swiglu":
             dz = torch.empty_like(pre)
             rows, n = g2.shape

@@ -26,7 +26,7 @@ import triton
 from ..errors import default_timeout_s
 from .config import ACT_CODES
 from .gemm import launch_gemm
-from .linear import check_linear_args
+from .linear import check_linear_args, flatten_rows
 
 SPINS_PER_SECOND = 1_000_000  # an acquire poll of global memory takes about a microsecond on a GPU
 _INT32_MAX = 2**31 - 1
@@ -91,12 +91,12 @@ def producer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     forward building block for overlapped communication.
     """
     n = check_linear_args(x, weight, bias, activation, None, out)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = flatten_rows(x)
     _check_rows(signals, x2.shape[0], "x")
     epoch = signals.next_epoch() if epoch is None else epoch
     y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     signals.counters.zero_()
-    launch_gemm(x2, weight.t(), y.view(-1, n), act=ACT_CODES[activation], swiglu=activation == "swiglu", bias=bias,
+    launch_gemm(x2, weight.t(), y.view(x2.shape[0], n), act=ACT_CODES[activation], swiglu=activation == "swiglu", bias=bias,
                 publish=(signals.counters, signals.flags, epoch, signals.rows_per_chunk))
     return y
 
@@ -112,13 +112,13 @@ def consumer_linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     the producer keeps SMs to run on. Call ``signals.check()`` to surface a timeout.
     """
     n = check_linear_args(a, weight, bias, activation, None, None)
-    a2 = a.reshape(-1, a.shape[-1])
+    a2 = flatten_rows(a)
     _check_rows(signals, a2.shape[0], "a")
     epoch = signals.epoch if epoch is None else epoch
     seconds = default_timeout_s() if timeout_s is None else timeout_s
     max_spins = max(1, min(_INT32_MAX, int(seconds * SPINS_PER_SECOND)))
     y = torch.empty(*a.shape[:-1], n, dtype=a.dtype, device=a.device)
     signals.error.zero_()
-    launch_gemm(a2, weight.t(), y.view(-1, n), act=ACT_CODES[activation], swiglu=activation == "swiglu", bias=bias,
+    launch_gemm(a2, weight.t(), y.view(a2.shape[0], n), act=ACT_CODES[activation], swiglu=activation == "swiglu", bias=bias,
                 await_=(signals.flags, signals.error, epoch, signals.rows_per_chunk, max_spins), programs=programs)
     return y
