@@ -195,3 +195,12 @@ def test_zero_features_in_or_out():
     signals = ChunkSignals.create(6, 2, "cpu")
     assert producer_linear(x, w, signals=signals).shape == (2, 3, 0)
     assert signals.flags.tolist() == [1, 1]
+
+
+def test_gradient_of_the_residual_alone():
+    """With only the residual requiring grad, forward saves no pre-activation; the swiglu backward used to
+    crash on it (``empty_like(None)``) instead of passing the gradient through."""
+    x, r, dy = torch.randn(3, 4), torch.randn(3, 3).requires_grad_(), torch.randn(3, 3)
+    for activation, rows in (("swiglu", 6), ("gelu", 3)):
+        (dr,) = torch.autograd.grad(fused_linear(x, torch.randn(rows, 4), None, activation, r), r, dy)
+        assert torch.equal(dr, dy)

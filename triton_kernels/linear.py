@@ -92,6 +92,9 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        grad_res = grad if ctx.needs_input_grad[3] else None
+        if not any(ctx.needs_input_grad[:3]):
+            return None, None, None, grad_res, None, None  # only the residual: forward saved no pre-activation
         x2, weight, pre = ctx.saved_tensors
         act = ctx.activation
         g2 = flatten_rows(grad).contiguous()
@@ -116,7 +119,6 @@ class FusedLinearFunction(torch.autograd.Function):
                         rowsum=row_sums)
             grad_b = row_sums.to(weight.dtype) if want_b else None
             grad_w = grad_w if ctx.needs_input_grad[1] else None
-        grad_res = grad if ctx.needs_input_grad[3] else None
         return grad_x, grad_w, grad_b, grad_res, None, None
 
 
