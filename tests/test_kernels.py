@@ -204,3 +204,27 @@ def test_gradient_of_the_residual_alone():
     for activation, rows in (("swiglu", 6), ("gelu", 3)):
         (dr,) = torch.autograd.grad(fused_linear(x, torch.randn(rows, 4), None, activation, r), r, dy)
         assert torch.equal(dr, dy)
+
+
+def test_out_with_strides_that_do_not_flatten():
+    """A 3-D out= whose strides allow no [rows, N] view was reshaped into a copy, so the kernel wrote the copy
+    and out stayed unwritten; the producer, which publishes rows in place, must refuse such an out."""
+    gen = torch.Generator().manual_seed(6)
+    x, w, b, r = (torch.randn(*shape, generator=gen) for shape in ((2, 3, 4), (10, 4), (10,), (2, 3, 5)))
+    out = torch.full((3, 2, 5), float("nan")).transpose(0, 1)
+    with torch.no_grad():
+        y = fused_linear(x, w, b, "swiglu", r, out=out)
+    assert y.data_ptr() == out.data_ptr() and rel_err(out, reference_linear(x, w, b, "swiglu", r)) < 1e-5
+    with pytest.raises(ValueError, match="flatten"):
+        producer_linear(x, w, signals=ChunkSignals.create(6, 2, "cpu"), out=torch.empty(3, 2, 10).transpose(0, 1))
+
+
+def test_out_sharing_memory_with_an_input_is_refused():
+    """out aliasing x gave silently wrong results (tiles overwrote rows other tiles still read)."""
+    x, w, r = torch.randn(40, 40), torch.randn(40, 40), torch.randn(40, 40)
+    for name, out in (("x", x), ("weight", w[:, :40]), ("residual", r)):
+        with pytest.raises(ValueError, match=f"shares memory with {name}"):
+            with torch.no_grad():
+                fused_linear(x, w, residual=r, out=out)
+    with torch.no_grad():
+        fused_linear(x[:20], w, out=x[20:])  # disjoint parts of one storage are fine

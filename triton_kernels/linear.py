@@ -64,13 +64,41 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         if t is not None and (tuple(t.shape) != out_shape or t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name} must be {list(out_shape)} of {x.dtype} on {x.device}, got "
                              f"{list(t.shape)} {t.dtype} on {t.device}")
+    if out is not None:
+        for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+            if t is not None and _may_overlap(out, t):
+                raise ValueError(f"out shares memory with {name}: tiles would overwrite inputs other tiles still "
+                                 f"read (and GPU autotuning re-runs the kernel); pass a separate out")
     return n
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory: same storage and intersecting address ranges.
+    Conservative: interleaved views that touch no common element also count."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def flatten_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` [..., F] as [rows, F] (a view where possible). The row count is spelled out because
     ``reshape(-1, 0)`` is ambiguous and raises for K = 0 or N = 0."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def rows_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t`` [..., F] as a [rows, F] view sharing its memory, or None when its strides allow no such
+    view (a kernel writing into a reshaped copy would leave ``t`` unwritten)."""
+    try:
+        return t.view(math.prod(t.shape[:-1]), t.shape[-1])
+    except RuntimeError:
+        return None
 
 
 class FusedLinearFunction(torch.autograd.Function):
@@ -81,11 +109,17 @@ class FusedLinearFunction(torch.autograd.Function):
         n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
         x2 = flatten_rows(x)
         y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+        y2 = rows_view(y)
+        copy_back = y2 is None  # an out= whose strides do not flatten: compute into a buffer, then copy
+        if copy_back:
+            y2 = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
         needs_grad = any(ctx.needs_input_grad[:3])
         pre = (torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
                if needs_grad and activation is not None else None)
-        launch_gemm(x2, weight.t(), flatten_rows(y), act=ACT_CODES[activation], swiglu=activation == "swiglu",
+        launch_gemm(x2, weight.t(), y2, act=ACT_CODES[activation], swiglu=activation == "swiglu",
                     bias=bias, residual=flatten_rows(residual) if residual is not None else None, pre=pre)
+        if copy_back:
+            y.copy_(y2.view(y.shape))
         ctx.save_for_backward(x2, weight, pre)
         ctx.activation, ctx.has_bias, ctx.x_shape = activation, bias is not None, x.shape
         return y
@@ -131,8 +165,9 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     for ``"swiglu"``), ``bias`` [N] (or [2N]), ``residual`` [..., N]; bf16, fp16
     or fp32, fp32 accumulation, output in ``x.dtype``. ``activation``: None,
     "relu", "gelu" (erf), "gelu_tanh", "silu", "swiglu". ``out`` receives the
-    result when given (not with autograd). Raises ValueError on bad shapes,
-    dtypes or devices.
+    result when given (not with autograd; any strides; it must not share memory
+    with an input, the residual included). Raises ValueError on bad shapes,
+    dtypes, devices or overlaps.
     """
     check_linear_args(x, weight, bias, activation, residual, out)
     if out is not None and torch.is_grad_enabled() and any(

@@ -26,7 +26,7 @@ import triton
 from ..errors import default_timeout_s
 from .config import ACT_CODES
 from .gemm import launch_gemm
-from .linear import check_linear_args, flatten_rows
+from .linear import check_linear_args, flatten_rows, rows_view
 
 SPINS_PER_SECOND = 1_000_000  # an acquire poll of global memory takes about a microsecond on a GPU
 _INT32_MAX = 2**31 - 1
@@ -93,10 +93,14 @@ def producer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     n = check_linear_args(x, weight, bias, activation, None, out)
     x2 = flatten_rows(x)
     _check_rows(signals, x2.shape[0], "x")
-    epoch = signals.next_epoch() if epoch is None else epoch
     y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    y2 = rows_view(y)
+    if y2 is None:
+        raise ValueError(f"out (strides {list(y.stride())}) must flatten to [rows, N] without a copy: the flags "
+                         f"announce rows written in place")
+    epoch = signals.next_epoch() if epoch is None else epoch
     signals.counters.zero_()
-    launch_gemm(x2, weight.t(), y.view(x2.shape[0], n), act=ACT_CODES[activation], swiglu=activation == "swiglu", bias=bias,
+    launch_gemm(x2, weight.t(), y2, act=ACT_CODES[activation], swiglu=activation == "swiglu", bias=bias,
                 publish=(signals.counters, signals.flags, epoch, signals.rows_per_chunk))
     return y
 
@@ -119,6 +123,7 @@ def consumer_linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     max_spins = max(1, min(_INT32_MAX, int(seconds * SPINS_PER_SECOND)))
     y = torch.empty(*a.shape[:-1], n, dtype=a.dtype, device=a.device)
     signals.error.zero_()
-    launch_gemm(a2, weight.t(), y.view(a2.shape[0], n), act=ACT_CODES[activation], swiglu=activation == "swiglu", bias=bias,
+    launch_gemm(a2, weight.t(), y.view(a2.shape[0], n), act=ACT_CODES[activation], swiglu=activation == "swiglu",
+                bias=bias,
                 await_=(signals.flags, signals.error, epoch, signals.rows_per_chunk, max_spins), programs=programs)
     return y
