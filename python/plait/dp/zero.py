@@ -42,6 +42,7 @@ from torch import nn
 
 from ..comm import Communicator, Handle
 from .buckets import Bucket
+from .clip import clip_scale, global_norm
 from .grads import GradReducer
 
 ELEMENTWISE: tuple[type, ...] = (
@@ -109,17 +110,16 @@ class ShardedOptimizer:
         return flat
 
     def _check_same_buckets_on_every_rank(self) -> None:
-        sizes = torch.tensor([[len(self.buckets)] + [b.numel for b in self.buckets]], dtype=torch.int64,
-                             device=self.buckets[0].buffer.device)
-        try:
-            rows = self.comm.all_gather(sizes, dim=0).tolist()
-        except (RuntimeError, ValueError):
-            raise ValueError("ShardedOptimizer: DP ranks have different numbers of gradient buckets; every DP "
-                             "rank must pass the same parameters (shapes, order, bucket_mb)") from None
+        """ValueError on every rank when DP ranks built different buckets (they would exchange garbage)."""
+        sizes = [b.numel for b in self.buckets]
+        # a fixed-size summary, so ranks that disagree on the bucket count still exchange equal shapes
+        summary = torch.tensor([[len(sizes), sum(sizes), sum(i * n for i, n in enumerate(sizes, 1))]],
+                               dtype=torch.int64, device=self.buckets[0].buffer.device)
+        rows = self.comm.all_gather(summary, dim=0).tolist()
         if any(row != rows[0] for row in rows):
-            raise ValueError("ShardedOptimizer: DP ranks disagree on the gradient buckets "
-                             f"([count, sizes...] per rank: {rows}); every DP rank must pass the same "
-                             "parameters (shapes, order, dtype) and bucket_mb")
+            detail = "; ".join(f"DP rank {r}: {row[0]} buckets, {row[1]} elements" for r, row in enumerate(rows))
+            raise ValueError(f"ShardedOptimizer: DP ranks disagree on the gradient buckets ({detail}); every DP "
+                             "rank must pass the same parameters (shapes, order, dtype) and bucket_mb")
 
     # ------------------------------------------------------- the reducer's steps
     def start_step(self, num_microbatches: int = 1) -> None:
@@ -159,25 +159,23 @@ class ShardedOptimizer:
         rank > 0 for a replicated layer norm). Matches ``torch.nn.utils.clip_grad_norm_``
         on the whole model (scale ``max_norm / (norm + 1e-6)``, at most 1).
         """
-        if max_norm <= 0:
+        if not max_norm > 0:
             raise ValueError(f"max_norm must be positive, got {max_norm}")
         self._check_reduced("clip_grad_norm_")
-        square = torch.zeros((), dtype=torch.float64, device=self.shards[0].device)
+        squares = torch.zeros((), dtype=torch.float64, device=self.shards[0].device)
         for bucket, shard in zip(self.buckets, self.shards):
             grad = shard.grad.double()
             if counted is None:
-                square += grad.square().sum()
+                squares += grad.square().sum()
                 continue
             start = self.comm.rank * shard.numel()
             for i, param in enumerate(bucket.params):
                 lo = max(bucket.offsets[i], start) - start
                 hi = min(bucket.offsets[i] + param.numel(), start + shard.numel()) - start
                 if lo < hi and counted(param):
-                    square += grad[lo:hi].square().sum()
-        for comm in (self.comm, *norm_comms):
-            square = comm.all_reduce(square, op="sum")
-        norm = square.sqrt()
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+                    squares += grad[lo:hi].square().sum()
+        norm = global_norm(squares, (self.comm, *norm_comms))
+        scale = clip_scale(norm, max_norm)
         for shard in self.shards:
             shard.grad.mul_(scale.to(shard.grad.dtype))
         return norm.to(self.shards[0].dtype)

@@ -8,6 +8,11 @@ Synthetic data: each sequence counts upward from a random start with a random
 stride (mod vocab) and 10% noise tokens, so a model can learn it and the loss
 falls; the batch of step ``s`` depends only on (seed, s), and DP rank ``d``
 takes rows ``[d*B/dp, (d+1)*B/dp)`` of it, so every layout sees the same data.
+
+Optimizer: AdamW. ``zero=1`` shards its state over DP (ZeRO-1,
+:class:`plait.dp.ShardedOptimizer`): same results, ``1/dp`` of the state per
+rank. ``clip_grad`` > 0 clips gradients to that global L2 norm (over DP, PP and
+TP, replicated parameters counted once), as one process would.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 from .config import GPTConfig
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")
+ZERO_STAGES = (0, 1)
 
 
 @dataclass
@@ -39,12 +45,19 @@ class TrainJob:
     lr: float = 1e-3
     bucket_mb: float = 25.0
     dp_overlap: bool = True
+    zero: int = 0
+    clip_grad: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp", "num_virtual", "microbatches", "global_batch", "steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.zero, int) or isinstance(self.zero, bool) or self.zero not in ZERO_STAGES:
+            raise ValueError(f"zero must be one of {ZERO_STAGES} (0: off, 1: optimizer state sharded over DP), "
+                             f"got {self.zero!r}; ZeRO stages 2 and 3 are not implemented")
+        if not (isinstance(self.clip_grad, (int, float)) and self.clip_grad >= 0):
+            raise ValueError(f"clip_grad must be a number >= 0 (0: no clipping), got {self.clip_grad!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
         if (self.schedule == "interleaved") != (self.num_virtual > 1):
@@ -91,18 +104,26 @@ def train(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = None,
     """Run ``job`` on this rank (every rank calls it). Returns the step records, and with
     ``return_state`` also this rank's chunks' full (TP-gathered) parameters by name."""
     import plait
-    from ..dp import GradReducer
+    from ..dp import GradReducer, ShardedOptimizer, clip_grad_norm_, optimizer_state_bytes
     from ..pp import PipelineEngine
     from .gpt import build_stages, full_state_dict, gpt_loss
 
     mesh = mesh or plait.init_mesh(dp=job.dp, pp=job.pp, tp=job.tp)
     stages = build_stages(job.model, mesh.tp_comm, job.pp, mesh.pp_rank, job.num_virtual, job.seed)
     params = [p for stage in stages for p in stage.parameters()]
-    reducer = GradReducer(params, mesh.dp_comm, job.bucket_mb, overlap=job.dp_overlap) if job.dp > 1 else None
-    optimizer = torch.optim.AdamW(params, lr=job.lr)
+    # ZeRO-1 is the optimizer and the DP reducer at once; it re-points the parameters into flat
+    # buffers, so it comes before the engine, which notes where the parameters live.
+    if job.zero:
+        reducer = optimizer = ShardedOptimizer(params, torch.optim.AdamW, mesh.dp_comm, bucket_mb=job.bucket_mb,
+                                               overlap=job.dp_overlap, lr=job.lr)
+    else:
+        reducer = GradReducer(params, mesh.dp_comm, job.bucket_mb, overlap=job.dp_overlap) if job.dp > 1 else None
+        optimizer = torch.optim.AdamW(params, lr=job.lr)
     engine = PipelineEngine(stages, mesh, job.schedule, job.microbatches,
                             loss_fn=lambda logits, targets: gpt_loss(logits, targets, mesh.tp_comm),
                             num_virtual=job.num_virtual)
+    model_comms = [c for c in (mesh.pp_comm, mesh.tp_comm) if c.size > 1]
+    once = lambda p: mesh.tp_rank == 0 or getattr(p, "tp_split_dim", None) is not None  # TP replicas count once
     rows = job.global_batch // job.dp
     records = []
     for step in range(job.steps):
@@ -114,6 +135,11 @@ def train(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = None,
         loss = engine.train_step(ids, targets)
         if reducer is not None:
             reducer.finish()
+        grad_norm = None
+        if job.clip_grad and job.zero:
+            grad_norm = optimizer.clip_grad_norm_(job.clip_grad, norm_comms=model_comms, counted=once)
+        elif job.clip_grad:
+            grad_norm = clip_grad_norm_(params, job.clip_grad, model_comms, counted=once)
         optimizer.step()
         if reducer is not None:
             reducer.zero_grad()
@@ -122,8 +148,11 @@ def train(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = None,
         loss = mesh.dp_comm.all_reduce(loss.detach().clone(), op="avg")
         seconds = time.perf_counter() - start
         record = StepRecord(step, float(loss), job.tokens_per_step / seconds, seconds)
-        if reducer is not None:
+        if job.dp > 1:
             record.extra["dp_overlapped"] = reducer.started_before_backward_ended()
+        record.extra["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+        if grad_norm is not None:
+            record.extra["grad_norm"] = float(grad_norm)
         records.append(record)
         if on_step is not None:
             on_step(record)
