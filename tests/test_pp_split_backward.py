@@ -76,3 +76,20 @@ def test_split_without_an_input_gradient_does_all_in_w():
     assert torch.equal(dx, torch.zeros_like(x))
     backward_weight(work)
     assert torch.allclose(model.bias.grad, torch.full((4,), 2.0, dtype=torch.float64))
+
+
+def test_split_of_a_stage_without_a_graph():
+    # A pass-through stage (nn.Identity) returns its input itself: I must hand the output
+    # gradient back upstream, not zeros (zb1p once dropped every gradient above such a stage).
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, dtype=torch.float64)
+    dx, work = backward_input(nn.Identity()(x), grad, x, [])
+    assert torch.equal(dx, grad)
+    backward_weight(work)
+    assert x.grad is None  # the input gradient travels as dx, never into .grad
+    # A stage that returns a parameter: nothing flows to the input, W fills the parameter's .grad.
+    weight = nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
+    dx, work = backward_input(weight, grad, x, [weight])
+    assert torch.equal(dx, torch.zeros_like(x)) and weight.grad is None
+    backward_weight(work)
+    assert torch.equal(weight.grad, grad)

@@ -94,7 +94,7 @@ def backward_input(output: torch.Tensor, grad_output: Optional[torch.Tensor], st
     """
     work = WeightWork(keep=output)
     if output.grad_fn is None:
-        return (None if stage_input is None else torch.zeros_like(stage_input)), work
+        return _leaf_output(output, grad_output, stage_input, work), work
     if stage_input is None or not stage_input.requires_grad:
         work.full = (output, grad_output)
         return None, work
@@ -119,6 +119,18 @@ def backward_input(output: torch.Tensor, grad_output: Optional[torch.Tensor], st
         for handle in handles:
             handle.remove()
     return grad_input, work
+
+
+def _leaf_output(output: torch.Tensor, grad_output: Optional[torch.Tensor], stage_input: Optional[torch.Tensor],
+                 work: WeightWork) -> Optional[torch.Tensor]:
+    """I for an output without a graph: the stage returned its input itself (a pass-through
+    stage: the input gradient is the output gradient), a leaf such as a parameter (W
+    accumulates into it) or a constant (no gradient at all)."""
+    if stage_input is not None and output is stage_input:
+        return torch.ones_like(output) if grad_output is None else grad_output
+    if output.requires_grad:
+        work.full = (output, grad_output)
+    return None if stage_input is None else torch.zeros_like(stage_input)
 
 
 def _capture(store: dict, node):
