@@ -24,7 +24,9 @@ def bad_inputs(rank: int, world: int) -> int:
         (lambda: Row(6, 8), "in_features=6"),
         (lambda: plait.VocabParallelEmbedding(10, 4), "vocab_size=10"),
         (lambda: Col(8, 8, overlap="sometimes"), "unknown overlap"),
-        (lambda: Col(8, 8, overlap="fused"), "overlap='fused'"),
+        (lambda: Col(8, 8, overlap="fused")(torch.ones(3, 8)), "overlap='fused' runs on CUDA"),
+        (lambda: Row(8, 8, overlap="fused")(torch.ones(3, 2)), "overlap='fused' runs on CUDA"),
+        (lambda: plait.tp.fused.ipc_communicator(plait.current_mesh().tp_comm), "CUDA IPC communicator"),
         (lambda: Col(8, 8, activation="tanhh"), "unknown activation"),
         (lambda: Col(8, 8, gather_output=True, sequence_parallel=True), "gather_output"),
         (lambda: Row(8, 8, input_is_parallel=False, sequence_parallel=True), "input_is_parallel"),
@@ -56,4 +58,4 @@ def bad_inputs(rank: int, world: int) -> int:
 
 
 def test_bad_input_is_rejected_without_hanging():
-    assert run_ranks(bad_inputs, 4) == [22] * 4
+    assert run_ranks(bad_inputs, 4) == [24] * 4

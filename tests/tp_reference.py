@@ -37,7 +37,7 @@ def _dense_and_parallel(case: dict, cls, **layer_kwargs):
     dense = nn.Linear(k, n, bias=case["bias"], dtype=dtype, device=dev)
     torch.manual_seed(case["seed"])
     layer = cls(k, n, bias=case["bias"], sequence_parallel=case["sp"], overlap=case["overlap"], dtype=dtype,
-                device=dev, **layer_kwargs)
+                device=dev, group=case.get("group"), **layer_kwargs)
     gen = torch.Generator().manual_seed(case["seed"] + 1)
     x = torch.randn(*case["shape"], k, dtype=dtype, generator=gen).to(dev).requires_grad_()
     dy = torch.randn(*case["shape"], n, dtype=dtype, generator=gen).to(dev)
@@ -111,6 +111,35 @@ def run_layer_cases(rank: int, world: int, device: str = "cpu", backend=None) ->
     cases = [dict(case, device=device) for case in layer_cases(world)]
     for case in cases:
         (check_column if case["kind"] == "column" else check_row)(case, world, rank)
+    plait.destroy_mesh()
+    return len(cases)
+
+
+def fused_cases(tp: int) -> list[dict]:
+    """overlap="fused" configurations (float32: what the fused kernels and IPC reductions take)."""
+    cases, seed = [], 500
+    for sp, shape, bias in itertools.product((False, True), ((300,), (4, 37)), (True, False)):
+        seed += 1
+        rows = (shape[0] * tp,) + shape[1:] if sp else shape
+        cases.append(dict(kind="column", shape=rows, k=40, n=16 * tp, dtype=torch.float32, bias=bias, sp=sp,
+                          gather=False, act=("gelu" if bias else None), overlap="fused", seed=seed))
+        cases.append(dict(kind="row", shape=rows, k=16 * tp, n=48, dtype=torch.float32, bias=bias, sp=sp,
+                          parallel_in=True, overlap="fused", seed=seed + 50))
+    return cases
+
+
+def run_fused_cases(rank: int, world: int) -> int:
+    """Every :func:`fused_cases` case on this rank, the layers on plait's IPC communicator (ranks share GPU 0)."""
+    from plait.comm import Communicator
+
+    torch.cuda.set_device(0)
+    torch.backends.cuda.matmul.allow_tf32 = False   # IEEE fp32 products on both sides of the comparison
+    plait.init_mesh(tp=world, backend="gloo")
+    ipc = Communicator.create("ipc", None, name="fused-tp")
+    cases = [dict(case, device="cuda", group=ipc) for case in fused_cases(world)]
+    for case in cases:
+        (check_column if case["kind"] == "column" else check_row)(case, world, rank)
+    torch.cuda.synchronize()
     plait.destroy_mesh()
     return len(cases)
 

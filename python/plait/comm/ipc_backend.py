@@ -20,7 +20,7 @@ processes on one device, where NCCL refuses) or sit on GPUs with P2P access.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -51,6 +51,29 @@ def ipc_local_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "torch sees no CUDA device"
     return True, "ok"
+
+
+def map_peers(comm: TorchCommunicator, create: Callable[[], Any], what: str) -> Any:
+    """Collective: ``create()`` this rank's CUDA IPC object (IpcGroup, SymmetricBuffer), swap handles
+    with every rank of ``comm`` and map the peers'. A failure on any rank raises CommError on
+    every rank (outcomes are exchanged), naming ``what`` and each failing rank."""
+    error, shared = "", None
+    try:
+        shared = create()
+        handle = shared.handle().hex()
+    except RuntimeError as exc:
+        handle, error = "", str(exc)
+    handles = all_gather_text(comm, handle or "!" + error, width=256)
+    failed = [f"group rank {r}: {h[1:]}" for r, h in enumerate(handles) if h.startswith("!")]
+    if not failed:
+        try:
+            shared.open([bytes.fromhex(h) for h in handles])
+        except RuntimeError as exc:
+            error = str(exc)
+        failed = [f"group rank {r}: {e}" for r, e in enumerate(all_gather_text(comm, error)) if e]
+    if failed:
+        raise CommError(f"{what}: " + "; ".join(failed))
+    return shared
 
 
 class IpcCommunicator(RanksOfTorch, Communicator):
@@ -95,22 +118,8 @@ class IpcCommunicator(RanksOfTorch, Communicator):
         data = _pages(_bytes_env("PLAIT_IPC_BUFFER_BYTES", 8 << 20))
         inbox = _pages(_bytes_env("PLAIT_IPC_INBOX_BYTES", 4 << 20))
         oneshot = _bytes_env("PLAIT_IPC_ONESHOT_BYTES", 256 << 10)
-        error = ""
-        try:
-            self._group = _C.IpcGroup(self.rank, self.size, self.device.index, data, inbox, oneshot)
-            handle = self._group.handle().hex()
-        except RuntimeError as exc:
-            self._group, handle, error = None, "", str(exc)
-        handles = all_gather_text(self._torch, handle or "!" + error, width=256)
-        failed = [f"group rank {r}: {h[1:]}" for r, h in enumerate(handles) if h.startswith("!")]
-        if not failed:
-            try:
-                self._group.open([bytes.fromhex(h) for h in handles])
-            except RuntimeError as exc:
-                error = str(exc)
-            failed = [f"group rank {r}: {e}" for r, e in enumerate(all_gather_text(self._torch, error)) if e]
-        if failed:
-            raise CommError(f"{self.describe('ipc setup')}: " + "; ".join(failed))
+        self._group = map_peers(self._torch, lambda: _C.IpcGroup(self.rank, self.size, self.device.index, data,
+                                                                 inbox, oneshot), self.describe("ipc setup"))
 
     def reduces(self, dtype: torch.dtype) -> bool:
         """Whether all_reduce / reduce_scatter take ``dtype`` here (copies take any)."""

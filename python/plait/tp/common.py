@@ -27,12 +27,9 @@ def resolve_comm(group=None) -> Communicator:
 
 
 def check_overlap(overlap: str) -> str:
-    """Validate an ``overlap`` argument; "fused" needs the CUDA IPC backend, not in this build."""
+    """Validate an ``overlap`` argument (what "fused" needs is checked per input: :func:`plait.tp.fused.check_fused`)."""
     if overlap not in OVERLAP_MODES:
         raise ValueError(f"unknown overlap {overlap!r}; use one of {OVERLAP_MODES}")
-    if overlap == "fused":
-        raise ValueError("overlap='fused' needs CUDA tensors and plait's IPC communicator, which this "
-                         "version does not have yet; use overlap='chunked' (works on every backend) or 'auto'")
     return overlap
 
 
@@ -44,6 +41,8 @@ def resolve_overlap(overlap: str, comm: Communicator, device: torch.device) -> s
     idle resource to overlap into: bench/tp_layers.py measured chunked at
     0.83x-1.10x of none on a 2-core machine, no consistent gain. On CUDA
     the collective runs on its own stream and SMs while the GEMM runs.
+    "fused" (CUDA, plait's IPC communicator) is never chosen automatically: it has
+    not yet been measured against "chunked" on a GPU (bench/tp_layers.py).
     """
     if overlap == "auto":
         return "chunked" if comm.size > 1 and device.type == "cuda" else "none"

@@ -28,6 +28,13 @@ all-reduce forward and one backward, or all-gather + reduce-scatter under SP.
 On CUDA with Triton the non-overlapped path runs GEMM, bias and activation as
 one ``plait.kernels.fused_linear`` kernel (its backward fused too); on CPU it
 runs ``F.linear`` and the activation. The chunked path runs torch GEMMs.
+
+``overlap`` is "none", "chunked" (:mod:`plait.tp.overlap`: row chunks, each
+chunk's collective hidden behind the next chunk's GEMM), "fused" (CUDA with
+plait's IPC communicator, :mod:`plait.tp.fused`: the collective runs beside
+the Triton GEMM, chunk by chunk as flags say rows are ready; a column layer
+without sequence parallelism has no forward collective and runs as "none")
+or "auto" (:func:`plait.tp.common.resolve_overlap`).
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from .activations import apply_activation, check_activation, linear_activation
 from .common import check_input, check_overlap, divide, init_full_linear, resolve_comm, resolve_overlap
 from .mappings import (copy_to_tp_region, gather_from_sequence_region, gather_from_tp_region,
                        reduce_from_tp_region, reduce_scatter_to_sequence_region, scatter_to_tp_region)
+from .fused import check_fused, column_linear_fused, row_linear_fused
 from .overlap import column_linear_overlapped, num_chunks, row_linear_overlapped
 
 
@@ -135,7 +143,12 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel and x.dim() < 2:
             raise ValueError(f"ColumnParallelLinear(sequence_parallel=True) needs [seq, ..., features] "
                              f"input with the sequence shard in dim 0, got shape {list(x.shape)}")
-        if resolve_overlap(self.overlap, self.comm, x.device) == "chunked":
+        mode = resolve_overlap(self.overlap, self.comm, x.device)
+        if mode == "fused":
+            check_fused("ColumnParallelLinear", x, self.comm)
+        if mode == "fused" and self.sequence_parallel:
+            y = apply_activation(column_linear_fused(x, self.weight, self.bias, self.comm), self.activation)
+        elif mode == "chunked":
             rows = x.numel() // max(x.shape[-1], 1)
             y = column_linear_overlapped(x, self.weight, self.bias, self.comm, self.sequence_parallel,
                                          num_chunks(rows, self.overlap_chunks))
@@ -178,9 +191,15 @@ class RowParallelLinear(_ParallelLinear):
             raise ValueError(f"RowParallelLinear(sequence_parallel=True) reduce-scatters dim 0 (the "
                              f"sequence) over {self.tp_size} ranks, but the input has shape {list(x.shape)}; "
                              f"make the sequence length a multiple of {self.tp_size}")
+        mode = resolve_overlap(self.overlap, self.comm, x.device)
+        if mode == "fused":
+            check_fused("RowParallelLinear", x, self.comm)
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.comm)
-        if resolve_overlap(self.overlap, self.comm, x.device) == "chunked":
+        if mode == "fused":
+            return row_linear_fused(x, self.weight, self.bias, self.comm, self.sequence_parallel,
+                                    self.overlap_chunks)
+        if mode == "chunked":
             rows = x.numel() // max(x.shape[-1], 1)
             local_rows = rows // self.tp_size if self.sequence_parallel else rows
             return row_linear_overlapped(x, self.weight, self.bias, self.comm, self.sequence_parallel,
