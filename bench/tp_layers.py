@@ -1,10 +1,12 @@
-"""Forward+backward time of a tensor-parallel MLP: overlap "none" vs "chunked", TP 2 and 4.
+"""Forward+backward time of a tensor-parallel MLP: overlap "none" vs "chunked" (and "fused" on CUDA), TP 2 and 4.
 
     python bench/tp_layers.py [--tp 2 4] [--tokens 512 2048] [--hidden 512] [--sp both]
     plait bench tp_layers ...
 
 The MLP is ColumnParallelLinear(H, 4H, GELU) -> RowParallelLinear(4H, H), fp32 on
-CPU (gloo, one thread per rank) or bf16 on CUDA. Each configuration runs
+CPU (gloo, one thread per rank) or bf16 on CUDA, where "fused" (plait.tp.fused) also runs,
+over plait's IPC communicator (ranks sharing one GPU when there are fewer GPUs than ranks,
+labelled by the backend column). Each configuration runs
 ``--warmup`` untimed and ``--iters`` timed steps; a step's time is the slowest
 rank's, the figure reported is the median over steps. Results go to
 bench/results/ as JSON, with the dense one-process MLP as a reference.
@@ -59,6 +61,16 @@ def bench_rank(rank: int, world: int, configs: list[dict], warmup: int, iters: i
     # NCCL cannot put two ranks on one GPU: ranks sharing a GPU use gloo (labelled in the result).
     backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= world else "gloo"
     mesh = plait.init_mesh(tp=world, backend=backend)
+    modes, groups = ["none", "chunked"], {}
+    if device.type == "cuda":
+        from plait.comm import Communicator, IpcCommunicator
+
+        usable, why = IpcCommunicator.usable_for(mesh.tp_comm)
+        if usable:
+            modes.append("fused")
+            groups["fused"] = Communicator.create("ipc", mesh.groups["tp"], name="tp-ipc")
+        elif rank == 0:
+            print(f"  overlap='fused' skipped: {why}", flush=True)
     out = []
     for cfg in configs:
         hidden, tokens, sp = cfg["hidden"], cfg["tokens"], cfg["sp"]
@@ -66,17 +78,21 @@ def bench_rank(rank: int, world: int, configs: list[dict], warmup: int, iters: i
         x_rows = tokens // world if sp else tokens
         x = torch.randn(x_rows, 1, hidden, device=device, dtype=dtype, requires_grad=True)
         row_ms = {}
-        for overlap in ("none", "chunked"):
+        for overlap in modes:
+            group = groups.get(overlap)
             col = plait.ColumnParallelLinear(hidden, 4 * hidden, activation="gelu", sequence_parallel=sp,
-                                             overlap=overlap, dtype=dtype, device=device)
+                                             overlap=overlap, group=group, dtype=dtype, device=device)
             row = plait.RowParallelLinear(4 * hidden, hidden, sequence_parallel=sp, overlap=overlap,
-                                          dtype=dtype, device=device)
+                                          group=group, dtype=dtype, device=device)
             times = _steps(lambda: row(col(x)).float().sum().backward(), device, warmup, iters,
                            barrier=mesh.tp_comm.barrier)
             slowest = mesh.tp_comm.all_reduce(torch.tensor(times, dtype=torch.float64), op="max")
             row_ms[overlap] = statistics.median(slowest.tolist())
-        out.append({**cfg, "tp": world, "backend": backend, "none_ms": row_ms["none"],
-                    "chunked_ms": row_ms["chunked"], "speedup": row_ms["none"] / row_ms["chunked"]})
+        result = {**cfg, "tp": world, "backend": backend, "none_ms": row_ms["none"],
+                  "chunked_ms": row_ms["chunked"], "speedup": row_ms["none"] / row_ms["chunked"]}
+        if "fused" in row_ms:
+            result.update(fused_ms=row_ms["fused"], fused_speedup=row_ms["none"] / row_ms["fused"])
+        out.append(result)
     plait.destroy_mesh()
     return out
 
@@ -91,7 +107,7 @@ def dense_ms(hidden: int, tokens: int, warmup: int, iters: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="TP MLP forward+backward: overlap none vs chunked")
+    parser = argparse.ArgumentParser(description="TP MLP forward+backward: overlap none vs chunked (vs fused on CUDA)")
     parser.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--hidden", type=int, nargs="+", default=[512])
@@ -111,10 +127,11 @@ def main(argv=None) -> int:
         rows += run_ranks(bench_rank, tp, configs, args.warmup, args.iters, timeout=1800)[0]
     dense = {(h, t): dense_ms(h, t, args.warmup, args.iters) for h in args.hidden for t in args.tokens}
     header = ["tp", "sp", "tokens", "hidden", "backend", "dense 1 proc ms", "none ms", "chunked ms",
-              "chunked speedup"]
+              "chunked speedup", "fused ms", "fused speedup"]
     table = [[r["tp"], "on" if r["sp"] else "off", r["tokens"], r["hidden"], r["backend"],
               round(dense[(r["hidden"], r["tokens"])], 2), round(r["none_ms"], 2), round(r["chunked_ms"], 2),
-              round(r["speedup"], 3)] for r in rows]
+              round(r["speedup"], 3), round(r["fused_ms"], 2) if "fused_ms" in r else "-",
+              round(r["fused_speedup"], 3) if "fused_speedup" in r else "-"] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
     for line in [header, *table]:
         print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
