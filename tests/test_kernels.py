@@ -228,3 +228,12 @@ def test_out_sharing_memory_with_an_input_is_refused():
                 fused_linear(x, w, residual=r, out=out)
     with torch.no_grad():
         fused_linear(x[:20], w, out=x[20:])  # disjoint parts of one storage are fine
+
+
+def test_double_backward_raises_instead_of_dropping_terms():
+    """The backward kernels build no graph, so a second derivative silently lost fused_linear's share
+    (``x ** 3`` plus fused_linear: only the cube's term survived); it must raise instead."""
+    x, w = torch.randn(4, 6).requires_grad_(), torch.randn(5, 6)
+    (gx,) = torch.autograd.grad(fused_linear(x, w, None, "gelu").sum() + (x ** 3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(gx.sum(), x)

@@ -101,6 +101,37 @@ def rows_view(t: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the gradients of :class:`FusedLinearFunction` that raises if differentiated.
+
+    Its backward kernels record no graph, so under ``create_graph=True`` the
+    gradients would look constant and a second derivative would silently lose
+    fused_linear's terms. (``once_differentiable`` does not help: it only looks at
+    whether the incoming gradient requires grad, not the saved inputs.)
+    ``anchor`` is a tensor that requires grad, so the outputs get this node.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("fused_linear has no second derivative (its backward kernels record no graph); "
+                           "use F.linear and the activation where higher-order gradients are needed")
+
+
+def _first_order_only(anchors: tuple, grads: tuple) -> tuple:
+    """``grads`` unchanged, except under ``create_graph=True`` with an anchor that requires grad:
+    then each tensor comes back through :class:`_FirstOrderOnly`."""
+    anchor = next((t for t in anchors if t is not None and t.requires_grad), None)
+    present = [g for g in grads if g is not None]
+    if not torch.is_grad_enabled() or anchor is None or not present:
+        return grads
+    wrapped = iter(_FirstOrderOnly.apply(anchor, *present))
+    return tuple(next(wrapped) if g is not None else None for g in grads)
+
+
 class FusedLinearFunction(torch.autograd.Function):
     """Autograd for :func:`fused_linear` (x, weight, bias, residual differentiable)."""
 
@@ -120,8 +151,8 @@ class FusedLinearFunction(torch.autograd.Function):
                     bias=bias, residual=flatten_rows(residual) if residual is not None else None, pre=pre)
         if copy_back:
             y.copy_(y2.view(y.shape))
-        ctx.save_for_backward(x2, weight, pre)
-        ctx.activation, ctx.has_bias, ctx.x_shape = activation, bias is not None, x.shape
+        ctx.save_for_backward(x, weight, pre)  # x, not its flattened copy: it anchors _first_order_only
+        ctx.activation, ctx.has_bias = activation, bias is not None
         return y
 
     @staticmethod
@@ -129,7 +160,7 @@ class FusedLinearFunction(torch.autograd.Function):
         grad_res = grad if ctx.needs_input_grad[3] else None
         if not any(ctx.needs_input_grad[:3]):
             return None, None, None, grad_res, None, None  # only the residual: forward saved no pre-activation
-        x2, weight, pre = ctx.saved_tensors
+        x, weight, pre = ctx.saved_tensors
         act = ctx.activation
         g2 = flatten_rows(grad).contiguous()
         if act == "swiglu":
@@ -142,17 +173,18 @@ class FusedLinearFunction(torch.autograd.Function):
             a, z, code = g2, pre, ACT_CODES[act] if act is not None else 0
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.empty(a.shape[0], weight.shape[1], dtype=x2.dtype, device=x2.device)
+            grad_x = torch.empty(a.shape[0], weight.shape[1], dtype=x.dtype, device=x.device)
             launch_gemm(a, weight, grad_x, prologue_z=z, prologue_act=code)
-            grad_x = grad_x.view(ctx.x_shape)
+            grad_x = grad_x.view(x.shape)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:
             grad_w = torch.empty_like(weight)
-            row_sums = torch.empty(weight.shape[0], dtype=torch.float32, device=x2.device) if want_b else None
-            launch_gemm(a.t(), x2, grad_w, prologue_z=z.t() if z is not None else None, prologue_act=code,
-                        rowsum=row_sums)
+            row_sums = torch.empty(weight.shape[0], dtype=torch.float32, device=x.device) if want_b else None
+            launch_gemm(a.t(), flatten_rows(x), grad_w, prologue_z=z.t() if z is not None else None,
+                        prologue_act=code, rowsum=row_sums)
             grad_b = row_sums.to(weight.dtype) if want_b else None
             grad_w = grad_w if ctx.needs_input_grad[1] else None
+        grad_x, grad_w, grad_b = _first_order_only((x, weight, grad), (grad_x, grad_w, grad_b))
         return grad_x, grad_w, grad_b, grad_res, None, None
 
 
