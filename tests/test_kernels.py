@@ -89,6 +89,8 @@ def test_bad_arguments():
                        (lambda: fused_linear(x, torch.randn(5, 8), activation="swiglu"), "swiglu"),
                        (lambda: fused_linear(x, w, torch.randn(5)), "bias"),
                        (lambda: fused_linear(x, w, residual=torch.randn(4, 5)), "residual"),
+                       (lambda: fused_linear(x, w, activation=["relu"]), "unknown activation"),
+                       (lambda: fused_linear(x.to("meta"), w.to("meta")), "cannot run on meta"),
                        (lambda: fused_linear(x.requires_grad_(), w, out=torch.empty(4, 6)), "autograd")):
         with pytest.raises(ValueError, match=text):
             call()

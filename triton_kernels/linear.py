@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import ACT_CODES
+from .config import ACT_CODES, interpreting
 from .gemm import launch_gemm
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -45,12 +45,13 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       activation: Optional[str], residual: Optional[torch.Tensor],
                       out: Optional[torch.Tensor]) -> int:
     """Validate ``fused_linear``'s arguments; return the output feature count N."""
-    if activation not in ACT_CODES:
+    if not (activation is None or isinstance(activation, str)) or activation not in ACT_CODES:
         raise ValueError(f"unknown activation {activation!r}; use one of {list(ACT_CODES)}")
     if x.dtype not in DTYPES or weight.dtype != x.dtype:
         raise ValueError(f"x and weight must share one dtype of {DTYPES}, got {x.dtype} and {weight.dtype}")
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+    _check_runnable_device(x.device)
     if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x [..., K] and weight [N, K] do not fit: x {list(x.shape)}, weight {list(weight.shape)}")
     rows = weight.shape[0]
@@ -70,6 +71,15 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                 raise ValueError(f"out shares memory with {name}: tiles would overwrite inputs other tiles still "
                                  f"read (and GPU autotuning re-runs the kernel); pass a separate out")
     return n
+
+
+def _check_runnable_device(device: torch.device) -> None:
+    """Triton runs CUDA tensors, and CPU tensors only on its interpreter; anything else (a CPU tensor
+    with compiled Triton, a meta tensor) would fail deep inside the launch, so say so here."""
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return
+    hint = " (CPU tensors need TRITON_INTERPRET=1 set before triton is imported)" if device.type == "cpu" else ""
+    raise ValueError(f"plait.kernels cannot run on {device}{hint}; use torch ops there")
 
 
 def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
