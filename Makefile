@@ -100,7 +100,8 @@ bench: build
 	@for name in $(BENCHES); do echo ">> plait bench $$name"; $(VENV)/bin/plait bench $$name; done
 	@if $(VPY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  echo ">> plait bench gemm --plot"; $(VENV)/bin/plait bench gemm --plot; \
-	else echo ">> plait bench gemm: skipped (needs a CUDA GPU)"; fi
+	  echo ">> plait bench comm_gpu"; $(VENV)/bin/plait bench comm_gpu; \
+	else echo ">> plait bench gemm, comm_gpu: skipped (need a CUDA GPU)"; fi
 	@echo ">> bench/report.py"
 	@$(VPY) bench/report.py
 
