@@ -1,11 +1,12 @@
 """Train the reference GPT on a DP x PP x TP mesh, on synthetic tokens derived from the seed.
 
     torchrun --nproc-per-node 8 examples/train_gpt.py --dp 2 --pp 2 --tp 2 --schedule 1f1b \\
-        --microbatches 4 --steps 10 --seed 0
+        --microbatches 4 --steps 10 --seed 0 [--zero 1] [--clip-grad 1.0]
     python examples/train_gpt.py --steps 10 --seed 0          # the same model, one process
 
 Without torchrun the job runs in one process (dp = pp = tp = 1) on the same
-data, which is the reference the distributed run must agree with. ``--json``
+data, which is the reference the distributed run must agree with. ``--zero 1``
+shards AdamW's state over DP (ZeRO-1): the same losses, 1/dp of the state per rank. ``--json``
 prints one JSON object per step (step, loss, tokens_per_s) and a summary.
 """
 from __future__ import annotations
@@ -44,6 +45,9 @@ def parse(argv=None) -> argparse.Namespace:
     run.add_argument("--lr", type=float, default=3e-3)
     run.add_argument("--bucket-mb", type=float, default=25.0)
     run.add_argument("--no-dp-overlap", action="store_true", help="reduce DP gradients only after backward")
+    run.add_argument("--zero", type=int, default=0, choices=[0, 1],
+                     help="1: ZeRO-1, AdamW state sharded over DP (reduce-scatter grads, all-gather params)")
+    run.add_argument("--clip-grad", type=float, default=0.0, help="clip gradients to this global L2 norm (0: off)")
     run.add_argument("--json", action="store_true", help="one JSON object per step on stdout")
     return p.parse_args(argv)
 
@@ -71,7 +75,8 @@ def main(argv=None) -> int:
                                        sequence_parallel=args.sp, dtype=getattr(torch, args.dtype)),
                        dp=args.dp, pp=args.pp, tp=args.tp, num_virtual=args.vpp, schedule=args.schedule,
                        microbatches=args.microbatches, global_batch=args.global_batch, steps=args.steps,
-                       seed=args.seed, lr=args.lr, bucket_mb=args.bucket_mb, dp_overlap=not args.no_dp_overlap)
+                       seed=args.seed, lr=args.lr, bucket_mb=args.bucket_mb, dp_overlap=not args.no_dp_overlap,
+                       zero=args.zero, clip_grad=args.clip_grad)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if job.world_size != world:
             raise ValueError(f"dp*pp*tp = {job.world_size} but {world} processes were started; "
@@ -83,7 +88,8 @@ def main(argv=None) -> int:
     if rank == 0 and not args.json:
         print(f"plait train_gpt: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq {args.seq}, "
               f"vocab {args.vocab}; dp={job.dp} pp={job.pp} tp={job.tp} vpp={job.num_virtual} "
-              f"schedule={job.schedule} microbatches={job.microbatches} global batch={job.global_batch}", flush=True)
+              f"schedule={job.schedule} microbatches={job.microbatches} global batch={job.global_batch} "
+              f"zero={job.zero}", flush=True)
 
     def report(record) -> None:
         if rank != 0:
@@ -103,7 +109,8 @@ def main(argv=None) -> int:
         mean_tps = sum(r.tokens_per_s for r in records) / len(records)
         summary = {"summary": True, "steps": len(records), "first_loss": records[0].loss,
                    "final_loss": records[-1].loss, "mean_tokens_per_s": mean_tps, "seconds": elapsed,
-                   "layout": [job.dp, job.pp, job.tp]}
+                   "layout": [job.dp, job.pp, job.tp], "zero": job.zero,
+                   "optimizer_state_bytes_rank0": records[-1].extra["optimizer_state_bytes"]}
         if args.json:
             print(json.dumps(summary), flush=True)
         else:

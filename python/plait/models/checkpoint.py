@@ -12,6 +12,11 @@ rank of the old pipeline rank that held it, then keeps its own new shard; so
 TP, PP and virtual-stage counts may all change. Optimizer state tensors shaped
 like their parameter (Adam's moments, momentum) reshard the same way; scalar
 state (Adam's ``step``) is copied.
+
+ZeRO-1 (:class:`plait.dp.ShardedOptimizer`) keeps each DP rank's slice of the
+optimizer state only; saving gathers it over DP into this same per-parameter
+layout and loading cuts it again, so a checkpoint does not depend on whether
+ZeRO was on, and moves freely between ZeRO and plain runs of any layout.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..comm import Communicator
+from ..dp import ShardedOptimizer
 from .config import GPTConfig
 from .gpt import GPTStage
 
@@ -34,14 +40,27 @@ def _named_params(stages: Sequence[GPTStage]):
             yield stage, name, param
 
 
-def save_checkpoint(path, stages: Sequence[GPTStage], mesh, optimizer: Optional[torch.optim.Optimizer] = None,
+def _per_param_state(optimizer) -> dict:
+    """Optimizer state by parameter, unsharded (a DP collective for a ShardedOptimizer)."""
+    if optimizer is None:
+        return {}
+    if isinstance(optimizer, ShardedOptimizer):
+        return optimizer.gather_state()
+    return optimizer.state
+
+
+def save_checkpoint(path, stages: Sequence[GPTStage], mesh,
+                    optimizer: Optional[torch.optim.Optimizer | ShardedOptimizer] = None,
                     step: int = 0, num_virtual: int = 1) -> None:
     """Write this rank's shards (DP rank 0 only) and, from global rank 0, ``meta.json``.
 
     Every rank calls it (it ends with a barrier so the checkpoint is complete on return).
+    ``optimizer`` may be a torch optimizer or a ZeRO-1 ``ShardedOptimizer`` (its state is
+    gathered over DP first, so the file is the same as without ZeRO).
     """
     path = Path(path)
     dp_rank, pp_rank, tp_rank = mesh.coords
+    states = _per_param_state(optimizer)
     names = {}
     shards = {}
     for stage, name, param in _named_params(stages):
@@ -50,7 +69,7 @@ def save_checkpoint(path, stages: Sequence[GPTStage], mesh, optimizer: Optional[
         if split is not None:
             full[split] *= stage.comm.size
         names[name] = {"shape": full, "split": split, "pp_rank": pp_rank}
-        state = optimizer.state.get(param, {}) if optimizer is not None else {}
+        state = states.get(param, {})
         shards[name] = {"param": param.detach().cpu(),
                         "state": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()}}
     if dp_rank == 0:
@@ -128,12 +147,17 @@ def _shard_of(full, param: torch.Tensor, stage: GPTStage):
 
 
 @torch.no_grad()
-def load_checkpoint(path, stages: Sequence[GPTStage], optimizer: Optional[torch.optim.Optimizer] = None) -> int:
-    """Load parameters (and optimizer state) into this rank's stages, resharding as needed; returns the step."""
+def load_checkpoint(path, stages: Sequence[GPTStage],
+                    optimizer: Optional[torch.optim.Optimizer | ShardedOptimizer] = None) -> int:
+    """Load parameters (and optimizer state) into this rank's stages, resharding as needed; returns the step.
+
+    With a ZeRO-1 ``ShardedOptimizer`` each rank keeps only its DP slice of the state.
+    """
     path = Path(path)
     meta = read_meta(path)
     check_compatible(meta, stages[0].cfg)
     reader = _ShardReader(path, meta)
+    states = {}
     for stage, name, param in _named_params(stages):
         if name not in meta["params"]:
             raise ValueError(f"checkpoint {path} has no parameter {name!r}")
@@ -145,9 +169,12 @@ def load_checkpoint(path, stages: Sequence[GPTStage], optimizer: Optional[torch.
         if optimizer is not None:
             fields = reader.state_fields(name)
             if fields:
-                optimizer.state[param] = {
-                    f: (_shard_of(reader.full(name, f), param, stage).to(param.device)
-                        if torch.is_tensor(reader.full(name, f)) else reader.full(name, f)) for f in fields}
+                states[param] = {f: _shard_of(reader.full(name, f), param, stage) for f in fields}
+    if isinstance(optimizer, ShardedOptimizer):
+        optimizer.load_state(states)
+    elif optimizer is not None:
+        for param, state in states.items():
+            optimizer.state[param] = {f: (v.to(param.device) if torch.is_tensor(v) else v) for f, v in state.items()}
     return int(meta.get("step", 0))
 
 
