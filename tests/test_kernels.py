@@ -239,3 +239,31 @@ def test_double_backward_raises_instead_of_dropping_terms():
     (gx,) = torch.autograd.grad(fused_linear(x, w, None, "gelu").sum() + (x ** 3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(gx.sum(), x)
+
+
+def test_layer_dispatch_leaves_autocast_and_mixed_dtypes_to_torch():
+    """ColumnParallelLinear on CUDA sent autocast and mixed-dtype inputs to the kernel, which ignores
+    autocast and rejects mixed dtypes with a ValueError; those must take the F.linear path."""
+    from plait.tp.activations import fusable
+
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    assert fusable(x, w, None) and fusable(x.half(), w.half(), torch.randn(4).half())
+    assert not fusable(x.half(), w, None) and not fusable(x, w, torch.randn(4).double())
+    assert not fusable(x.double(), w.double(), None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fusable(x, w, None)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+def test_layer_torch_path_matches_the_kernel(activation):
+    """linear_activation's CPU path (F.linear + activation) and the kernel: same values and gradients."""
+    from plait.tp.activations import linear_activation
+
+    gen = torch.Generator().manual_seed(8)
+    x, w, b, dy = (torch.randn(*shape, generator=gen) for shape in ((2, 5, 6), (7, 6), (7,), (2, 5, 7)))
+    x, w, b = (3 * x).requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    torch_y = linear_activation(x, w, b, activation)
+    kernel_y = fused_linear(x, w, b, activation)
+    assert rel_err(kernel_y, torch_y) < 1e-5
+    for got, want in zip(torch.autograd.grad(kernel_y, (x, w, b), dy), torch.autograd.grad(torch_y, (x, w, b), dy)):
+        assert rel_err(got, want) < 1e-5

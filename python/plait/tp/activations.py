@@ -48,11 +48,20 @@ _FUSED = None
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def fusable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether the fused kernel computes what ``F.linear`` would here (device aside): one float dtype
+    of its own for x, weight and bias, and no autocast, which would change F.linear's dtype while the
+    kernel computes in the inputs' dtype (and rejects the mixed dtypes autocast allows)."""
+    same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    return x.dtype in _FUSED_DTYPES and same_dtype and not torch.is_autocast_enabled(x.device.type)
+
+
 def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       activation: Optional[str]) -> torch.Tensor:
     """``activation(x @ weight.T + bias)``: one fused Triton kernel (forward and backward) on CUDA,
-    ``F.linear`` plus the activation elsewhere (CPU, float64, no Triton). Same math either way."""
-    if x.is_cuda and x.dtype in _FUSED_DTYPES:
+    ``F.linear`` plus the activation elsewhere (CPU, float64, mixed dtypes, autocast, no Triton).
+    Same math either way."""
+    if x.is_cuda and fusable(x, weight, bias):
         fused = _fused_kernel()
         if fused is not None:
             return fused(x, weight, bias, activation)
