@@ -179,9 +179,9 @@ def test_gradients_with_size_one_or_zero_dimensions(activation):
     _assert_matches_reference(x, w, None, activation, None, torch.randn(1, 4, generator=gen).t())
     x1 = torch.randn(1, 3, generator=gen).requires_grad_()
     _assert_matches_reference(x1, w, None, activation, None, torch.ones(()).expand(1, 1))
-    x0 = torch.randn(0, 3).requires_grad_()
-    b = torch.randn(rows, generator=gen).requires_grad_()
-    dx, dw, db = torch.autograd.grad(fused_linear(x0, w, b, activation).sum(), (x0, w, b))
+    x0, w2 = torch.randn(0, 3).requires_grad_(), torch.randn(2 * rows, 3, generator=gen).requires_grad_()
+    b = torch.randn(2 * rows, generator=gen).requires_grad_()
+    dx, dw, db = torch.autograd.grad(fused_linear(x0, w2, b, activation).sum(), (x0, w2, b))
     assert dx.shape == (0, 3) and not dw.any() and not db.any()
 
 

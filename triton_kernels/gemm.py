@@ -159,8 +159,11 @@ _tuned_gemm = triton.autotune(configs=gemm_configs(),
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape, and the same element addressing: strides of dimensions of size 1 never
-    move the address, so only the others must agree (``contiguous()`` keeps odd strides there)."""
-    return a.shape == b.shape and all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+    move the address, and an empty tensor has no addresses, so only the others must agree
+    (``contiguous()`` keeps odd strides in both cases)."""
+    if a.shape != b.shape:
+        return False
+    return a.numel() == 0 or all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
 def _strides(t: Optional[torch.Tensor]) -> tuple[int, int]:
