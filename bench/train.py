@@ -1,16 +1,27 @@
-"""Training throughput and peak memory of the reference GPT per (dp, pp, tp) layout; DP overlap on vs off.
+"""Training throughput and peak memory of the reference GPT per (dp, pp, tp) layout; DP overlap on vs off;
+ZeRO-1 on vs off.
 
     python bench/train.py [--layouts 1,1,1 2,1,1 1,2,1 1,1,2 2,2,2] [--steps 6]
+    python bench/train.py --zero-only --layouts 2,1,1 4,1,1 --layers 4 --hidden 512 --steps 3
     plait bench train ...
 
 Each layout runs ``examples/train_gpt.py``'s job (``plait.models.train``) on
 local processes: gloo on CPU, or NCCL when there is a GPU per rank. Reported:
 median tokens/s over the steps after the first (warm-up), and peak memory per
 rank (CPU: max resident set; GPU: max allocated), the largest over ranks.
+
+Layouts with dp > 1 also run with ZeRO-1 (``TrainJob(zero=1)``: AdamW state
+sharded over DP). For those rows the optimizer-state bytes per rank are exact
+(the sum of the state tensors' sizes, largest rank); the peak memory is
+measured, and on CPU also given above the memory the rank had before training
+(``peak over start``), which removes torch's own few hundred MB. ``--zero-only``
+runs just the ZeRO off/on pairs and records them as ``train_zero`` (so a
+bigger model for memory does not replace the throughput table).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shlex
 import statistics
@@ -21,7 +32,16 @@ import torch
 from plait.launch import run_ranks
 
 
-def bench_rank(rank: int, world: int, layout: tuple, model: dict, run: dict, overlap: bool) -> dict:
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux), 0 where unknown."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def bench_rank(rank: int, world: int, layout: tuple, model: dict, run: dict, overlap: bool, zero: int = 0) -> dict:
     import plait
     from plait.models import GPTConfig, TrainJob, train
 
@@ -29,12 +49,33 @@ def bench_rank(rank: int, world: int, layout: tuple, model: dict, run: dict, ove
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     if cuda:
         torch.cuda.set_device(rank)
-    job = TrainJob(model=GPTConfig(**model), dp=dp, pp=pp, tp=tp, dp_overlap=overlap, **run)
+    job = TrainJob(model=GPTConfig(**model), dp=dp, pp=pp, tp=tp, dp_overlap=overlap, zero=zero, **run)
+    start = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     records = train(job)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     plait.destroy_mesh()
-    return dict(tokens_per_s=[r.tokens_per_s for r in records], peak_bytes=peak, device="cuda" if cuda else "cpu")
+    return dict(tokens_per_s=[r.tokens_per_s for r in records], peak_bytes=peak, start_bytes=start,
+                state_bytes=records[-1].extra["optimizer_state_bytes"], device="cuda" if cuda else "cpu")
+
+
+def _zero_savings(rows: list[dict]) -> list[dict]:
+    """Per layout with both, ZeRO-1 off vs on (overlap on): optimizer state and peak memory per rank."""
+    pairs = []
+    for on in (r for r in rows if r["zero"] == 1):
+        off = next((r for r in rows if r["zero"] == 0 and r["dp_overlap"] == on["dp_overlap"]
+                    and (r["dp"], r["pp"], r["tp"]) == (on["dp"], on["pp"], on["tp"])), None)
+        if off is None:
+            continue
+        pairs.append(dict(layout=[on["dp"], on["pp"], on["tp"]],
+                          state_off_mb=off["optimizer_state_bytes"] / 2**20,
+                          state_on_mb=on["optimizer_state_bytes"] / 2**20,
+                          state_ratio=on["optimizer_state_bytes"] / off["optimizer_state_bytes"],
+                          peak_off_mb=off["peak_mb"], peak_on_mb=on["peak_mb"],
+                          peak_over_start_off_mb=off["peak_over_start_mb"],
+                          peak_over_start_on_mb=on["peak_over_start_mb"],
+                          tokens_per_s_off=off["tokens_per_s"], tokens_per_s_on=on["tokens_per_s"]))
+    return pairs
 
 
 def main(argv=None) -> int:
@@ -47,8 +88,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--no-zero", action="store_true", help="skip the ZeRO-1 rows")
+    parser.add_argument("--zero-only", action="store_true",
+                        help="only ZeRO-1 off vs on (overlap on) per layout with dp > 1; saved as train_zero")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
+    if args.zero_only and args.no_zero:
+        raise SystemExit("--zero-only and --no-zero exclude each other")
     model = dict(vocab_size=512, num_layers=args.layers, hidden=args.hidden, num_heads=4, seq_len=args.seq)
     run = dict(microbatches=args.microbatches, global_batch=args.global_batch, steps=args.steps, seed=0)
     rows = []
@@ -56,25 +102,41 @@ def main(argv=None) -> int:
         layout = tuple(int(v) for v in text.split(","))
         if len(layout) != 3:
             raise SystemExit(f"--layouts takes dp,pp,tp triples, got {text!r}")
-        for overlap in ((True, False) if layout[0] > 1 else (True,)):
+        variants = [(True, 0)] + ([(False, 0)] if layout[0] > 1 else [])  # (dp_overlap, zero)
+        if layout[0] > 1 and not args.no_zero:
+            variants.append((True, 1))
+        if args.zero_only:
+            variants = [(True, 0), (True, 1)] if layout[0] > 1 else []
+        for overlap, zero in variants:
             world = layout[0] * layout[1] * layout[2]
-            print(f"layout dp,pp,tp={layout} dp_overlap={overlap} on {world} processes ...", flush=True)
-            results = run_ranks(bench_rank, world, layout, model, run, overlap, timeout=1800)
+            print(f"layout dp,pp,tp={layout} dp_overlap={overlap} zero={zero} on {world} processes ...", flush=True)
+            results = run_ranks(bench_rank, world, layout, model, run, overlap, zero, timeout=1800)
             per_step = [min(r["tokens_per_s"][i] for r in results) for i in range(1, args.steps)]
-            rows.append(dict(dp=layout[0], pp=layout[1], tp=layout[2], dp_overlap=overlap,
+            rows.append(dict(dp=layout[0], pp=layout[1], tp=layout[2], dp_overlap=overlap, zero=zero,
                              tokens_per_s=statistics.median(per_step),
-                             peak_mb=max(r["peak_bytes"] for r in results) / 2**20, device=results[0]["device"]))
-    header = ["dp", "pp", "tp", "dp overlap", "tokens/s", "peak MB/rank", "device"]
-    table = [[r["dp"], r["pp"], r["tp"], "on" if r["dp_overlap"] else "off", round(r["tokens_per_s"]),
-              round(r["peak_mb"], 1), r["device"]] for r in rows]
+                             peak_mb=max(r["peak_bytes"] for r in results) / 2**20,
+                             peak_over_start_mb=max(r["peak_bytes"] - r["start_bytes"] for r in results) / 2**20,
+                             optimizer_state_bytes=max(r["state_bytes"] for r in results),
+                             device=results[0]["device"]))
+    header = ["dp", "pp", "tp", "dp overlap", "zero", "tokens/s", "peak MB/rank", "peak over start MB",
+              "opt state MB/rank", "device"]
+    table = [[r["dp"], r["pp"], r["tp"], "on" if r["dp_overlap"] else "off", r["zero"], round(r["tokens_per_s"]),
+              round(r["peak_mb"], 1), round(r["peak_over_start_mb"], 1), round(r["optimizer_state_bytes"] / 2**20, 2),
+              r["device"]] for r in rows]
     for line in [header, *table]:
         print("  ".join(str(c).rjust(12) for c in line))
+    zero_pairs = _zero_savings(rows)
+    for pair in zero_pairs:
+        print(f"ZeRO-1 on dp,pp,tp={pair['layout']}: optimizer state {pair['state_off_mb']:.2f} -> "
+              f"{pair['state_on_mb']:.2f} MB/rank (x{pair['state_ratio']:.3f}), peak {pair['peak_off_mb']:.1f} -> "
+              f"{pair['peak_on_mb']:.1f} MB/rank")
     if not args.no_save:
         from plait.bench.common import write_result
 
         command = "plait bench train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        path = write_result("train", {"rows": rows, "model": model, "run": run,
-                                      "table": {"columns": header, "rows": table}}, command.strip())
+        path = write_result("train_zero" if args.zero_only else "train",
+                            {"rows": rows, "model": model, "run": run, "zero_savings": zero_pairs,
+                             "table": {"columns": header, "rows": table}}, command.strip())
         print(f"wrote {path}")
     return 0
 
