@@ -124,6 +124,14 @@ def v_shape_schedule(m: int):
     return plait.pp.parse_schedule(text)
 
 
+def reversed_schedule(m: int):
+    """A hand-written schedule whose last stage runs its microbatches last to first, so eval
+    outputs come out of order and must be put back in microbatch order."""
+    r0 = [f"0F{i}" for i in range(m)] + [f"0B{i}" for i in reversed(range(m))]
+    r1 = [a for i in reversed(range(m)) for a in (f"1F{i}", f"1B{i}")]
+    return plait.pp.parse_schedule(f"name: reversed\nrank 0: {' '.join(r0)}\nrank 1: {' '.join(r1)}\n")
+
+
 def engine_cases(rank: int, world: int, transport: str) -> dict:
     """Every schedule for p=world, m in {1, 2, 4, 8}; on p=2 also float32, sum, user schedules.
 
@@ -143,6 +151,7 @@ def engine_cases(rank: int, world: int, transport: str) -> dict:
         count += check_schedule(mesh, plait.pp.build_schedule("zb1p", 2, 4), dtype=torch.float32)
         count += check_schedule(mesh, plait.pp.build_schedule("interleaved", 2, 3, 2), reduction="sum")
         count += check_schedule(mesh, v_shape_schedule(4), seqs=(3, 4))
+        count += check_schedule(mesh, reversed_schedule(3), seqs=(3,))
         lowered = plait.pp.build_schedule("zb1p", 2, 4).lower()
         count += check_schedule(mesh, plait.pp.parse_schedule(lowered.to_text()), label="zb1p from text")
         shm = Communicator.create("shm", mesh.pp_group, name="pp-shm")

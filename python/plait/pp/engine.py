@@ -247,7 +247,8 @@ class PipelineEngine:
         if training:
             self.peak_activations = runner.peak_held
         elif holds_last:
-            self.last_outputs = torch.cat(runner.outputs, dim=0)
+            # In microbatch order, which need not be the order the schedule ran them in.
+            self.last_outputs = torch.cat([runner.outputs[mb] for mb in range(self.num_microbatches)], dim=0)
         if not has_loss:
             return self.last_outputs if holds_last else None
         return self._share_loss(runner.loss_total)

@@ -78,12 +78,12 @@ class StepRunner:
         self.work: dict[tuple[int, int], WeightWork] = {}
         self.out_meta: dict[tuple[int, int], Meta] = {}
         self.loss_total: Optional[torch.Tensor] = None
-        self.outputs: list[torch.Tensor] = []
+        self.outputs: dict[int, torch.Tensor] = {}  # eval: the last stage's output by microbatch
         self.held = self.peak_held = 0
 
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
-        """Run every action; leaves the loss in ``loss_total`` and eval outputs in ``outputs``."""
+        """Run every action; leaves the loss in ``loss_total`` and eval outputs in ``outputs`` (by microbatch)."""
         handlers = {Kind.RECV_F: self._recv_f, Kind.RECV_B: self._recv_b, Kind.SEND_F: self._send_f,
                     Kind.SEND_B: self._send_b, Kind.F: self._forward, Kind.B: self._backward,
                     Kind.I: self._backward, Kind.W: self._weight}
@@ -177,7 +177,7 @@ class StepRunner:
     def _finish_forward(self, s: int, mb: int, y: torch.Tensor) -> torch.Tensor:
         if s == self.last:
             if not self.training:
-                self.outputs.append(y.detach())
+                self.outputs[mb] = y.detach()
             if self.loss_fn is None:
                 return y
             loss = self.loss_fn(y, self.targets[mb])
