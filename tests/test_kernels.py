@@ -235,10 +235,11 @@ def test_out_sharing_memory_with_an_input_is_refused():
 def test_double_backward_raises_instead_of_dropping_terms():
     """The backward kernels build no graph, so a second derivative silently lost fused_linear's share
     (``x ** 3`` plus fused_linear: only the cube's term survived); it must raise instead."""
-    x, w = torch.randn(4, 6).requires_grad_(), torch.randn(5, 6)
+    x, w = torch.randn(4, 6).requires_grad_(), torch.randn(5, 6).requires_grad_()
     (gx,) = torch.autograd.grad(fused_linear(x, w, None, "gelu").sum() + (x ** 3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="no second derivative"):
-        torch.autograd.grad(gx.sum(), x)
+    for wrt in (x, w):
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(gx.sum(), wrt, retain_graph=True)
 
 
 def test_layer_dispatch_leaves_autocast_and_mixed_dtypes_to_torch():

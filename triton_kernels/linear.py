@@ -117,13 +117,14 @@ class _FirstOrderOnly(torch.autograd.Function):
     Its backward kernels record no graph, so under ``create_graph=True`` the
     gradients would look constant and a second derivative would silently lose
     fused_linear's terms. (``once_differentiable`` does not help: it only looks at
-    whether the incoming gradient requires grad, not the saved inputs.)
-    ``anchor`` is a tensor that requires grad, so the outputs get this node.
+    whether the incoming gradient requires grad, not the saved inputs.) The
+    first ``num_anchors`` arguments are the tensors the gradients depend on that
+    require grad; taking them as inputs links every one of them to this node.
     """
 
     @staticmethod
-    def forward(ctx, anchor, *grads):
-        return tuple(g.clone() for g in grads)
+    def forward(ctx, num_anchors, *tensors):
+        return tuple(g.clone() for g in tensors[num_anchors:])
 
     @staticmethod
     def backward(ctx, *_):
@@ -131,14 +132,14 @@ class _FirstOrderOnly(torch.autograd.Function):
                            "use F.linear and the activation where higher-order gradients are needed")
 
 
-def _first_order_only(anchors: tuple, grads: tuple) -> tuple:
-    """``grads`` unchanged, except under ``create_graph=True`` with an anchor that requires grad:
-    then each tensor comes back through :class:`_FirstOrderOnly`."""
-    anchor = next((t for t in anchors if t is not None and t.requires_grad), None)
+def _first_order_only(depends_on: tuple, grads: tuple) -> tuple:
+    """``grads`` unchanged, except under ``create_graph=True`` when something in ``depends_on``
+    requires grad: then each tensor comes back through :class:`_FirstOrderOnly`."""
+    anchors = [t for t in depends_on if t is not None and t.requires_grad]
     present = [g for g in grads if g is not None]
-    if not torch.is_grad_enabled() or anchor is None or not present:
+    if not torch.is_grad_enabled() or not anchors or not present:
         return grads
-    wrapped = iter(_FirstOrderOnly.apply(anchor, *present))
+    wrapped = iter(_FirstOrderOnly.apply(len(anchors), *anchors, *present))
     return tuple(next(wrapped) if g is not None else None for g in grads)
 
 
