@@ -91,6 +91,7 @@ def test_bad_arguments():
                        (lambda: fused_linear(x, w, residual=torch.randn(4, 5)), "residual"),
                        (lambda: fused_linear(x, w, activation=["relu"]), "unknown activation"),
                        (lambda: fused_linear(x.to("meta"), w.to("meta")), "cannot run on meta"),
+                       (lambda: fused_linear(x, w, out=torch.empty(4, 6, requires_grad=True)), "autograd"),
                        (lambda: fused_linear(x.requires_grad_(), w, out=torch.empty(4, 6)), "autograd")):
         with pytest.raises(ValueError, match=text):
             call()

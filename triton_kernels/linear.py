@@ -214,6 +214,6 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """
     check_linear_args(x, weight, bias, activation, residual, out)
     if out is not None and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+            t is not None and t.requires_grad for t in (x, weight, bias, residual, out)):
         raise ValueError("fused_linear(out=...) cannot be used with autograd; drop out= or use torch.no_grad()")
     return FusedLinearFunction.apply(x, weight, bias, residual, activation, out)
