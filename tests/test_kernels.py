@@ -128,6 +128,8 @@ def test_consumer_waits_for_flags_and_reports_a_missing_chunk():
         stale.check()
     with pytest.raises(ValueError, match="chunks"):
         consumer_linear(torch.randn(20, 24), w2, signals=signals)
+    with pytest.raises(ValueError, match="programs"):  # a negative grid used to leave the output unwritten
+        consumer_linear(hidden, w2, signals=signals, programs=-1)
     with pytest.raises(ValueError, match="positive"):
         ChunkSignals.create(0, 2, "cpu")
 

@@ -116,6 +116,8 @@ def consumer_linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     the producer keeps SMs to run on. Call ``signals.check()`` to surface a timeout.
     """
     n = check_linear_args(a, weight, bias, activation, None, None)
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs caps the persistent grid and must be at least 1, got {programs}")
     a2 = flatten_rows(a)
     _check_rows(signals, a2.shape[0], "a")
     epoch = signals.epoch if epoch is None else epoch
