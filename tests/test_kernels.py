@@ -271,3 +271,20 @@ def test_layer_torch_path_matches_the_kernel(activation):
     assert rel_err(kernel_y, torch_y) < 1e-5
     for got, want in zip(torch.autograd.grad(kernel_y, (x, w, b), dy), torch.autograd.grad(torch_y, (x, w, b), dy)):
         assert rel_err(got, want) < 1e-5
+
+
+def test_no_grad_forward_keeps_no_pre_activation(monkeypatch):
+    """Under no_grad autograd still reports needs_input_grad for parameters that require grad, so
+    inference stored an unused pre-activation (an extra output-sized write) on every call."""
+    import plait.kernels.linear as linear
+
+    kept = []
+    launch = linear.launch_gemm
+    monkeypatch.setattr(linear, "launch_gemm", lambda *args, **kw: kept.append(kw["pre"]) or launch(*args, **kw))
+    x, w = torch.randn(3, 4), torch.randn(6, 4).requires_grad_()
+    with torch.no_grad():
+        y = fused_linear(x, w, None, "swiglu")
+    assert kept == [None] and not y.requires_grad
+    assert rel_err(y, reference_linear(x, w, None, "swiglu", None)) < 1e-5
+    fused_linear(x, w, None, "swiglu")
+    assert kept[1] is not None  # with grad enabled it is kept for backward

@@ -143,25 +143,32 @@ def _first_order_only(depends_on: tuple, grads: tuple) -> tuple:
     return tuple(next(wrapped) if g is not None else None for g in grads)
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+             activation: Optional[str], out: Optional[torch.Tensor], keep_pre: bool):
+    """Run the forward GEMM; return ``(y, pre)``, ``pre`` the pre-activation [M, weight rows] when
+    ``keep_pre`` and there is an activation (backward needs it), else None."""
+    n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
+    x2 = flatten_rows(x)
+    y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    y2 = rows_view(y)
+    copy_back = y2 is None  # an out= whose strides do not flatten: compute into a buffer, then copy
+    if copy_back:
+        y2 = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    pre = (torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+           if keep_pre and activation is not None else None)
+    launch_gemm(x2, weight.t(), y2, act=ACT_CODES[activation], swiglu=activation == "swiglu",
+                bias=bias, residual=flatten_rows(residual) if residual is not None else None, pre=pre)
+    if copy_back:
+        y.copy_(y2.view(y.shape))
+    return y, pre
+
+
 class FusedLinearFunction(torch.autograd.Function):
     """Autograd for :func:`fused_linear` (x, weight, bias, residual differentiable)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, activation, out):
-        n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
-        x2 = flatten_rows(x)
-        y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-        y2 = rows_view(y)
-        copy_back = y2 is None  # an out= whose strides do not flatten: compute into a buffer, then copy
-        if copy_back:
-            y2 = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-        needs_grad = any(ctx.needs_input_grad[:3])
-        pre = (torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-               if needs_grad and activation is not None else None)
-        launch_gemm(x2, weight.t(), y2, act=ACT_CODES[activation], swiglu=activation == "swiglu",
-                    bias=bias, residual=flatten_rows(residual) if residual is not None else None, pre=pre)
-        if copy_back:
-            y.copy_(y2.view(y.shape))
+        y, pre = _forward(x, weight, bias, residual, activation, out, keep_pre=any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(x, weight, pre)  # x, not its flattened copy: it anchors _first_order_only
         ctx.activation, ctx.has_bias = activation, bias is not None
         return y
@@ -216,4 +223,6 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if out is not None and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, residual, out)):
         raise ValueError("fused_linear(out=...) cannot be used with autograd; drop out= or use torch.no_grad()")
+    if not torch.is_grad_enabled():  # no graph: skip autograd, whose needs_input_grad would still keep pre
+        return _forward(x, weight, bias, residual, activation, out, keep_pre=False)[0]
     return FusedLinearFunction.apply(x, weight, bias, residual, activation, out)
