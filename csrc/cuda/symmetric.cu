@@ -146,14 +146,20 @@ SymmetricBuffer::SymmetricBuffer(int rank, int size, int device, std::size_t dat
   m.data_bytes = (data_bytes + 4095) / 4096 * 4096;
   DeviceGuard guard(device);
   const std::size_t total = kFlagBytes + m.data_bytes;
-  cuda_check(cudaMalloc(&m.own, total), "cudaMalloc(" + std::to_string(total) + " bytes of symmetric buffer)");
-  m.bases[rank] = m.own;
-  cuda_check(cudaMemset(m.own, 0, kFlagBytes), "cudaMemset(flag area)");
-  cuda_check(cudaHostAlloc(&m.error_host, sizeof(ipc::ErrorRecord), cudaHostAllocMapped),
-             "cudaHostAlloc(error record)");
-  std::memset(m.error_host, 0, sizeof(ipc::ErrorRecord));
-  cuda_check(cudaHostGetDevicePointer(&m.error_device, m.error_host, 0), "cudaHostGetDevicePointer(error record)");
-  cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after zeroing the flag area");
+  try {
+    cuda_check(cudaMalloc(&m.own, total), "cudaMalloc(" + std::to_string(total) + " bytes of symmetric buffer)");
+    m.bases[rank] = m.own;
+    cuda_check(cudaMemset(m.own, 0, kFlagBytes), "cudaMemset(flag area)");
+    cuda_check(cudaHostAlloc(&m.error_host, sizeof(ipc::ErrorRecord), cudaHostAllocMapped),
+               "cudaHostAlloc(error record)");
+    std::memset(m.error_host, 0, sizeof(ipc::ErrorRecord));
+    cuda_check(cudaHostGetDevicePointer(&m.error_device, m.error_host, 0), "cudaHostGetDevicePointer(error record)");
+    cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after zeroing the flag area");
+  } catch (...) {  // the destructor does not run for a constructor that throws
+    if (m.error_host != nullptr) cudaFreeHost(m.error_host);
+    if (m.own != nullptr) cudaFree(m.own);
+    throw;
+  }
 }
 
 SymmetricBuffer::~SymmetricBuffer() {
@@ -216,7 +222,9 @@ void SymmetricBuffer::set_flag(int rank, int index, std::uint32_t value, std::ui
 void SymmetricBuffer::wait_flag(int rank, int index, std::uint32_t value, std::uintptr_t stream, double timeout_s) {
   const auto* flag = reinterpret_cast<const std::uint32_t*>(flag_address(rank, index));
   DeviceGuard guard(impl_->device);
-  ipc::launch_wait_flag(flag, value, impl_->error_device, ipc::kWaitFlag, static_cast<unsigned int>(rank),
+  // The record's peer field carries which flag: index * kIpcMaxRanks + rank (decoded by check()).
+  ipc::launch_wait_flag(flag, value, impl_->error_device, ipc::kWaitFlag,
+                        static_cast<unsigned int>(index * kIpcMaxRanks + rank),
                         static_cast<unsigned long long>(timeout_s * 1e9), as_stream(stream));
 }
 
@@ -262,9 +270,12 @@ void SymmetricBuffer::check() {
   const unsigned int peer = record->peer;
   const unsigned int value = record->value;
   record->code = 0u;
-  const std::string what = std::string(op == ipc::kReduceRows ? "reduce_rows" : "wait_flag") +
-                           " timed out on the GPU waiting for group rank " + std::to_string(peer) +
-                           " to publish round " + std::to_string(value);
+  const std::string what =
+      op == ipc::kReduceRows
+          ? "reduce_rows timed out on the GPU waiting for group rank " + std::to_string(peer) +
+                " to publish round " + std::to_string(value)
+          : "wait_flag timed out on the GPU: flag " + std::to_string(peer / kIpcMaxRanks) + " of group rank " +
+                std::to_string(peer % kIpcMaxRanks) + " never reached " + std::to_string(value);
   m.broken = "it timed out earlier: " + what;
   throw IpcTimeout(what);
 }

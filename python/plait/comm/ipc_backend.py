@@ -61,15 +61,15 @@ def map_peers(comm: TorchCommunicator, create: Callable[[], Any], what: str) -> 
     try:
         shared = create()
         handle = shared.handle().hex()
-    except RuntimeError as exc:
-        handle, error = "", str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure must reach every rank, or the others wait
+        handle, error = "", f"{type(exc).__name__}: {exc}"
     handles = all_gather_text(comm, handle or "!" + error, width=256)
     failed = [f"group rank {r}: {h[1:]}" for r, h in enumerate(handles) if h.startswith("!")]
     if not failed:
         try:
             shared.open([bytes.fromhex(h) for h in handles])
-        except RuntimeError as exc:
-            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - as above
+            error = f"{type(exc).__name__}: {exc}"
         failed = [f"group rank {r}: {e}" for r, e in enumerate(all_gather_text(comm, error)) if e]
     if failed:
         raise CommError(f"{what}: " + "; ".join(failed))

@@ -53,7 +53,12 @@ class SymmetricMemory:
         return self._buffer.data_bytes
 
     def _view(self, address: int, nbytes: int) -> torch.Tensor:
-        return torch.as_tensor(_DeviceBytes(address, nbytes, self), device=self.device)
+        # No device=: a peer's memory on another GPU must stay a view there, not be copied here.
+        view = torch.as_tensor(_DeviceBytes(address, nbytes, self))
+        if view.data_ptr() != address:
+            raise CommError(f"{self.comm.describe('symmetric memory')}: torch copied device memory it was asked "
+                            f"to view")
+        return view
 
     def flags(self, rank: int) -> torch.Tensor:
         """Rank ``rank``'s flag area as an int32 tensor (Triton kernels publish and poll it)."""

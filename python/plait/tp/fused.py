@@ -27,14 +27,13 @@ reduce-scatter overlap its GEMMs there.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
-import triton
 
 from ..comm import Communicator, CommTimeoutError
-from .overlap import _ColumnLinearOverlapped, _RowLinearOverlapped, _save
+from .overlap import _ColumnLinearOverlapped, _RowLinearOverlapped, _save, column_linear_overlapped, \
+    row_linear_overlapped
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 READY, GATHERED, SHARD, DONE = 0, 2048, 2056, 2064   # flag indices (module docstring)
@@ -59,7 +58,8 @@ def ipc_communicator(comm: Communicator):
 
 
 def check_fused(module: str, x: torch.Tensor, comm: Communicator) -> None:
-    """Reject what the fused path cannot run, before any communication."""
+    """Reject what the fused path cannot run, before any communication (a rank that failed
+    after taking an epoch would leave the group's epochs out of step)."""
     if not x.is_cuda:
         raise ValueError(f"{module}: overlap='fused' runs on CUDA tensors, got one on {x.device}; "
                          f"use overlap='chunked' or 'none' on CPU")
@@ -70,7 +70,14 @@ def check_fused(module: str, x: torch.Tensor, comm: Communicator) -> None:
 
     if not kernels.HAVE_TRITON:
         raise ValueError(f"{module}: overlap='fused' needs Triton, which is not installed")
-    ipc_communicator(comm)
+    ipc = ipc_communicator(comm)
+    if x.device != ipc.device:
+        raise ValueError(f"{module}: input is on {x.device} but the IPC communicator serves {ipc.device}; "
+                         f"call torch.cuda.set_device before creating the communicator")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class FusedWorkspace:
@@ -85,6 +92,7 @@ class FusedWorkspace:
         self.counters = torch.zeros(MAX_CHUNKS, dtype=torch.int32, device=self.device)
         self.error = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.error_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.error_copied: Optional[torch.cuda.Event] = None   # error_host holds a finished call's word
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def _reserve(self, nbytes: int) -> None:
@@ -106,10 +114,11 @@ class FusedWorkspace:
         take the next epoch, and make the current stream wait until every peer finished reading."""
         if self.memory is not None:
             self.memory.check(op)
-        if int(self.error_host.item()):
+        if self.error_copied is not None and self.error_copied.query() and int(self.error_host.item()):
             code, self.error_host[0] = int(self.error_host.item()), 0
             raise CommTimeoutError(f"{self.comm.describe(op)}: an earlier fused consumer GEMM gave up waiting "
-                                   f"for chunk {code - 1} (a peer never published it)")
+                                   f"for chunk {code - 1} within {self.comm.timeout_s:g} s (a peer never "
+                                   f"published it)")
         self._reserve(nbytes)
         self.epoch += 1
         if self.epoch > 1:
@@ -125,21 +134,21 @@ class FusedWorkspace:
                 self.memory.set_flag(peer, DONE + self.comm.rank, epoch, stream)
 
 
-_WORKSPACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def workspace(comm: Communicator) -> FusedWorkspace:
-    """The FusedWorkspace of ``comm``'s IPC communicator (created on first use, collectively)."""
+    """The FusedWorkspace of ``comm``'s IPC communicator, kept on it (its memory lives as long as the
+    communicator; every rank's GPU work must be finished, e.g. by ``destroy_mesh()``, before exit)."""
     ipc = ipc_communicator(comm)
-    if ipc not in _WORKSPACES:
-        _WORKSPACES[ipc] = FusedWorkspace(ipc)
-    return _WORKSPACES[ipc]
+    found = getattr(ipc, "_fused_workspace", None)
+    if found is None:
+        found = ipc._fused_workspace = FusedWorkspace(ipc)
+    return found
 
 
 def chunk_rows(rows: int, chunks: int) -> int:
-    """Rows per chunk: ``rows / chunks`` rounded up to whole producer tiles, at most MAX_CHUNKS chunks."""
-    per = triton.cdiv(triton.cdiv(rows, max(1, chunks)), CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
-    return max(per, triton.cdiv(rows, MAX_CHUNKS))
+    """Rows per chunk (``rows`` > 0): ``rows / chunks`` rounded up to whole producer tiles, at most
+    MAX_CHUNKS chunks."""
+    per = _cdiv(_cdiv(rows, max(1, chunks)), CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
+    return max(per, _cdiv(rows, MAX_CHUNKS))
 
 
 def row_forward(ws: FusedWorkspace, x2: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool,
@@ -151,18 +160,22 @@ def row_forward(ws: FusedWorkspace, x2: torch.Tensor, weight: torch.Tensor, sequ
     epoch = ws.begin(rows * n * x2.element_size(), "fused row-parallel all-reduce")
     mem, rank = ws.memory, ws.comm.rank
     per = chunk_rows(rows, chunks)
-    count = triton.cdiv(rows, per)
+    count = _cdiv(rows, per)
     local = rows // ws.comm.size if sequence_parallel else rows
     begin = rank * local if sequence_parallel else 0
     out = torch.empty(local, n, dtype=x2.dtype, device=x2.device)
     main = torch.cuda.current_stream(ws.device)
-    ws.side.wait_stream(main)             # out's memory and the DONE waits come first
+    ready = torch.cuda.Event()
+    ready.record(main)                    # out's memory and the DONE waits come before the reduction
+    signals = ChunkSignals(flags=mem.flags(rank)[READY:READY + count], counters=ws.counters[:count],
+                           error=ws.error, rows_per_chunk=per)
+    # The GEMM is launched first: a host error (or a first-call compile) happens before anything spins.
+    producer_linear(x2, weight, signals=signals, epoch=epoch, out=mem.data(rank, x2.dtype, (rows, n)),
+                    programs=max(1, ws.sms - REDUCE_BLOCKS))
+    ws.side.wait_event(ready)
     mem.reduce_rows(out, rows, (begin, begin + local), per, READY, epoch, REDUCE_BLOCKS, stream=ws.side)
     ws.finish_reading(epoch, ws.side)
     out.record_stream(ws.side)
-    signals = ChunkSignals(flags=mem.flags(rank)[READY:READY + count], counters=ws.counters[:count],
-                           error=ws.error, rows_per_chunk=per)
-    producer_linear(x2, weight, signals=signals, epoch=epoch, out=mem.data(rank, x2.dtype, (rows, n)))
     main.wait_stream(ws.side)
     return out
 
@@ -193,9 +206,11 @@ def column_sp_forward(ws: FusedWorkspace, x2: torch.Tensor, weight: torch.Tensor
     gathered.record_stream(ws.side)
     signals = ChunkSignals(flags=mem.flags(rank)[GATHERED:GATHERED + size], counters=ws.counters[:size],
                            error=ws.error, rows_per_chunk=local)
-    y = consumer_linear(gathered, weight, bias, signals=signals, epoch=epoch,
+    y = consumer_linear(gathered, weight, bias, signals=signals, epoch=epoch, timeout_s=ws.comm.timeout_s,
                         programs=max(1, ws.sms - CONSUMER_SPARE_SMS))
-    ws.error_host.copy_(ws.error, non_blocking=True)   # read at the next call's begin(), without a sync here
+    ws.error_host.copy_(ws.error, non_blocking=True)   # read by a later call's begin() once copied
+    ws.error_copied = torch.cuda.Event()
+    ws.error_copied.record(main)
     main.wait_stream(ws.side)
     return y
 
@@ -229,11 +244,17 @@ class _ColumnLinearFused(_ColumnLinearOverlapped):
 
 def row_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], comm: Communicator,
                      sequence_parallel: bool, chunks: int) -> torch.Tensor:
-    """Row-parallel ``x @ weight.T`` reduced across the group, ``+ bias``, reduction fused with the GEMM."""
+    """Row-parallel ``x @ weight.T`` reduced across the group, ``+ bias``, reduction fused with the GEMM.
+    An empty input (the same on every rank of the group) takes the chunked path."""
+    if x.numel() == 0:
+        return row_linear_overlapped(x, weight, bias, comm, sequence_parallel, chunks)
     return _RowLinearFused.apply(x, weight, bias, comm, sequence_parallel, chunks)
 
 
 def column_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         comm: Communicator) -> torch.Tensor:
-    """Sequence-parallel column ``all_gather(x) @ weight.T + bias``, the gather fused with the GEMM."""
+    """Sequence-parallel column ``all_gather(x) @ weight.T + bias``, the gather fused with the GEMM.
+    An empty input (the same on every rank of the group) takes the chunked path."""
+    if x.numel() == 0:
+        return column_linear_overlapped(x, weight, bias, comm, True, 1)
     return _ColumnLinearFused.apply(x, weight, bias, comm, True, 1)
