@@ -132,6 +132,36 @@ def reversed_schedule(m: int):
     return plait.pp.parse_schedule(f"name: reversed\nrank 0: {' '.join(r0)}\nrank 1: {' '.join(r1)}\n")
 
 
+class SeqFirst(nn.Module):
+    """Returns ``[seq, batch, features]`` like the GPT's logits: the batch is not dim 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x).transpose(0, 1)
+
+
+def seq_first_eval(mesh) -> int:
+    """eval_step with a loss on outputs whose batch dim is dim 1 and uneven microbatches (3 + 2 rows):
+    the loss is right, and the outputs are kept per microbatch since they do not concatenate on dim 0."""
+    stages = make_stages(2, torch.float64)
+    stages[1] = nn.Sequential(stages[1], SeqFirst())
+    loss_fn = lambda out, tgt: F.mse_loss(out.transpose(0, 1), tgt)  # noqa: E731
+    engine = plait.PipelineEngine([stages[mesh.pp_rank]], mesh, "1f1b", num_microbatches=2, loss_fn=loss_fn)
+    x, y = batch(2, 5, 4, torch.float64, seed=11)
+    with torch.no_grad():
+        want = stages[1](stages[0](x))
+    close("seq-first eval loss", engine.eval_step(x, y), loss_fn(want, y), torch.float64)
+    if mesh.pp_rank == 1:
+        close("seq-first eval outputs", torch.cat(engine.last_output_microbatches, dim=1), want, torch.float64)
+        try:
+            engine.last_outputs
+        except ValueError as exc:
+            if "last_output_microbatches" not in str(exc):
+                raise
+        else:
+            raise AssertionError("last_outputs concatenated [seq, 3, f] and [seq, 2, f] along dim 0")
+    return 1
+
+
 def engine_cases(rank: int, world: int, transport: str) -> dict:
     """Every schedule for p=world, m in {1, 2, 4, 8}; on p=2 also float32, sum, user schedules.
 
@@ -152,6 +182,7 @@ def engine_cases(rank: int, world: int, transport: str) -> dict:
         count += check_schedule(mesh, plait.pp.build_schedule("interleaved", 2, 3, 2), reduction="sum")
         count += check_schedule(mesh, v_shape_schedule(4), seqs=(3, 4))
         count += check_schedule(mesh, reversed_schedule(3), seqs=(3,))
+        count += seq_first_eval(mesh)
         lowered = plait.pp.build_schedule("zb1p", 2, 4).lower()
         count += check_schedule(mesh, plait.pp.parse_schedule(lowered.to_text()), label="zb1p from text")
         shm = Communicator.create("shm", mesh.pp_group, name="pp-shm")

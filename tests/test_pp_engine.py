@@ -18,8 +18,9 @@ from pp_reference import bad_input_cases, dead_peer, engine_cases, tp_cases
 def test_every_schedule_matches_one_process(p, transport, tmp_path):
     # gpipe, 1f1b, interleaved (v=2), zb1p (v=1, 2) x m in {1, 2, 4, 8} (m < p included), float64 to
     # 1e-10, uneven microbatches, sequence length changing between steps, eval_step; on p=2 also
-    # float32, loss_reduction="sum", hand-written V-shape and reversed-order schedules, a lowered schedule read from text,
-    # transfers over the shm communicator, and the timeline (Chrome trace, Gantt PNG).
+    # float32, loss_reduction="sum", hand-written V-shape and reversed-order schedules, eval of
+    # [seq, batch] outputs, a lowered schedule read from text, transfers over the shm communicator,
+    # and the timeline (Chrome trace, Gantt PNG).
     results = run_ranks(engine_cases, p, transport, timeout=400)
     assert all(r["checks"] > 100 for r in results)
     if p == 2:

@@ -134,7 +134,7 @@ class PipelineEngine:
         self.recorder = Recorder(self.rank, record_timeline, mesh.device)
         self._memory = ActivationMemory([p for m in modules for p in m.parameters()]) if track_memory else None
         self.peak_activations = 0
-        self.last_outputs: Optional[torch.Tensor] = None
+        self.last_output_microbatches: Optional[list[torch.Tensor]] = None
 
     @staticmethod
     def _resolve(schedule, pp: int, num_microbatches, num_virtual: int) -> Schedule:
@@ -168,14 +168,31 @@ class PipelineEngine:
                   ) -> Optional[torch.Tensor]:
         """Forward only, without autograd. With a ``loss_fn`` returns the loss on every rank
         (``targets`` needed on the last stage); without one, the last stage's outputs
-        (microbatches concatenated) on its rank and None elsewhere. The outputs are also kept
-        in ``engine.last_outputs`` on the last stage's rank."""
+        (microbatches concatenated along dim 0) on its rank and None elsewhere. The outputs are
+        also kept on the last stage's rank, per microbatch in ``engine.last_output_microbatches``
+        and concatenated in ``engine.last_outputs``."""
         return self._step(EVAL, inputs, targets)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of this rank's stages (for the optimizer)."""
         for module in self.modules.values():
             yield from module.parameters()
+
+    @property
+    def last_outputs(self) -> Optional[torch.Tensor]:
+        """The last ``eval_step``'s outputs of the last stage, microbatches concatenated along dim 0
+        (None before any eval, or on other ranks). Built on access, so an eval with a loss never
+        fails on outputs whose batch dim is not dim 0 (the GPT's ``[seq, batch, vocab]`` logits);
+        those are in ``last_output_microbatches``."""
+        parts = self.last_output_microbatches
+        if parts is None:
+            return None
+        if any(p.dim() == 0 for p in parts) or len({p.shape[1:] for p in parts}) > 1:
+            shapes = [list(p.shape) for p in parts]
+            raise ValueError(f"the last stage's outputs of the microbatches have shapes {shapes}, which do not "
+                             f"concatenate along dim 0 (the batch dim the inputs are split on); read "
+                             f"engine.last_output_microbatches instead")
+        return torch.cat(parts, dim=0)
 
     @property
     def timeline(self) -> list[Event]:
@@ -248,7 +265,7 @@ class PipelineEngine:
             self.peak_activations = runner.peak_held
         elif holds_last:
             # In microbatch order, which need not be the order the schedule ran them in.
-            self.last_outputs = torch.cat([runner.outputs[mb] for mb in range(self.num_microbatches)], dim=0)
+            self.last_output_microbatches = [runner.outputs[mb] for mb in range(self.num_microbatches)]
         if not has_loss:
             return self.last_outputs if holds_last else None
         return self._share_loss(runner.loss_total)
