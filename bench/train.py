@@ -14,7 +14,11 @@ Layouts with dp > 1 also run with ZeRO-1 (``TrainJob(zero=1)``: AdamW state
 sharded over DP). For those rows the optimizer-state bytes per rank are exact
 (the sum of the state tensors' sizes, largest rank); the peak memory is
 measured, and on CPU also given above the memory the rank had before training
-(``peak over start``), which removes torch's own few hundred MB. ``--zero-only``
+(``peak over start``), which removes torch's own few hundred MB, and the
+memory after the last step (``end``: what stays, without the transients).
+glibc keeps freed memory in the process, which blurs RSS; with
+``MALLOC_MMAP_THRESHOLD_`` set (e.g. 131072) large blocks go back to the
+system when freed, and the result is saved under ``..._mmap``. ``--zero-only``
 runs just the ZeRO off/on pairs and records them as ``train_zero`` (so a
 bigger model for memory does not replace the throughput table).
 """
@@ -52,10 +56,11 @@ def bench_rank(rank: int, world: int, layout: tuple, model: dict, run: dict, ove
     job = TrainJob(model=GPTConfig(**model), dp=dp, pp=pp, tp=tp, dp_overlap=overlap, zero=zero, **run)
     start = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     records = train(job)
+    end = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     plait.destroy_mesh()
-    return dict(tokens_per_s=[r.tokens_per_s for r in records], peak_bytes=peak, start_bytes=start,
+    return dict(tokens_per_s=[r.tokens_per_s for r in records], peak_bytes=peak, start_bytes=start, end_bytes=end,
                 state_bytes=records[-1].extra["optimizer_state_bytes"], device="cuda" if cuda else "cpu")
 
 
@@ -72,6 +77,7 @@ def _zero_savings(rows: list[dict]) -> list[dict]:
                           state_on_mb=on["optimizer_state_bytes"] / 2**20,
                           state_ratio=on["optimizer_state_bytes"] / off["optimizer_state_bytes"],
                           peak_off_mb=off["peak_mb"], peak_on_mb=on["peak_mb"],
+                          end_off_mb=off["end_mb"], end_on_mb=on["end_mb"],
                           peak_over_start_off_mb=off["peak_over_start_mb"],
                           peak_over_start_on_mb=on["peak_over_start_mb"],
                           tokens_per_s_off=off["tokens_per_s"], tokens_per_s_on=on["tokens_per_s"]))
@@ -116,26 +122,32 @@ def main(argv=None) -> int:
                              tokens_per_s=statistics.median(per_step),
                              peak_mb=max(r["peak_bytes"] for r in results) / 2**20,
                              peak_over_start_mb=max(r["peak_bytes"] - r["start_bytes"] for r in results) / 2**20,
+                             end_mb=max(r["end_bytes"] for r in results) / 2**20,
                              optimizer_state_bytes=max(r["state_bytes"] for r in results),
                              device=results[0]["device"]))
     header = ["dp", "pp", "tp", "dp overlap", "zero", "tokens/s", "peak MB/rank", "peak over start MB",
-              "opt state MB/rank", "device"]
+              "end MB/rank", "opt state MB/rank", "device"]
     table = [[r["dp"], r["pp"], r["tp"], "on" if r["dp_overlap"] else "off", r["zero"], round(r["tokens_per_s"]),
-              round(r["peak_mb"], 1), round(r["peak_over_start_mb"], 1), round(r["optimizer_state_bytes"] / 2**20, 2),
-              r["device"]] for r in rows]
+              round(r["peak_mb"], 1), round(r["peak_over_start_mb"], 1), round(r["end_mb"], 1),
+              round(r["optimizer_state_bytes"] / 2**20, 2), r["device"]] for r in rows]
     for line in [header, *table]:
         print("  ".join(str(c).rjust(12) for c in line))
     zero_pairs = _zero_savings(rows)
     for pair in zero_pairs:
         print(f"ZeRO-1 on dp,pp,tp={pair['layout']}: optimizer state {pair['state_off_mb']:.2f} -> "
               f"{pair['state_on_mb']:.2f} MB/rank (x{pair['state_ratio']:.3f}), peak {pair['peak_off_mb']:.1f} -> "
-              f"{pair['peak_on_mb']:.1f} MB/rank")
+              f"{pair['peak_on_mb']:.1f} MB/rank, after training {pair['end_off_mb']:.1f} -> {pair['end_on_mb']:.1f} MB/rank")
     if not args.no_save:
         from plait.bench.common import write_result
 
         command = "plait bench train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        path = write_result("train_zero" if args.zero_only else "train",
+        # glibc keeps freed memory unless told otherwise, which blurs RSS; a run with a fixed
+        # MALLOC_MMAP_THRESHOLD_ is kept apart from one with the default allocator
+        mmap_threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        name = ("train_zero" if args.zero_only else "train") + ("_mmap" if mmap_threshold else "")
+        path = write_result(name,
                             {"rows": rows, "model": model, "run": run, "zero_savings": zero_pairs,
+                             "malloc_mmap_threshold": mmap_threshold,
                              "table": {"columns": header, "rows": table}}, command.strip())
         print(f"wrote {path}")
     return 0

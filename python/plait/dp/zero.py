@@ -16,11 +16,13 @@ state of only ``1/dp`` of the parameters::
 How. The gradient buckets of :class:`~plait.dp.GradReducer` (padded to a
 multiple of ``dp`` elements) are reduce-scattered instead of all-reduced, from
 the same backward hooks, so the reduction still starts during the last
-microbatch's backward. Every bucket has a flat parameter buffer of the same
-layout; the parameters become views into it, and this rank's slice of it,
-``[rank * n/dp, (rank + 1) * n/dp)``, is the one tensor per bucket that the
-wrapped torch optimizer sees. After the update each bucket's slices are
-all-gathered back into the buffer, so every rank again holds all parameters.
+microbatch's backward; each result is copied back into the rank's own range
+of the bucket. Every bucket has a flat parameter buffer of the same layout; the
+parameters become views into it, and this rank's range of it,
+``[rank * n/dp, (rank + 1) * n/dp)``, cut at parameter boundaries
+(:mod:`plait.dp.shards`), is what the wrapped torch optimizer updates. Then
+each bucket's ranges are all-gathered back into the buffer, so every rank
+again holds all parameters.
 
 Which optimizers. Sharding the flat buffer is exact only when the update of
 an element depends on that element alone (its gradient, its state, scalars
@@ -30,8 +32,10 @@ refused unless ``elementwise=True`` vouches for it.
 
 Memory per rank, ``P`` parameters of ``b`` bytes, Adam: plain DP holds
 ``2 P b`` of state; ZeRO-1 holds ``2 (P + pad) b / dp`` (the padding is under
-``dp`` elements per bucket). The parameters are not copied: the shard the
-optimizer updates is a view of the flat parameter buffer.
+``dp`` elements per bucket). The parameters are not copied: what the optimizer
+updates are views of the flat parameter buffers. Transient: the reduce-scatter
+results (``P b / dp`` at the end of backward) and at most two gathered buckets
+during :meth:`ShardedOptimizer.step`.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ from ..comm import Communicator, Handle
 from .buckets import Bucket
 from .clip import clip_scale, global_norm
 from .grads import GradReducer
+from .shards import Piece, flatten_params, shard_pieces, shard_range
+from .zero_state import gather_state, load_state
 
 ELEMENTWISE: tuple[type, ...] = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.Adagrad,
@@ -71,10 +77,12 @@ def optimizer_state_bytes(optimizer) -> int:
 class ShardedOptimizer:
     """A torch optimizer whose state is sharded over the DP communicator ``comm`` (ZeRO stage 1).
 
-    ``optimizer_class(shards, **optimizer_kwargs)`` is built over one flat shard
-    per gradient bucket. Also the DP gradient reducer of the step: call
-    :meth:`start_step`, run backward, :meth:`finish`, then :meth:`step`; see
-    the module doc. Every DP rank must pass the same parameter shapes in the
+    ``optimizer_class(pieces, **optimizer_kwargs)`` is built over this rank's
+    slices of the flat parameter buffers (:mod:`plait.dp.shards`). It is also
+    the DP gradient reducer of the step: call :meth:`start_step`, run backward,
+    :meth:`finish`, then :meth:`step`; see the module doc. After :meth:`finish`
+    only this rank's range of each ``.grad`` holds the DP mean (the rest is the
+    local gradient). Every DP rank must pass the same parameter shapes in the
     same order (checked). Parameters that do not require grad are left alone.
     """
 
@@ -87,27 +95,13 @@ class ShardedOptimizer:
         self.reducer = _ShardReducer(params, comm, bucket_mb, overlap, pad_to=comm.size)
         self.buckets: list[Bucket] = self.reducer.buckets
         self._check_same_buckets_on_every_rank()
-        self.flat_params: list[torch.Tensor] = []
-        self.shards: list[nn.Parameter] = []
-        for bucket in self.buckets:
-            flat = self._flatten_params(bucket)
-            size = flat.numel() // comm.size
-            self.flat_params.append(flat)
-            self.shards.append(nn.Parameter(flat[comm.rank * size:(comm.rank + 1) * size]))
-        self.optimizer: torch.optim.Optimizer = optimizer_class(self.shards, **optimizer_kwargs)
-        self._scalar_keys = _scalar_state_keys(optimizer_class, optimizer_kwargs, self.shards[0])
-
-    # ------------------------------------------------------------------- set-up
-    @staticmethod
-    @torch.no_grad()
-    def _flatten_params(bucket: Bucket) -> torch.Tensor:
-        """A flat buffer laid out like the bucket's gradients; each parameter becomes a view into it."""
-        flat = torch.zeros_like(bucket.buffer)
-        for i, param in enumerate(bucket.params):
-            view = flat[bucket.offsets[i]:bucket.offsets[i] + param.numel()].view_as(param)
-            view.copy_(param.detach())
-            param.data = view
-        return flat
+        self.flat_params: list[torch.Tensor] = [flatten_params(bucket) for bucket in self.buckets]
+        self.pieces: list[list[Piece]] = [shard_pieces(bucket, flat, comm.rank, comm.size)
+                                          for bucket, flat in zip(self.buckets, self.flat_params)]
+        tensors = [piece.tensor for mine in self.pieces for piece in mine]
+        self.optimizer: torch.optim.Optimizer = optimizer_class(tensors, **optimizer_kwargs)
+        self._scalar_keys = _scalar_state_keys(optimizer_class, optimizer_kwargs, tensors[0])
+        self._reduced = False
 
     def _check_same_buckets_on_every_rank(self) -> None:
         """ValueError on every rank when DP ranks built different buckets (they would exchange garbage)."""
@@ -124,19 +118,26 @@ class ShardedOptimizer:
     # ------------------------------------------------------- the reducer's steps
     def start_step(self, num_microbatches: int = 1) -> None:
         """Expect ``num_microbatches`` backward passes; see :meth:`GradReducer.start_step`."""
+        self._reduced = False
         self.reducer.start_step(num_microbatches)
 
+    @torch.no_grad()
     def finish(self) -> None:
-        """Reduce-scatter what is not yet reduced and wait: this rank holds its shard's mean gradient."""
+        """Reduce-scatter what is not yet reduced and wait: this rank's range of each bucket then
+        holds the DP mean gradient, and the pieces' ``.grad`` are views of it."""
         self.reducer.finish()
-        for bucket, shard in zip(self.buckets, self.shards):
-            shard.grad = self.reducer.reduced[bucket.index]
+        for bucket, mine in zip(self.buckets, self.pieces):
+            lo, hi = shard_range(bucket, self.comm.rank, self.comm.size)
+            reduced = self.reducer.reduced.pop(bucket.index)
+            if reduced.data_ptr() != bucket.buffer[lo:hi].data_ptr():
+                bucket.buffer[lo:hi].copy_(reduced)  # back into the bucket: no second gradient buffer lives on
+            for piece in mine:
+                piece.tensor.grad = bucket.buffer[piece.lo:piece.hi]
+        self._reduced = True
 
     def zero_grad(self) -> None:
-        """Zero the gradient buckets (the parameters' ``.grad`` views) and drop the shard gradients."""
+        """Zero the gradient buckets (the parameters' ``.grad`` views, the pieces' gradients)."""
         self.reducer.zero_grad()
-        for shard in self.shards:
-            shard.grad = None
 
     def started_before_backward_ended(self) -> Optional[bool]:
         """Whether the last step's first reduce-scatter started before its last gradient (None: no data)."""
@@ -144,9 +145,9 @@ class ShardedOptimizer:
 
     # -------------------------------------------------------------- the update
     def _check_reduced(self, what: str) -> None:
-        if any(shard.grad is None for shard in self.shards):
+        if not self._reduced:
             raise RuntimeError(f"ShardedOptimizer.{what}() needs reduced gradients: call start_step(), run "
-                               f"backward, then finish() before {what}()")
+                               f"backward, then finish() before {what}() (once per step)")
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, *, norm_comms: Sequence[Communicator] = (),
@@ -162,41 +163,40 @@ class ShardedOptimizer:
         if not max_norm > 0:
             raise ValueError(f"max_norm must be positive, got {max_norm}")
         self._check_reduced("clip_grad_norm_")
-        squares = torch.zeros((), dtype=torch.float64, device=self.shards[0].device)
-        for bucket, shard in zip(self.buckets, self.shards):
-            grad = shard.grad.double()
-            if counted is None:
-                squares += grad.square().sum()
-                continue
-            start = self.comm.rank * shard.numel()
-            for i, param in enumerate(bucket.params):
-                lo = max(bucket.offsets[i], start) - start
-                hi = min(bucket.offsets[i] + param.numel(), start + shard.numel()) - start
-                if lo < hi and counted(param):
-                    squares += grad[lo:hi].square().sum()
+        pieces = [piece for mine in self.pieces for piece in mine if piece.param is not None]
+        squares = torch.zeros((), dtype=torch.float64, device=self.flat_params[0].device)
+        for piece in pieces:
+            if counted is None or counted(piece.param):
+                squares += piece.tensor.grad.double().square().sum()
         norm = global_norm(squares, (self.comm, *norm_comms))
         scale = clip_scale(norm, max_norm)
-        for shard in self.shards:
-            shard.grad.mul_(scale.to(shard.grad.dtype))
-        return norm.to(self.shards[0].dtype)
+        for piece in pieces:
+            piece.tensor.grad.mul_(scale.to(piece.tensor.dtype))
+        return norm.to(self.flat_params[0].dtype)
 
     @torch.no_grad()
     def step(self) -> None:
-        """Update this rank's shard of every bucket, then all-gather the buckets into the parameters."""
+        """Update this rank's pieces, then all-gather every bucket back into the parameters.
+
+        The all-gathers run one bucket ahead: bucket ``i + 1`` is in flight while
+        bucket ``i`` is copied into place, so at most two gathered buckets exist.
+        """
         self._check_reduced("step")
         self.optimizer.step()
-        handles = [self.comm.all_gather(shard.detach(), dim=0, async_op=True) for shard in self.shards]
-        for flat, handle in zip(self.flat_params, handles):
-            full = handle.wait()
-            if full.data_ptr() != flat.data_ptr():
-                flat.copy_(full)
-        for shard in self.shards:
-            shard.grad = None
+        self._reduced = False
+        in_flight = None
+        for bucket, flat in zip(self.buckets, self.flat_params):
+            lo, hi = shard_range(bucket, self.comm.rank, self.comm.size)
+            handle = self.comm.all_gather(flat[lo:hi], dim=0, async_op=True)
+            if in_flight is not None:
+                _land(*in_flight)
+            in_flight = (flat, handle)
+        _land(*in_flight)
 
     # ---------------------------------------------------------------- state
     @property
     def state(self):
-        """The wrapped optimizer's state, keyed by shard (one per bucket)."""
+        """The wrapped optimizer's state, keyed by piece (this rank's slices of the buckets)."""
         return self.optimizer.state
 
     @property
@@ -208,68 +208,32 @@ class ShardedOptimizer:
         """Bytes of optimizer state tensors on this rank."""
         return optimizer_state_bytes(self.optimizer)
 
-    @torch.no_grad()
     def gather_state(self) -> dict[nn.Parameter, dict[str, Any]]:
-        """Every parameter's full optimizer state, as the unsharded torch optimizer would hold it.
+        """Every parameter's whole optimizer state, as the unsharded torch optimizer would hold it.
 
-        A DP collective (every DP rank calls it, gets the same). Elementwise state
-        (moments) is all-gathered and cut per parameter; scalar state (the step
-        count) is shared by the bucket and copied to each of its parameters.
+        A DP collective: every DP rank calls it, and all get the same.
         """
-        out: dict[nn.Parameter, dict[str, Any]] = {}
-        for bucket, shard in zip(self.buckets, self.shards):
-            state = self.optimizer.state.get(shard, {})
-            if not state:
-                continue
-            gathered = {key: self.comm.all_gather(state[key].contiguous(), dim=0)
-                        for key in sorted(state) if key not in self._scalar_keys}
-            for i, param in enumerate(bucket.params):
-                lo, hi = bucket.offsets[i], bucket.offsets[i] + param.numel()
-                out[param] = {key: (gathered[key][lo:hi].view_as(param).clone() if key in gathered
-                                    else _copy(value)) for key, value in state.items()}
-        return out
+        return gather_state(self.buckets, self.pieces, self.optimizer, self.comm, self._scalar_keys)
 
-    @torch.no_grad()
     def load_state(self, states: Mapping[nn.Parameter, Mapping[str, Any]]) -> None:
         """Load per-parameter optimizer state in the unsharded layout (from :meth:`gather_state`, a
-        checkpoint, or a plain torch optimizer's ``state``), keeping this rank's shard.
+        checkpoint, or a plain torch optimizer's ``state``), keeping this rank's share.
 
         A bucket's parameters must all have state or all have none; elementwise
         state must be shaped like its parameter; scalar state must agree within a
-        bucket (it is kept once per bucket).
+        bucket (it is kept once per bucket). Local: no communication.
         """
-        for bucket, shard in zip(self.buckets, self.shards):
-            have = [bool(states.get(param)) for param in bucket.params]
-            if not any(have):
-                self.optimizer.state.pop(shard, None)
-                continue
-            if not all(have):
-                raise ValueError(f"load_state: {have.count(False)} of the {len(have)} parameters of bucket "
-                                 f"{bucket.index} have no optimizer state; give state for all or none of them")
-            start, size = self.comm.rank * shard.numel(), shard.numel()
-            loaded = {}
-            for key, value in states[bucket.params[0]].items():
-                if key in self._scalar_keys:
-                    for param in bucket.params[1:]:
-                        if not _same(states[param].get(key), value):
-                            raise ValueError(f"load_state: state {key!r} differs between parameters of one bucket "
-                                             f"({_describe(value)} vs {_describe(states[param].get(key))}); "
-                                             "ZeRO-1 keeps one value per bucket")
-                    loaded[key] = _copy(value)
-                    continue
-                flat = torch.zeros(bucket.buffer.numel(), dtype=value.dtype, device=shard.device)
-                for i, param in enumerate(bucket.params):
-                    part = states[param].get(key)
-                    if not torch.is_tensor(part) or part.shape != param.shape:
-                        raise ValueError(f"load_state: state {key!r} of a parameter of shape {list(param.shape)} "
-                                         f"is {_describe(part)}; elementwise state must have its parameter's shape")
-                    flat[bucket.offsets[i]:bucket.offsets[i] + param.numel()] = part.reshape(-1)
-                loaded[key] = flat[start:start + size].clone()
-            self.optimizer.state[shard] = loaded
+        load_state(states, self.buckets, self.pieces, self.optimizer, self._scalar_keys)
 
     def remove(self) -> None:
         """Detach the gradient hooks (parameters stay views into the flat buffers)."""
         self.reducer.remove()
+
+
+def _land(flat: torch.Tensor, handle: Handle) -> None:
+    full = handle.wait()
+    if full.data_ptr() != flat.data_ptr():
+        flat.copy_(full)
 
 
 def _check_arguments(params: list, optimizer_class, comm, elementwise: Optional[bool]) -> None:
@@ -308,19 +272,3 @@ def _scalar_state_keys(optimizer_class: type, kwargs: dict, like: torch.Tensor) 
     optimizer.step()
     return frozenset(key for key, value in optimizer.state[probe].items()
                      if not (torch.is_tensor(value) and value.shape == probe.shape))
-
-
-def _copy(value: Any) -> Any:
-    return value.clone() if torch.is_tensor(value) else value
-
-
-def _same(a: Any, b: Any) -> bool:
-    if torch.is_tensor(a) and torch.is_tensor(b):
-        return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
-    return a == b
-
-
-def _describe(value: Any) -> str:
-    if torch.is_tensor(value):
-        return f"a tensor of shape {list(value.shape)}" if value.dim() else f"{value.item()!r}"
-    return repr(value)
