@@ -139,3 +139,51 @@ def test_absent_peer_times_out_naming_rank_group_and_op():
     assert elapsed < 4.0 + 1.0 and "rank 1 of group 'tp'" in message and "group rank 0 gave up" in message
     for report in (first, second):
         assert report["after"][0].startswith("CommError") and "unusable" in report["after"][0]
+
+
+def mismatched_calls(rank: int, world: int) -> dict:
+    """Each case: the ranks make different collective calls on a fresh communicator."""
+    import torch.distributed as dist
+
+    from plait.comm import Communicator
+    from plait.errors import CommError
+
+    dist.init_process_group("gloo")
+    last = world - 1
+    cases = {
+        "count": lambda c, x: c.all_reduce(x if rank != last else torch.ones(100_000)),  # one-shot vs two-shot
+        "dtype": lambda c, x: c.all_reduce(x if rank != last else x.to(torch.int32)),
+        "op": lambda c, x: c.all_reduce(x, op="max" if rank == last else "sum"),
+        "barrier": lambda c, x: c.barrier() if rank == last else c.all_reduce(x),
+        "src": lambda c, x: c.broadcast(x, src=1 if rank == last else 0),
+        "dim": lambda c, x: c.all_gather(x.view(10, 10), dim=1 if rank == last else 0),
+        "skipped": lambda c, x: c.all_reduce(x[:0] if rank == 0 else x),  # an empty call still takes part
+    }
+    report = {}
+    for name, call in cases.items():
+        comm = Communicator.create("shm", None, name=name, timeout_s=2.0)
+        x = torch.arange(100, dtype=torch.float32) + rank
+        start = time.monotonic()
+        try:
+            call(comm, x)
+            report[name] = "no error"
+        except CommError as exc:
+            report[name] = str(exc)
+        report[name + " s"] = time.monotonic() - start
+        report[name + " untouched"] = torch.equal(x, torch.arange(100, dtype=torch.float32) + rank)
+    dist.destroy_process_group()
+    return report
+
+
+def test_mismatched_calls_fail_on_every_rank_without_touching_data():
+    reports = run_ranks(mismatched_calls, 3, timeout=120)
+    for rank, report in enumerate(reports):
+        for name in ("count", "dtype", "op", "barrier", "src", "dim", "skipped"):
+            message = report[name]
+            assert "the ranks made different collective calls" in message, f"rank {rank}, {name}: {message}"
+            assert f"rank {rank} of group '{name}'" in message and report[name + " s"] < 1.5
+            assert report[name + " untouched"], f"rank {rank}, {name}: the tensor changed"
+    assert "all_reduce(float32 x 100000, sum)" in reports[0]["count"]
+    assert "int32" in reports[0]["dtype"] and "max" in reports[0]["op"] and "called barrier" in reports[0]["barrier"]
+    assert "from group rank 1" in reports[0]["src"] and "10 rows" in reports[0]["dim"]
+    assert "all_reduce(float32 x 0, sum)" in reports[1]["skipped"]

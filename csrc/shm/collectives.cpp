@@ -28,6 +28,10 @@ bool is_float(DType dtype) {
   return dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16 || dtype == DType::f64;
 }
 
+std::uint32_t reduce_param(DType dtype, ReduceOp op) {
+  return static_cast<std::uint32_t>(dtype) * 16 + static_cast<std::uint32_t>(op);
+}
+
 void check_reducible(DType dtype, ReduceOp op) {
   if (op == ReduceOp::avg && !is_float(dtype)) {
     throw std::invalid_argument(std::string("reduce op avg needs a floating-point dtype, not ") + dtype_name(dtype));
@@ -41,19 +45,22 @@ void Group::all_reduce(void* data, std::size_t count, DType dtype, ReduceOp op_k
   std::lock_guard<std::mutex> lock(coll_mu_);
   Op op("all_reduce", timeout_s);
   check_usable(op);
-  if (size_ == 1 || count == 0) return;  // avg over one rank divides by 1
-  if (count * dtype_size(dtype) <= oneshot_bytes_) {
-    one_shot(static_cast<char*>(data), count, dtype, op_kind, op);
+  if (size_ == 1) return;  // avg over one rank divides by 1
+  const CallSig call{CallKind::all_reduce, reduce_param(dtype, op_kind), count, 1};
+  if (count == 0) {
+    arrive_and_check(next_slot(), call, op);  // nothing to move, but the ranks must agree on that
+  } else if (count * dtype_size(dtype) <= oneshot_bytes_) {
+    one_shot(static_cast<char*>(data), count, dtype, op_kind, call, op);
   } else {
-    two_shot(static_cast<char*>(data), count, dtype, op_kind, op);
+    two_shot(static_cast<char*>(data), count, dtype, op_kind, call, op);
   }
 }
 
 // Every rank publishes its whole input, then reduces all inputs (its own from its tensor).
-void Group::one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op) {
+void Group::one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, const CallSig& call, Op& op) {
   const int index = next_slot();
   std::memcpy(slot(rank_, index), data, count * dtype_size(dtype));
-  arrive_and_wait(op);
+  arrive_and_check(index, call, op);
   const void* srcs[kMaxRanks];
   for (int j = 0; j < size_; ++j) srcs[j] = j == rank_ ? data : slot(j, index);
   reduce(simd_, dtype, op_kind, ReduceArgs{data, nullptr, srcs, size_, count});
@@ -64,7 +71,7 @@ void Group::one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kin
 // slices (gather). Pipelined: chunk c+1's copy-in shares the barrier that publishes
 // chunk c's reduced slices, so each chunk costs one barrier (see group.h for why three
 // slots make that safe).
-void Group::two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op) {
+void Group::two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, const CallSig& call, Op& op) {
   const std::size_t es = dtype_size(dtype);
   const std::size_t chunk_elems = layout_.slot_bytes / es;
   op.chunks = ceil_div(count, chunk_elems);
@@ -88,7 +95,7 @@ void Group::two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kin
   const void* srcs[kMaxRanks];
   Chunk current = chunk_at(0);
   copy_in(current);
-  arrive_and_wait(op);
+  arrive_and_check(current.index, call, op);
   for (op.chunk = 0; op.chunk < op.chunks; ++op.chunk) {
     const std::size_t b = current.begin(rank_);
     char* mine = slot(rank_, current.index) + b * es;
@@ -111,6 +118,7 @@ void Group::two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kin
 }
 
 void Group::all_gather(const void* in, void* out, std::size_t bytes_per_rank, std::size_t outer, double timeout_s) {
+  if (bytes_per_rank == 0) outer = 1;  // an empty tensor's rows do not matter
   if (outer == 0 || bytes_per_rank % outer) {
     throw std::invalid_argument("all_gather: " + std::to_string(bytes_per_rank) + " bytes per rank do not split into " +
                                 std::to_string(outer) + " rows");
@@ -118,7 +126,9 @@ void Group::all_gather(const void* in, void* out, std::size_t bytes_per_rank, st
   std::lock_guard<std::mutex> lock(coll_mu_);
   Op op("all_gather", timeout_s);
   check_usable(op);
-  if (bytes_per_rank == 0) return;
+  if (size_ == 1 && bytes_per_rank == 0) return;
+  const CallSig call{CallKind::all_gather, 0, bytes_per_rank, outer};
+  if (bytes_per_rank == 0) return arrive_and_check(next_slot(), call, op);
   const auto* src = static_cast<const char*>(in);
   auto* dst = static_cast<char*>(out);
   const std::size_t inner = bytes_per_rank / outer;
@@ -129,7 +139,7 @@ void Group::all_gather(const void* in, void* out, std::size_t bytes_per_rank, st
     const int index = next_slot();
     if (size_ > 1) {
       std::memcpy(slot(rank_, index), src + b0, b1 - b0);
-      arrive_and_wait(op);
+      arrive_step(index, call, op);
     }
     for (int j = 0; j < size_; ++j) {
       const char* from = j == rank_ ? src + b0 : slot(j, index);
@@ -145,6 +155,7 @@ void Group::all_gather(const void* in, void* out, std::size_t bytes_per_rank, st
 void Group::reduce_scatter(const void* in, void* out, std::size_t count_per_rank, std::size_t outer, DType dtype,
                            ReduceOp op_kind, double timeout_s) {
   check_reducible(dtype, op_kind);
+  if (count_per_rank == 0) outer = 1;  // an empty tensor's rows do not matter
   if (outer == 0 || count_per_rank % outer) {
     throw std::invalid_argument("reduce_scatter: " + std::to_string(count_per_rank) +
                                 " elements per rank do not split into " + std::to_string(outer) + " rows");
@@ -152,7 +163,11 @@ void Group::reduce_scatter(const void* in, void* out, std::size_t count_per_rank
   std::lock_guard<std::mutex> lock(coll_mu_);
   Op op("reduce_scatter", timeout_s);
   check_usable(op);
-  if (count_per_rank == 0) return;
+  const CallSig call{CallKind::reduce_scatter, reduce_param(dtype, op_kind), count_per_rank, outer};
+  if (count_per_rank == 0) {
+    if (size_ > 1) arrive_and_check(next_slot(), call, op);
+    return;
+  }
   const std::size_t es = dtype_size(dtype);
   const auto* src = static_cast<const char*>(in);
   auto* dst = static_cast<char*>(out);
@@ -172,7 +187,7 @@ void Group::reduce_scatter(const void* in, void* out, std::size_t count_per_rank
         std::memcpy(mine + (b * len + off) * es, src + at * es, n * es);
       });
     }
-    if (size_ > 1) arrive_and_wait(op);
+    if (size_ > 1) arrive_step(index, call, op);
     for_each_run(inner, size_, rank_, e0, e1, [&](std::size_t at, std::size_t off, std::size_t n) {
       for (int j = 0; j < size_; ++j) {
         srcs[j] = j == rank_ ? src + at * es : slot(j, index) + (rank_ * len + off) * es;
@@ -190,7 +205,9 @@ void Group::broadcast(void* data, std::size_t bytes, int src, double timeout_s) 
   std::lock_guard<std::mutex> lock(coll_mu_);
   Op op("broadcast", timeout_s);
   check_usable(op);
-  if (size_ == 1 || bytes == 0) return;
+  if (size_ == 1) return;
+  const CallSig call{CallKind::broadcast, static_cast<std::uint32_t>(src), bytes, 1};
+  if (bytes == 0) return arrive_and_check(next_slot(), call, op);
   auto* buf = static_cast<char*>(data);
   op.chunks = ceil_div(bytes, layout_.slot_bytes);
   for (op.chunk = 0; op.chunk < op.chunks; ++op.chunk) {
@@ -198,7 +215,7 @@ void Group::broadcast(void* data, std::size_t bytes, int src, double timeout_s) 
     const std::size_t n = std::min(bytes - b0, layout_.slot_bytes);
     const int index = next_slot();
     if (rank_ == src) std::memcpy(slot(src, index), buf + b0, n);
-    arrive_and_wait(op);
+    arrive_step(index, call, op);
     if (rank_ != src) std::memcpy(buf + b0, slot(src, index), n);
   }
 }

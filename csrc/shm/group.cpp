@@ -135,7 +135,40 @@ void Group::barrier(double timeout_s) {
   std::lock_guard<std::mutex> lock(coll_mu_);
   Op op("barrier", timeout_s);
   check_usable(op);
-  if (size_ > 1) arrive_and_wait(op);
+  if (size_ == 1) return;
+  const CallSig call{CallKind::barrier, 0, 0, 1};
+  arrive_and_check(next_slot(), call, op);
+}
+
+void Group::arrive_step(int index, const CallSig& call, Op& op) {
+  if (op.chunk == 0) {
+    arrive_and_check(index, call, op);
+  } else {
+    arrive_and_wait(op);
+  }
+}
+
+CallSig* Group::call_sig(int rank, int index) const {
+  return &(reinterpret_cast<CallBlock*>(segment_.data() + layout_.calls_off) + rank)->slot[index];
+}
+
+// The call is written before the barrier publishes it, read by the peers after that barrier
+// and rewritten only kCollSlots steps later, exactly like the slot's data.
+void Group::arrive_and_check(int index, const CallSig& call, Op& op) {
+  *call_sig(rank_, index) = call;
+  arrive_and_wait(op);
+  std::string others;
+  for (int j = 0; j < size_; ++j) {
+    const CallSig theirs = *call_sig(j, index);
+    if (j != rank_ && theirs != call) others += "; group rank " + std::to_string(j) + " called " + theirs.describe();
+  }
+  if (others.empty()) return;
+  const std::string message = "the ranks made different collective calls: this rank (group rank " +
+                              std::to_string(rank_) + ") called " + call.describe() + others +
+                              ". Every rank of a group must make the same collective calls, in the same order, with "
+                              "the same sizes, dtypes and reduce op";
+  mark_broken(message);
+  throw Error(std::string(op.name) + ": " + message);
 }
 
 // At the start of every call: fail at once when this rank already failed, or when a peer

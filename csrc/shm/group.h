@@ -22,6 +22,12 @@
 // send/recv: one ring of two slots per ordered pair of ranks, independent of the
 // collectives and of other pairs; a send and its recv must have the same size.
 //
+// Every rank publishes what it calls (operation, dtype, reduce op, sizes, broadcast source)
+// with the call's first step and checks the others' after that step's barrier: ranks that
+// make different calls all fail with Error naming the calls (the group is then unusable),
+// rather than reading each other's data with the wrong size or type. Calls with no data
+// (count 0) take part too, so a rank that skips a call cannot pair its next one wrongly.
+//
 // Every wait is bounded by the call's timeout and throws Timeout naming the ranks that
 // did not arrive; the rank that times out also marks the segment aborted so its peers
 // fail fast with Aborted. After either, the group is unusable (Error on every call).
@@ -91,8 +97,14 @@ class Group {
   int next_slot() { return static_cast<int>(step_++ % kCollSlots); }
 
   void arrive_and_wait(Op& op);
-  void one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op);
-  void two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, Op& op);
+  // The barrier of a collective's first step (slot `index`): publishes this rank's call
+  // first, and throws Error (marking the group unusable) unless every rank made the same call.
+  void arrive_and_check(int index, const CallSig& call, Op& op);
+  // The barrier of a chunked collective's step: arrive_and_check on the first chunk, else arrive_and_wait.
+  void arrive_step(int index, const CallSig& call, Op& op);
+  CallSig* call_sig(int rank, int index) const;
+  void one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, const CallSig& call, Op& op);
+  void two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, const CallSig& call, Op& op);
 
   // Waits until ready(flag value) holds; on timeout or a peer's abort, throws (see class comment).
   template <typename Ready, typename Describe>

@@ -26,11 +26,31 @@ Layout Layout::compute(int size, std::size_t slot_bytes, std::size_t chan_bytes)
   l.chan_bytes = chan_bytes;
   const std::size_t pairs = static_cast<std::size_t>(size) * (size - 1);
   l.arrive_off = round_up(sizeof(Header), kPage);
-  l.chan_ctl_off = round_up(l.arrive_off + size * sizeof(Flag), kPage);
+  l.calls_off = l.arrive_off + size * sizeof(Flag);
+  l.chan_ctl_off = round_up(l.calls_off + size * sizeof(CallBlock), kPage);
   l.coll_off = round_up(l.chan_ctl_off + pairs * sizeof(ChanCtl), kPage);
   l.ring_off = l.coll_off + static_cast<std::size_t>(size) * kCollSlots * slot_bytes;
   l.total = l.ring_off + pairs * kChanSlots * chan_bytes;
   return l;
+}
+
+std::string CallSig::describe() const {
+  const auto dtype = [this] { return std::string(dtype_name(static_cast<DType>(param / 16))); };
+  const auto op = [this] { return std::string(op_name(static_cast<ReduceOp>(param % 16))); };
+  const auto rows = [this] { return outer != 1 ? ", " + std::to_string(outer) + " rows" : std::string(); };
+  switch (kind) {
+    case CallKind::all_reduce:
+      return "all_reduce(" + dtype() + " x " + std::to_string(count) + ", " + op() + ")";
+    case CallKind::reduce_scatter:
+      return "reduce_scatter(" + dtype() + " x " + std::to_string(count) + " per rank" + rows() + ", " + op() + ")";
+    case CallKind::all_gather:
+      return "all_gather(" + std::to_string(count) + " bytes per rank" + rows() + ")";
+    case CallKind::broadcast:
+      return "broadcast(" + std::to_string(count) + " bytes from group rank " + std::to_string(param) + ")";
+    case CallKind::barrier:
+      return "barrier";
+  }
+  return "an unknown call (kind " + std::to_string(static_cast<std::uint32_t>(kind)) + ")";
 }
 
 }  // namespace plait::shm

@@ -2,6 +2,7 @@
 //
 //   Header                       one page: sizes, attach count, abort flag, rank pids
 //   Flag arrive[size]            per rank: how many barriers it has arrived at (wrapping)
+//   CallBlock calls[size]        per rank: the collective call of each slot (checked across ranks)
 //   ChanCtl chan[size*(size-1)]  per ordered pair (src, dst): chunks sent and consumed
 //   coll[size][3][slot_bytes]    per rank: three collective slots (used in turn)
 //   ring[size*(size-1)][2][chan_bytes]  per ordered pair: the send/recv ring
@@ -13,6 +14,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "shm/reduce.h"
 #include "shm/wait.h"
@@ -20,7 +22,7 @@
 namespace plait::shm {
 
 constexpr std::uint64_t kMagic = 0x706C616974534D31ULL;  // "plaitSM1"
-constexpr std::uint32_t kVersion = 1;
+constexpr std::uint32_t kVersion = 2;
 constexpr std::size_t kLine = 128;
 constexpr std::size_t kPage = 4096;
 constexpr int kMaxRanks = kMaxSources;
@@ -54,12 +56,39 @@ struct ChanCtl {
   alignas(kLine) std::uint64_t msg_bytes[kChanSlots];  // total size of the message each slot's chunk is part of
 };
 
+// What one rank's collective call is. A call publishes it with its first step (in that
+// step's slot, under the same reuse rule as the slot's data) and, after the barrier that
+// ends the step, compares every rank's: ranks that disagree (a different operation, dtype,
+// reduce op, size, layout or broadcast source) fail on every rank with an error naming the
+// calls, instead of reading each other's slots as data of the wrong size or type.
+enum class CallKind : std::uint32_t { all_reduce = 1, all_gather, reduce_scatter, broadcast, barrier };
+
+struct CallSig {
+  CallKind kind;
+  std::uint32_t param;  // all_reduce, reduce_scatter: dtype * 16 + reduce op; broadcast: src
+  std::uint64_t count;  // elements (reductions) or bytes (copies) per rank
+  std::uint64_t outer;  // rows of an all_gather / reduce_scatter along an inner dim; else 1
+
+  bool operator==(const CallSig& o) const {
+    return kind == o.kind && param == o.param && count == o.count && outer == o.outer;
+  }
+  bool operator!=(const CallSig& o) const { return !(*this == o); }
+  // "all_reduce(float32 x 100, sum)", for error messages.
+  std::string describe() const;
+};
+
+struct alignas(kLine) CallBlock {
+  CallSig slot[kCollSlots];
+};
+static_assert(sizeof(CallBlock) == kLine, "one rank's calls fill one block");
+
 // Byte offsets of the regions for a given group size and slot sizes.
 struct Layout {
   int size = 0;
   std::size_t slot_bytes = 0;
   std::size_t chan_bytes = 0;
   std::size_t arrive_off = 0;
+  std::size_t calls_off = 0;
   std::size_t chan_ctl_off = 0;
   std::size_t coll_off = 0;
   std::size_t ring_off = 0;

@@ -9,6 +9,9 @@ with the GIL released, and never touches ``torch.distributed`` again.
   float32, float16, bfloat16 (accumulated in fp32), float64, int32 and int64;
   all_gather, broadcast, send and recv take any dtype.
 - all_reduce gives every rank bitwise the same result (fixed rank order).
+- Every collective checks that all ranks made the same call (operation, dtype, reduce
+  op, sizes, broadcast source); when they did not, every rank raises CommError naming
+  the calls instead of mixing up data. Empty tensors take part in that check too.
 - Collectives run when called; ``async_op=True`` returns a completed handle.
   send/recv run on per-peer background lanes, so an async send followed by a
   recv cannot deadlock (see :mod:`plait.comm.lanes`).
@@ -110,7 +113,7 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         dtype = self._reduce_code(tensor, "all_reduce")
         if op == "avg" and not tensor.is_floating_point():
             raise ValueError(f"all_reduce: op 'avg' needs a floating-point tensor, got {tensor.dtype}")
-        if self.size > 1 and tensor.numel() > 0:
+        if self.size > 1:
             buf = tensor if tensor.is_contiguous() else tensor.contiguous()
             self._run("all_reduce", tensor,
                       lambda t: self._group.all_reduce(buf.data_ptr(), buf.numel(), dtype, self._op_codes[op], t))
@@ -127,11 +130,10 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         shape = list(src.shape)
         shape[dim] *= self.size
         out = torch.empty(shape, dtype=src.dtype)
-        if src.numel() > 0:
-            outer = math.prod(src.shape[:dim])
-            self._run("all_gather", tensor,
-                      lambda t: self._group.all_gather(src.data_ptr(), out.data_ptr(),
-                                                       src.numel() * src.element_size(), outer, t))
+        outer = math.prod(src.shape[:dim])  # empty tensors still take part: the ranks check they agree
+        self._run("all_gather", tensor,
+                  lambda t: self._group.all_gather(src.data_ptr(), out.data_ptr(),
+                                                   src.numel() * src.element_size(), outer, t))
         return DoneHandle(out) if async_op else out
 
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0, op: str = "sum", async_op: bool = False):
@@ -148,17 +150,16 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         shape = list(src.shape)
         shape[dim] //= self.size
         out = torch.empty(shape, dtype=src.dtype)
-        if out.numel() > 0:
-            outer = math.prod(src.shape[:dim])
-            self._run("reduce_scatter", tensor,
-                      lambda t: self._group.reduce_scatter(src.data_ptr(), out.data_ptr(), out.numel(), outer,
-                                                           dtype, self._op_codes[op], t))
+        outer = math.prod(src.shape[:dim])
+        self._run("reduce_scatter", tensor,
+                  lambda t: self._group.reduce_scatter(src.data_ptr(), out.data_ptr(), out.numel(), outer,
+                                                       dtype, self._op_codes[op], t))
         return DoneHandle(out) if async_op else out
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
         self._check_peer(src, "src")
         self._check_cpu(tensor, "broadcast")
-        if self.size > 1 and tensor.numel() > 0:
+        if self.size > 1:
             buf = tensor if tensor.is_contiguous() else tensor.contiguous()
             self._run("broadcast", tensor,
                       lambda t: self._group.broadcast(buf.data_ptr(), buf.numel() * buf.element_size(), src, t))
