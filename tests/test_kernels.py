@@ -6,6 +6,7 @@ bf16 is not tested here: the interpreter computes bf16 wrongly (see
 ENVIRONMENT.md); tests/test_kernels_gpu.py covers it on a GPU.
 """
 import itertools
+import os
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ import torch
 kernels = pytest.importorskip("plait.kernels")
 if not kernels.HAVE_TRITON:
     pytest.skip("triton is not installed", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1":
+    # conftest.py turns the interpreter on only without a GPU; there tests/test_kernels_gpu.py runs instead.
+    pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
 from kernel_reference import reference_linear, rel_err  # noqa: E402
 from plait.kernels.config import signal_config  # noqa: E402

@@ -58,12 +58,13 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def _await_rows(ready_ptr, error_ptr, row_start, row_end, rows_per_chunk, epoch, max_spins):
     for chunk in range(row_start // rows_per_chunk, (row_end - 1) // rows_per_chunk + 1):
         seen = tl.atomic_add(ready_ptr + chunk, 0, sem="acquire", scope="sys")
-        spins = 0
+        # After one timeout the round is lost: later tiles do not spin their whole bound again.
+        spins = tl.where(tl.load(error_ptr, volatile=True) != 0, max_spins, 0)
         while (seen < epoch) & (spins < max_spins):
             seen = tl.atomic_add(ready_ptr + chunk, 0, sem="acquire", scope="sys")
             spins += 1
         if seen < epoch:
-            tl.atomic_xchg(error_ptr, chunk + 1)
+            tl.atomic_cas(error_ptr, 0, chunk + 1)   # the first chunk that timed out is reported
 
 
 @triton.jit
@@ -72,12 +73,16 @@ def _publish_rows(counter_ptr, flag_ptr, row_start, row_end, rows_per_chunk, M, 
     for chunk in range(row_start // rows_per_chunk, (row_end - 1) // rows_per_chunk + 1):
         chunk_end = tl.minimum(M, (chunk + 1) * rows_per_chunk)
         tiles = num_n * ((chunk_end - 1) // BM - (chunk * rows_per_chunk) // BM + 1)
-        done = tl.atomic_add(counter_ptr + chunk, 1, sem="release", scope="gpu") + 1
+        # acq_rel: the tile that completes the chunk must acquire the other tiles' releases, so that
+        # its system-scope release of the flag covers their stores too.
+        done = tl.atomic_add(counter_ptr + chunk, 1, sem="acq_rel", scope="gpu") + 1
         if done == tiles:
             tl.atomic_xchg(flag_ptr + chunk, epoch, sem="release", scope="sys")
 
 
-@triton.jit
+# epoch, rows_per_chunk and max_spins change between calls: specializing on their values (1, 16,
+# divisibility) would recompile the kernel as the epoch grows, while a peer waits on its flags.
+@triton.jit(do_not_specialize=["epoch", "rows_per_chunk", "max_spins"])
 def gemm_kernel(a_ptr, z_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, pre_ptr, rowsum_ptr,
                 sig_a_ptr, sig_b_ptr, error_ptr,
                 M, N, K,

@@ -82,14 +82,22 @@ def _check_rows(signals: ChunkSignals, rows: int, what: str) -> None:
                          f"of {signals.rows_per_chunk} rows")
 
 
+def _check_programs(programs: Optional[int]) -> None:
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs caps the persistent grid and must be at least 1, got {programs}")
+
+
 def producer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     activation: Optional[str] = None, *, signals: ChunkSignals, epoch: Optional[int] = None,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    out: Optional[torch.Tensor] = None, programs: Optional[int] = None) -> torch.Tensor:
     """``activation(x @ weight.T + bias)`` publishing ``signals.flags[chunk] = epoch`` per finished row chunk.
 
-    ``epoch`` defaults to ``signals.next_epoch()``. No autograd: this is a
-    forward building block for overlapped communication.
+    ``epoch`` defaults to ``signals.next_epoch()``. ``programs`` caps the
+    persistent grid, leaving SMs to a kernel that consumes the chunks
+    meanwhile. No autograd: this is a forward building block for overlapped
+    communication.
     """
+    _check_programs(programs)
     n = check_linear_args(x, weight, bias, activation, None, out)
     x2 = flatten_rows(x)
     _check_rows(signals, x2.shape[0], "x")
@@ -101,7 +109,7 @@ def producer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     epoch = signals.next_epoch() if epoch is None else epoch
     signals.counters.zero_()
     launch_gemm(x2, weight.t(), y2, act=ACT_CODES[activation], swiglu=activation == "swiglu", bias=bias,
-                publish=(signals.counters, signals.flags, epoch, signals.rows_per_chunk))
+                publish=(signals.counters, signals.flags, epoch, signals.rows_per_chunk), programs=programs)
     return y
 
 
@@ -116,8 +124,7 @@ def consumer_linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     the producer keeps SMs to run on. Call ``signals.check()`` to surface a timeout.
     """
     n = check_linear_args(a, weight, bias, activation, None, None)
-    if programs is not None and programs < 1:
-        raise ValueError(f"programs caps the persistent grid and must be at least 1, got {programs}")
+    _check_programs(programs)
     a2 = flatten_rows(a)
     _check_rows(signals, a2.shape[0], "a")
     epoch = signals.epoch if epoch is None else epoch
