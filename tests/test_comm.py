@@ -86,6 +86,8 @@ def bad_arguments(rank: int, world: int) -> str:
                  lambda: comm.reduce_scatter(torch.ones(3), dim=0),
                  lambda: comm.send(torch.ones(1), dst=world),
                  lambda: comm.broadcast(torch.ones(1), src=-1),
+                 lambda: comm.all_gather(torch.ones(3), dim=1),
+                 lambda: comm.reduce_scatter(torch.ones(4, 4), dim=-3),
                  lambda: Communicator.create("nope")):
         with pytest.raises(ValueError) as info:
             call()
@@ -98,6 +100,7 @@ def bad_arguments(rank: int, world: int) -> str:
 def test_bad_arguments_rejected_before_communication():
     text = run_ranks(bad_arguments, 2)[0]
     assert "prod" in text and "not divisible" in text and "group size 2" in text and "nope" in text
+    assert "dim 1 is out of range" in text and "dim -3 is out of range" in text
 
 
 def peer_never_joins(rank: int, world: int) -> str:

@@ -222,7 +222,9 @@ def bad_input(rank: int, world: int) -> list[str]:
                  lambda: comm.reduce_scatter(torch.ones(3), dim=0),
                  lambda: comm.send(torch.ones(1), dst=rank),
                  lambda: comm.recv(torch.ones(4, 2).t(), src=1 - rank),
-                 lambda: comm.broadcast(torch.ones(1), src=world)):
+                 lambda: comm.broadcast(torch.ones(1), src=world),
+                 lambda: comm.all_gather(torch.ones(3), dim=1),
+                 lambda: comm.reduce_scatter(torch.ones(4, 4), dim=-3)):
         try:
             call()
         except ValueError as exc:
@@ -250,6 +252,7 @@ def test_bad_input_is_rejected_with_a_clear_error():
     assert "CPU tensors" in first[0] and "'torch'" in first[0] and "'ipc'" in first[0]
     assert "int8" in first[1] and "avg" in first[2] and "prod" in first[3] and "not divisible" in first[4]
     assert "this rank itself" in first[5] and "contiguous" in first[6] and "not a rank" in first[7]
+    assert "dim 1 is out of range" in first[8] and "dim -3 is out of range" in first[9]
     mismatch = messages[1][-1]
     assert mismatch.startswith("CommError") and "12" not in mismatch.split("recv")[0]
     assert "40 bytes" in mismatch and "48 bytes" in mismatch and "same size" in mismatch

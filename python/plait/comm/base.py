@@ -158,9 +158,15 @@ class Communicator(abc.ABC):
                              f"(size {self.size}); ranks here are group ranks")
 
     def _tensor_dim(self, tensor: torch.Tensor, dim: int, op: str) -> int:
-        """``dim`` as a non-negative index of ``tensor``; a scalar has no dim to gather or scatter."""
+        """``dim`` as a non-negative index of ``tensor``; a scalar has no dim to gather or scatter.
+
+        Out-of-range dims are rejected as torch.cat would, rather than wrapped onto another dim.
+        """
         if tensor.dim() == 0:
             raise ValueError(f"{op} needs a tensor with at least one dim, got a scalar")
+        if not -tensor.dim() <= dim < tensor.dim():
+            raise ValueError(f"{op}: dim {dim} is out of range for a tensor of shape {list(tensor.shape)} "
+                             f"(expected a dim in [{-tensor.dim()}, {tensor.dim() - 1}])")
         return dim % tensor.dim()
 
     def _check_divisible(self, tensor: torch.Tensor, dim: int, op: str) -> None:
