@@ -15,7 +15,8 @@ sharded over DP). For those rows the optimizer-state bytes per rank are exact
 (the sum of the state tensors' sizes, largest rank); the peak memory is
 measured, and on CPU also given above the memory the rank had before training
 (``peak over start``), which removes torch's own few hundred MB, and the
-memory after the last step (``end``: what stays, without the transients).
+memory after the last step (``end``: what stays between steps, without the
+transients).
 glibc keeps freed memory in the process, which blurs RSS; with
 ``MALLOC_MMAP_THRESHOLD_`` set (e.g. 131072) large blocks go back to the
 system when freed, and the result is saved under ``..._mmap``. ``--zero-only``
@@ -55,8 +56,9 @@ def bench_rank(rank: int, world: int, layout: tuple, model: dict, run: dict, ove
         torch.cuda.set_device(rank)
     job = TrainJob(model=GPTConfig(**model), dp=dp, pp=pp, tp=tp, dp_overlap=overlap, zero=zero, **run)
     start = torch.cuda.memory_allocated() if cuda else _rss_bytes()
-    records = train(job)
-    end = torch.cuda.memory_allocated() if cuda else _rss_bytes()
+    after_steps = []  # memory after each step, the model and optimizer state still alive
+    records = train(job, lambda record: after_steps.append(torch.cuda.memory_allocated() if cuda else _rss_bytes()))
+    end = after_steps[-1]
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     plait.destroy_mesh()
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--bucket-mb", type=float, default=25.0, help="DP gradient bucket size")
     parser.add_argument("--no-zero", action="store_true", help="skip the ZeRO-1 rows")
     parser.add_argument("--zero-only", action="store_true",
                         help="only ZeRO-1 off vs on (overlap on) per layout with dp > 1; saved as train_zero")
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     if args.zero_only and args.no_zero:
         raise SystemExit("--zero-only and --no-zero exclude each other")
     model = dict(vocab_size=512, num_layers=args.layers, hidden=args.hidden, num_heads=4, seq_len=args.seq)
-    run = dict(microbatches=args.microbatches, global_batch=args.global_batch, steps=args.steps, seed=0)
+    run = dict(microbatches=args.microbatches, global_batch=args.global_batch, steps=args.steps, seed=0,
+               bucket_mb=args.bucket_mb)
     rows = []
     for text in args.layouts:
         layout = tuple(int(v) for v in text.split(","))
