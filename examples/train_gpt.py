@@ -26,7 +26,7 @@ def parse(argv=None) -> argparse.Namespace:
     layout.add_argument("--dp", type=int, default=1)
     layout.add_argument("--pp", type=int, default=1)
     layout.add_argument("--tp", type=int, default=1)
-    layout.add_argument("--vpp", type=int, default=1, help="virtual stages per rank (interleaved schedule)")
+    layout.add_argument("--vpp", type=int, default=1, help="virtual stages per rank (interleaved or zb1p schedule)")
     layout.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved or zb1p")
     layout.add_argument("--sp", action="store_true", help="sequence parallelism")
     model = p.add_argument_group("model")
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         print(f"no torchrun: running the same model in one process (dp=pp=tp=1) instead of "
               f"{args.dp}x{args.pp}x{args.tp}", file=sys.stderr)
         args.dp = args.pp = args.tp = 1
-        if args.schedule == "interleaved":
+        if args.schedule == "interleaved" or args.vpp > 1:
             args.schedule, args.vpp = "1f1b", 1
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     try:

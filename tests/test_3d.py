@@ -80,3 +80,7 @@ def test_bad_configurations_are_caught_before_training():
             _job(**kwargs)
     with pytest.raises(ValueError, match="ffn_hidden=30 is not divisible by tp=4"):
         TrainJob(model=GPTConfig(**dict(MODEL, ffn_hidden=30)), tp=4, global_batch=8)
+    for kwargs, text in ((dict(lr=-1.0), "lr must be a positive"), (dict(bucket_mb=0), "bucket_mb must be")):
+        with pytest.raises(ValueError, match=text):
+            TrainJob(model=GPTConfig(**MODEL), global_batch=8, **kwargs)
+    assert _job(pp=2, schedule="zb1p", vpp=2).num_virtual == 2   # zero-bubble runs virtual stages too

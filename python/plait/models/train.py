@@ -60,9 +60,17 @@ class TrainJob:
             raise ValueError(f"clip_grad must be a number >= 0 (0: no clipping), got {self.clip_grad!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
-        if (self.schedule == "interleaved") != (self.num_virtual > 1):
-            raise ValueError("the interleaved schedule needs num_virtual >= 2 (--vpp), and only it uses virtual "
-                             f"stages; got schedule={self.schedule!r}, num_virtual={self.num_virtual}")
+        if self.schedule == "interleaved" and self.num_virtual < 2:
+            raise ValueError(f"the interleaved schedule needs num_virtual >= 2 (--vpp), got {self.num_virtual}")
+        if self.schedule in ("gpipe", "1f1b") and self.num_virtual > 1:
+            raise ValueError(f"virtual stages (num_virtual={self.num_virtual}) need the interleaved or zb1p "
+                             f"schedule; {self.schedule!r} runs one stage per rank")
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.bucket_mb, (int, float)) and not isinstance(self.bucket_mb, bool)
+                and self.bucket_mb > 0):
+            raise ValueError(f"bucket_mb must be a positive number of MB (gradient bucket size), got "
+                             f"{self.bucket_mb!r}")
         per_replica = self.dp * self.microbatches
         if self.global_batch % per_replica:
             raise ValueError(f"global batch {self.global_batch} is not divisible by dp x microbatches = "
