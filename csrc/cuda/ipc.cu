@@ -10,6 +10,7 @@
 #include "cuda/host_util.h"
 #include "cuda/ipc_api.h"
 #include "cuda/ipc_launch.h"
+#include "cuda/peer_memory.h"
 
 namespace plait::cuda {
 namespace {
@@ -38,23 +39,22 @@ struct IpcGroup::Impl {
   std::size_t data_bytes = 0;
   std::size_t inbox_bytes = 0;
   std::size_t oneshot_bytes = 0;
-  char* own = nullptr;                      // this rank's allocation
-  char* bases[kIpcMaxRanks] = {};           // every rank's buffer, mapped here
-  ipc::ErrorRecord* error_host = nullptr;   // pinned, mapped
-  ipc::ErrorRecord* error_device = nullptr;
+  std::unique_ptr<PeerMemory> memory;      // this rank's buffer, the peers' mapped, the error record
   std::uint32_t epoch = 0;
   std::uint32_t sent[kIpcMaxRanks] = {};    // chunks sent to each rank
   std::uint32_t received[kIpcMaxRanks] = {};
   cudaStream_t send_streams[kIpcMaxRanks] = {};
   cudaEvent_t send_done[kIpcMaxRanks] = {};
   cudaEvent_t ready = nullptr;              // orders a side stream after the caller's
-  bool opened = false;
   std::string broken;                       // why the group is unusable; empty while fine
 
   std::size_t total() const { return kSignalBytes + data_bytes + kIpcMaxRanks * inbox_bytes; }
-  char* data(int r) const { return bases[r] + kSignalBytes; }
-  char* inbox(int owner, int src) const { return bases[owner] + kSignalBytes + data_bytes + src * inbox_bytes; }
-  ipc::Signals* signals(int r) const { return reinterpret_cast<ipc::Signals*>(bases[r]); }
+  char* data(int r) const { return memory->base(r) + kSignalBytes; }
+  char* inbox(int owner, int src) const {
+    return memory->base(owner) + kSignalBytes + data_bytes + src * inbox_bytes;
+  }
+  ipc::Signals* signals(int r) const { return reinterpret_cast<ipc::Signals*>(memory->base(r)); }
+  ipc::ErrorRecord* error_device() const { return memory->error_device(); }
 
   ipc::Peers peers(double timeout_s) const {
     ipc::Peers p{};
@@ -62,7 +62,7 @@ struct IpcGroup::Impl {
       p.data[r] = data(r);
       p.signals[r] = signals(r);
     }
-    p.error = error_device;
+    p.error = error_device();
     p.rank = rank;
     p.size = size;
     p.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
@@ -70,7 +70,7 @@ struct IpcGroup::Impl {
   }
 
   void usable(const char* op) const {
-    if (!opened) throw std::runtime_error(std::string(op) + ": call open() with every rank's handle first");
+    if (!memory->opened()) throw std::runtime_error(std::string(op) + ": call open() with every rank's handle first");
     if (!broken.empty()) throw std::runtime_error(std::string(op) + " on an unusable group: " + broken);
   }
 
@@ -99,16 +99,9 @@ IpcGroup::IpcGroup(int rank, int size, int device, std::size_t data_bytes, std::
   m.data_bytes = data_bytes;
   m.inbox_bytes = inbox_bytes;
   m.oneshot_bytes = oneshot_bytes;
+  m.memory = std::make_unique<PeerMemory>(rank, size, device, m.total(), kSignalBytes, "IPC buffer");
   DeviceGuard guard(device);
-  cuda_check(cudaMalloc(&m.own, m.total()), "cudaMalloc(" + std::to_string(m.total()) + " bytes of IPC buffer)");
-  m.bases[rank] = m.own;
-  cuda_check(cudaMemset(m.own, 0, kSignalBytes), "cudaMemset(signal area)");
-  cuda_check(cudaHostAlloc(&m.error_host, sizeof(ipc::ErrorRecord), cudaHostAllocMapped),
-             "cudaHostAlloc(error record)");
-  std::memset(m.error_host, 0, sizeof(ipc::ErrorRecord));
-  cuda_check(cudaHostGetDevicePointer(&m.error_device, m.error_host, 0), "cudaHostGetDevicePointer(error record)");
   cuda_check(cudaEventCreateWithFlags(&m.ready, cudaEventDisableTiming), "cudaEventCreate");
-  cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after zeroing the signal area");
 }
 
 IpcGroup::~IpcGroup() {
@@ -116,42 +109,16 @@ IpcGroup::~IpcGroup() {
   if (cudaSetDevice(m.device) != cudaSuccess) return;
   cudaDeviceSynchronize();
   for (int r = 0; r < m.size; ++r) {
-    if (r != m.rank && m.bases[r] != nullptr) cudaIpcCloseMemHandle(m.bases[r]);
     if (m.send_streams[r] != nullptr) cudaStreamDestroy(m.send_streams[r]);
     if (m.send_done[r] != nullptr) cudaEventDestroy(m.send_done[r]);
   }
   if (m.ready != nullptr) cudaEventDestroy(m.ready);
-  if (m.error_host != nullptr) cudaFreeHost(m.error_host);
-  if (m.own != nullptr) cudaFree(m.own);
   cudaGetLastError();
-}
+}  // then ~PeerMemory unmaps the peers and frees the buffer
 
-std::string IpcGroup::handle() const {
-  DeviceGuard guard(impl_->device);
-  cudaIpcMemHandle_t h;
-  cuda_check(cudaIpcGetMemHandle(&h, impl_->own), "cudaIpcGetMemHandle");
-  return std::string(reinterpret_cast<const char*>(&h), sizeof h);
-}
+std::string IpcGroup::handle() const { return impl_->memory->handle(); }
 
-void IpcGroup::open(const std::vector<std::string>& handles) {
-  Impl& m = *impl_;
-  if (static_cast<int>(handles.size()) != m.size) {
-    throw std::invalid_argument("open needs one handle per rank (" + std::to_string(m.size) + "), got " +
-                                std::to_string(handles.size()));
-  }
-  DeviceGuard guard(m.device);
-  for (int r = 0; r < m.size; ++r) {
-    if (r == m.rank) continue;
-    if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) throw std::invalid_argument("malformed IPC handle");
-    cudaIpcMemHandle_t h;
-    std::memcpy(&h, handles[r].data(), sizeof h);
-    void* mapped = nullptr;
-    cuda_check(cudaIpcOpenMemHandle(&mapped, h, cudaIpcMemLazyEnablePeerAccess),
-          "cudaIpcOpenMemHandle(group rank " + std::to_string(r) + ")");
-    m.bases[r] = static_cast<char*>(mapped);
-  }
-  m.opened = true;
-}
+void IpcGroup::open(const std::vector<std::string>& handles) { impl_->memory->open(handles); }
 
 void IpcGroup::all_reduce(std::uintptr_t data, std::size_t count, int dtype, int op, std::uintptr_t stream,
                           double timeout_s) {
@@ -266,7 +233,7 @@ void IpcGroup::send(std::uintptr_t data, std::size_t bytes, int dst, std::uintpt
   do {  // at least one chunk, also for an empty message
     const std::size_t n = bytes - b0 < m.inbox_bytes ? bytes - b0 : m.inbox_bytes;
     const std::uint32_t chunk = m.sent[dst]++;
-    ipc::launch_wait_flag(&m.signals(m.rank)->p2p_free[dst], chunk, m.error_device, ipc::kSend, dst, timeout_ns, side);
+    ipc::launch_wait_flag(&m.signals(m.rank)->p2p_free[dst], chunk, m.error_device(), ipc::kSend, dst, timeout_ns, side);
     if (n > 0) {
       cuda_check(cudaMemcpyAsync(m.inbox(dst, m.rank), as_ptr(data) + b0, n, cudaMemcpyDefault, side), "send copy");
     }
@@ -295,7 +262,7 @@ void IpcGroup::recv(std::uintptr_t data, std::size_t bytes, int src, std::uintpt
   do {
     const std::size_t n = bytes - b0 < m.inbox_bytes ? bytes - b0 : m.inbox_bytes;
     const std::uint32_t chunk = m.received[src]++;
-    ipc::launch_wait_flag(&m.signals(m.rank)->p2p_full[src], chunk + 1, m.error_device, ipc::kRecv, src, timeout_ns, s);
+    ipc::launch_wait_flag(&m.signals(m.rank)->p2p_full[src], chunk + 1, m.error_device(), ipc::kRecv, src, timeout_ns, s);
     if (n > 0) {
       cuda_check(cudaMemcpyAsync(as_ptr(data) + b0, m.inbox(m.rank, src), n, cudaMemcpyDeviceToDevice, s),
                  "recv copy");
@@ -324,14 +291,14 @@ void IpcGroup::set_flag(int rank, int index, std::uint32_t value, std::uintptr_t
 void IpcGroup::wait_flag(int index, std::uint32_t value, std::uintptr_t stream, double timeout_s) {
   const std::uintptr_t flag = flag_address(impl_->rank, index);
   DeviceGuard guard(impl_->device);
-  ipc::launch_wait_flag(reinterpret_cast<const std::uint32_t*>(flag), value, impl_->error_device, ipc::kWaitFlag,
+  ipc::launch_wait_flag(reinterpret_cast<const std::uint32_t*>(flag), value, impl_->error_device(), ipc::kWaitFlag,
                         kIpcMaxRanks + index, static_cast<unsigned long long>(timeout_s * 1e9), as_stream(stream));
 }
 
 void IpcGroup::check() {
   Impl& m = *impl_;
-  volatile ipc::ErrorRecord* record = m.error_host;
-  if (record->code != 1u) return;
+  const std::optional<ipc::ErrorRecord> record = m.memory->take_timeout();
+  if (!record) return;
   const unsigned int op = record->op;
   const unsigned int peer = record->peer;
   const unsigned int value = record->value;
@@ -345,7 +312,6 @@ void IpcGroup::check() {
   } else {
     what += "for group rank " + std::to_string(peer) + " to arrive (barrier " + std::to_string(value) + ")";
   }
-  record->code = 0u;
   m.broken = "it timed out earlier: " + what;
   throw IpcTimeout(what);
 }

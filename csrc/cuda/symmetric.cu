@@ -11,6 +11,7 @@
 #include "cuda/convert.cuh"
 #include "cuda/host_util.h"
 #include "cuda/ipc_launch.h"
+#include "cuda/peer_memory.h"
 #include "cuda/symmetric_api.h"
 
 namespace plait::cuda {
@@ -105,29 +106,24 @@ void launch_rows(const RowPeers& p, char* out, std::size_t out_stride, std::size
 }  // namespace
 
 struct SymmetricBuffer::Impl {
-  int rank = 0;
-  int size = 0;
-  int device = 0;
   std::size_t data_bytes = 0;
-  char* own = nullptr;
-  char* bases[kIpcMaxRanks] = {};
-  ipc::ErrorRecord* error_host = nullptr;  // pinned, mapped
-  ipc::ErrorRecord* error_device = nullptr;
-  bool opened = false;
+  std::unique_ptr<PeerMemory> memory;  // this rank's buffer, the peers' mapped, the error record
   std::string broken;
 
-  std::uint32_t* flags(int r) const { return reinterpret_cast<std::uint32_t*>(bases[r]); }
-  char* data(int r) const { return bases[r] + kFlagBytes; }
+  int rank() const { return memory->rank; }
+  int size() const { return memory->size; }
+  std::uint32_t* flags(int r) const { return reinterpret_cast<std::uint32_t*>(memory->base(r)); }
+  char* data(int r) const { return memory->base(r) + kFlagBytes; }
 
   void usable(const char* op) const {
-    if (!opened) throw std::runtime_error(std::string(op) + ": call open() with every rank's handle first");
+    if (!memory->opened()) throw std::runtime_error(std::string(op) + ": call open() with every rank's handle first");
     if (!broken.empty()) throw std::runtime_error(std::string(op) + " on an unusable symmetric buffer: " + broken);
   }
 
   void check_flag(int r, int index, const char* op) const {
-    if (r < 0 || r >= size || index < 0 || index >= kSymmetricFlags) {
+    if (r < 0 || r >= size() || index < 0 || index >= kSymmetricFlags) {
       throw std::invalid_argument(std::string(op) + ": rank " + std::to_string(r) + " or flag " +
-                                  std::to_string(index) + " out of range (ranks < " + std::to_string(size) +
+                                  std::to_string(index) + " out of range (ranks < " + std::to_string(size()) +
                                   ", flags < " + std::to_string(kSymmetricFlags) + ")");
     }
   }
@@ -135,71 +131,16 @@ struct SymmetricBuffer::Impl {
 
 SymmetricBuffer::SymmetricBuffer(int rank, int size, int device, std::size_t data_bytes)
     : impl_(std::make_unique<Impl>()) {
-  if (size < 1 || size > kIpcMaxRanks || rank < 0 || rank >= size) {
-    throw std::invalid_argument("a symmetric buffer spans 1.." + std::to_string(kIpcMaxRanks) + " ranks; got rank " +
-                                std::to_string(rank) + " of " + std::to_string(size));
-  }
-  Impl& m = *impl_;
-  m.rank = rank;
-  m.size = size;
-  m.device = device;
-  m.data_bytes = (data_bytes + 4095) / 4096 * 4096;
-  DeviceGuard guard(device);
-  const std::size_t total = kFlagBytes + m.data_bytes;
-  try {
-    cuda_check(cudaMalloc(&m.own, total), "cudaMalloc(" + std::to_string(total) + " bytes of symmetric buffer)");
-    m.bases[rank] = m.own;
-    cuda_check(cudaMemset(m.own, 0, kFlagBytes), "cudaMemset(flag area)");
-    cuda_check(cudaHostAlloc(&m.error_host, sizeof(ipc::ErrorRecord), cudaHostAllocMapped),
-               "cudaHostAlloc(error record)");
-    std::memset(m.error_host, 0, sizeof(ipc::ErrorRecord));
-    cuda_check(cudaHostGetDevicePointer(&m.error_device, m.error_host, 0), "cudaHostGetDevicePointer(error record)");
-    cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after zeroing the flag area");
-  } catch (...) {  // the destructor does not run for a constructor that throws
-    if (m.error_host != nullptr) cudaFreeHost(m.error_host);
-    if (m.own != nullptr) cudaFree(m.own);
-    throw;
-  }
+  impl_->data_bytes = (data_bytes + 4095) / 4096 * 4096;
+  impl_->memory = std::make_unique<PeerMemory>(rank, size, device, kFlagBytes + impl_->data_bytes, kFlagBytes,
+                                               "symmetric buffer");
 }
 
-SymmetricBuffer::~SymmetricBuffer() {
-  Impl& m = *impl_;
-  if (cudaSetDevice(m.device) != cudaSuccess) return;
-  cudaDeviceSynchronize();
-  for (int r = 0; r < m.size; ++r) {
-    if (r != m.rank && m.bases[r] != nullptr) cudaIpcCloseMemHandle(m.bases[r]);
-  }
-  if (m.error_host != nullptr) cudaFreeHost(m.error_host);
-  if (m.own != nullptr) cudaFree(m.own);
-  cudaGetLastError();
-}
+SymmetricBuffer::~SymmetricBuffer() = default;  // ~PeerMemory synchronizes, unmaps the peers, frees
 
-std::string SymmetricBuffer::handle() const {
-  DeviceGuard guard(impl_->device);
-  cudaIpcMemHandle_t h;
-  cuda_check(cudaIpcGetMemHandle(&h, impl_->own), "cudaIpcGetMemHandle");
-  return std::string(reinterpret_cast<const char*>(&h), sizeof h);
-}
+std::string SymmetricBuffer::handle() const { return impl_->memory->handle(); }
 
-void SymmetricBuffer::open(const std::vector<std::string>& handles) {
-  Impl& m = *impl_;
-  if (static_cast<int>(handles.size()) != m.size) {
-    throw std::invalid_argument("open needs one handle per rank (" + std::to_string(m.size) + "), got " +
-                                std::to_string(handles.size()));
-  }
-  DeviceGuard guard(m.device);
-  for (int r = 0; r < m.size; ++r) {
-    if (r == m.rank) continue;
-    if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) throw std::invalid_argument("malformed IPC handle");
-    cudaIpcMemHandle_t h;
-    std::memcpy(&h, handles[r].data(), sizeof h);
-    void* mapped = nullptr;
-    cuda_check(cudaIpcOpenMemHandle(&mapped, h, cudaIpcMemLazyEnablePeerAccess),
-               "cudaIpcOpenMemHandle(symmetric buffer of rank " + std::to_string(r) + ")");
-    m.bases[r] = static_cast<char*>(mapped);
-  }
-  m.opened = true;
-}
+void SymmetricBuffer::open(const std::vector<std::string>& handles) { impl_->memory->open(handles); }
 
 std::uintptr_t SymmetricBuffer::flag_address(int rank, int index) const {
   impl_->usable("flag_address");
@@ -215,15 +156,15 @@ std::uintptr_t SymmetricBuffer::data_address(int rank) const {
 
 void SymmetricBuffer::set_flag(int rank, int index, std::uint32_t value, std::uintptr_t stream) {
   auto* flag = reinterpret_cast<std::uint32_t*>(flag_address(rank, index));
-  DeviceGuard guard(impl_->device);
+  DeviceGuard guard(impl_->memory->device);
   ipc::launch_set_flag(flag, value, as_stream(stream));
 }
 
 void SymmetricBuffer::wait_flag(int rank, int index, std::uint32_t value, std::uintptr_t stream, double timeout_s) {
   const auto* flag = reinterpret_cast<const std::uint32_t*>(flag_address(rank, index));
-  DeviceGuard guard(impl_->device);
+  DeviceGuard guard(impl_->memory->device);
   // The record's peer field carries which flag: index * kIpcMaxRanks + rank (decoded by check()).
-  ipc::launch_wait_flag(flag, value, impl_->error_device, ipc::kWaitFlag,
+  ipc::launch_wait_flag(flag, value, impl_->memory->error_device(), ipc::kWaitFlag,
                         static_cast<unsigned int>(index * kIpcMaxRanks + rank),
                         static_cast<unsigned long long>(timeout_s * 1e9), as_stream(stream));
 }
@@ -237,21 +178,21 @@ void SymmetricBuffer::reduce_rows(std::uintptr_t out, std::size_t out_stride, in
   if (row_begin >= row_end || cols == 0) return;
   if (rows_per_chunk == 0 || blocks < 1) throw std::invalid_argument("reduce_rows: rows_per_chunk and blocks must be positive");
   const std::size_t last_chunk = (row_end - 1) / rows_per_chunk;
-  m.check_flag(m.rank, first_flag, "reduce_rows");
-  m.check_flag(m.rank, static_cast<int>(first_flag + last_chunk), "reduce_rows (last chunk's flag)");
+  m.check_flag(m.rank(), first_flag, "reduce_rows");
+  m.check_flag(m.rank(), static_cast<int>(first_flag + last_chunk), "reduce_rows (last chunk's flag)");
   if (row_end * cols * es > m.data_bytes) {
     throw std::invalid_argument("reduce_rows: " + std::to_string(row_end) + " rows of " + std::to_string(cols) +
                                 " elements exceed the data area (" + std::to_string(m.data_bytes) + " bytes)");
   }
   RowPeers p{};
-  for (int r = 0; r < m.size; ++r) {
+  for (int r = 0; r < m.size(); ++r) {
     p.data[r] = m.data(r);
     p.flags[r] = m.flags(r) + first_flag;
   }
-  p.error = m.error_device;
-  p.size = m.size;
+  p.error = m.memory->error_device();
+  p.size = m.size();
   p.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
-  DeviceGuard guard(m.device);
+  DeviceGuard guard(m.memory->device);
   const cudaStream_t s = as_stream(stream);
   switch (dtype) {
     case 0: return launch_rows<float>(p, as_ptr(out), out_stride, row_begin, row_end, cols, rows_per_chunk, epoch, blocks, s);
@@ -263,25 +204,22 @@ void SymmetricBuffer::reduce_rows(std::uintptr_t out, std::size_t out_stride, in
 }
 
 void SymmetricBuffer::check() {
-  Impl& m = *impl_;
-  volatile ipc::ErrorRecord* record = m.error_host;
-  if (record->code != 1u) return;
-  const unsigned int op = record->op;
-  const unsigned int peer = record->peer;
-  const unsigned int value = record->value;
-  record->code = 0u;
+  const std::optional<ipc::ErrorRecord> record = impl_->memory->take_timeout();
+  if (!record) return;
+  // A wait_flag record's peer field is index * kIpcMaxRanks + rank (see wait_flag).
   const std::string what =
-      op == ipc::kReduceRows
-          ? "reduce_rows timed out on the GPU waiting for group rank " + std::to_string(peer) +
-                " to publish round " + std::to_string(value)
-          : "wait_flag timed out on the GPU: flag " + std::to_string(peer / kIpcMaxRanks) + " of group rank " +
-                std::to_string(peer % kIpcMaxRanks) + " never reached " + std::to_string(value);
-  m.broken = "it timed out earlier: " + what;
+      record->op == ipc::kReduceRows
+          ? "reduce_rows timed out on the GPU waiting for group rank " + std::to_string(record->peer) +
+                " to publish round " + std::to_string(record->value)
+          : "wait_flag timed out on the GPU: flag " + std::to_string(record->peer / kIpcMaxRanks) +
+                " of group rank " + std::to_string(record->peer % kIpcMaxRanks) + " never reached " +
+                std::to_string(record->value);
+  impl_->broken = "it timed out earlier: " + what;
   throw IpcTimeout(what);
 }
 
-int SymmetricBuffer::rank() const { return impl_->rank; }
-int SymmetricBuffer::size() const { return impl_->size; }
+int SymmetricBuffer::rank() const { return impl_->rank(); }
+int SymmetricBuffer::size() const { return impl_->size(); }
 std::size_t SymmetricBuffer::data_bytes() const { return impl_->data_bytes; }
 
 }  // namespace plait::cuda
