@@ -185,11 +185,11 @@ def references():
     return run_ranks(run_references, 1)[0]
 
 
-@pytest.mark.parametrize("dp,pp,tp,clip", [(2, 1, 1, 0.0), (2, 2, 2, CLIP)])
-def test_zero1_gpt_matches_one_process(dp, pp, tp, clip, references):
+@pytest.mark.parametrize("dp,pp,tp,zero,clip", [(2, 1, 1, 1, 0.0), (2, 2, 2, 1, CLIP), (2, 2, 2, 0, CLIP)])
+def test_gpt_with_zero1_or_clipping_matches_one_process(dp, pp, tp, zero, clip, references):
     ref_losses, ref_state, ref_bytes, ref_norms = references[clip]
-    results = run_ranks(run_job, dp * pp * tp, dict(dp=dp, pp=pp, tp=tp, zero=1, clip_grad=clip), timeout=300)
-    where = f"zero=1 (dp, pp, tp)=({dp}, {pp}, {tp}) clip={clip}"
+    results = run_ranks(run_job, dp * pp * tp, dict(dp=dp, pp=pp, tp=tp, zero=zero, clip_grad=clip), timeout=300)
+    where = f"zero={zero} (dp, pp, tp)=({dp}, {pp}, {tp}) clip={clip}"
     merged = {}
     for losses, state, flags, _, norms in results:
         assert losses == pytest.approx(ref_losses, rel=1e-5), f"{where}: losses {losses} vs {ref_losses}"
@@ -200,10 +200,12 @@ def test_zero1_gpt_matches_one_process(dp, pp, tp, clip, references):
     assert merged.keys() == ref_state.keys(), where
     for name, value in ref_state.items():
         torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6, msg=f"{where}: {name}")
-    # every rank holds about 1/(dp*pp*tp) of the one-process AdamW state (TP/PP split it, ZeRO the rest)
+    # every rank holds about 1/(dp*pp*tp) of the one-process AdamW state with ZeRO-1 (TP/PP split it,
+    # ZeRO the rest), 1/(pp*tp) without (each DP replica holds it all)
+    replicas = 1 if zero else dp
     total = sum(r[3] for r in results)
-    assert total <= ref_bytes * 1.05, f"{where}: {total} state bytes over all ranks vs {ref_bytes} in one process"
-    assert max(r[3] for r in results) <= ref_bytes / (dp * pp * tp) * 1.5, where
+    assert total <= replicas * ref_bytes * 1.05, f"{where}: {total} state bytes over all ranks vs {ref_bytes} in one process"
+    assert max(r[3] for r in results) <= replicas * ref_bytes / (dp * pp * tp) * 1.5, where
 
 
 def test_trainjob_zero_option_is_checked():

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..comm import Communicator, Handle
 from .buckets import Bucket
-from .clip import clip_scale, global_norm
+from .clip import check_max_norm, clip_gradients
 from .grads import GradReducer
 from .shards import Piece, flatten_params, shard_pieces, shard_range
 from .zero_state import gather_state, load_state
@@ -84,6 +84,11 @@ class ShardedOptimizer:
     only this rank's range of each ``.grad`` holds the DP mean (the rest is the
     local gradient). Every DP rank must pass the same parameter shapes in the
     same order (checked). Parameters that do not require grad are left alone.
+
+    The parameters' ``.data`` become views of the flat buffers. Build it after
+    the model is on its device and dtype: whatever replaces ``param.data``
+    afterwards (``model.to(...)``, ``.half()``) unlinks the parameters from the
+    buffers, and :meth:`step` would update the buffers, not the model.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], optimizer_class: type, comm: Communicator, *,
@@ -94,7 +99,14 @@ class ShardedOptimizer:
         self.comm = comm
         self.reducer = _ShardReducer(params, comm, bucket_mb, overlap, pad_to=comm.size)
         self.buckets: list[Bucket] = self.reducer.buckets
-        self._check_same_buckets_on_every_rank()
+        try:
+            self._check_same_buckets_on_every_rank()
+        except ValueError:
+            self.reducer.remove()   # nothing of a failed optimizer stays on the parameters
+            for bucket in self.buckets:
+                for param in bucket.params:
+                    param.grad = None
+            raise
         self.flat_params: list[torch.Tensor] = [flatten_params(bucket) for bucket in self.buckets]
         self.pieces: list[list[Piece]] = [shard_pieces(bucket, flat, comm.rank, comm.size)
                                           for bucket, flat in zip(self.buckets, self.flat_params)]
@@ -160,19 +172,12 @@ class ShardedOptimizer:
         rank > 0 for a replicated layer norm). Matches ``torch.nn.utils.clip_grad_norm_``
         on the whole model (scale ``max_norm / (norm + 1e-6)``, at most 1).
         """
-        if not max_norm > 0:
-            raise ValueError(f"max_norm must be positive, got {max_norm}")
+        check_max_norm(max_norm)
         self._check_reduced("clip_grad_norm_")
-        pieces = [piece for mine in self.pieces for piece in mine if piece.param is not None]
-        squares = torch.zeros((), dtype=torch.float64, device=self.flat_params[0].device)
-        for piece in pieces:
-            if counted is None or counted(piece.param):
-                squares += piece.tensor.grad.double().square().sum()
-        norm = global_norm(squares, (self.comm, *norm_comms))
-        scale = clip_scale(norm, max_norm)
-        for piece in pieces:
-            piece.tensor.grad.mul_(scale.to(piece.tensor.dtype))
-        return norm.to(self.flat_params[0].dtype)
+        pairs = [(piece.tensor.grad, piece.param) for mine in self.pieces for piece in mine
+                 if piece.param is not None]
+        flat = self.flat_params[0]
+        return clip_gradients(pairs, max_norm, (self.comm, *norm_comms), counted, flat.device, flat.dtype)
 
     @torch.no_grad()
     def step(self) -> None:

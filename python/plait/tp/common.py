@@ -46,6 +46,8 @@ def resolve_overlap(overlap: str, comm: Communicator, device: torch.device) -> s
     """
     if overlap == "auto":
         return "chunked" if comm.size > 1 and device.type == "cuda" else "none"
+    if overlap == "fused" and device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return "chunked"   # the fused Triton GEMMs do not follow autocast; torch's GEMMs in "chunked" do
     return overlap
 
 

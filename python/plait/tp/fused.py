@@ -59,7 +59,8 @@ def ipc_communicator(comm: Communicator):
 
 def check_fused(module: str, x: torch.Tensor, comm: Communicator) -> None:
     """Reject what the fused path cannot run, before any communication (a rank that failed
-    after taking an epoch would leave the group's epochs out of step)."""
+    after taking an epoch would leave the group's epochs out of step). The layers have already
+    checked that the weight matches ``x`` in dtype and device (``check_input``)."""
     if not x.is_cuda:
         raise ValueError(f"{module}: overlap='fused' runs on CUDA tensors, got one on {x.device}; "
                          f"use overlap='chunked' or 'none' on CPU")
@@ -156,6 +157,9 @@ def row_forward(ws: FusedWorkspace, x2: torch.Tensor, weight: torch.Tensor, sequ
     """All-reduce (or reduce-scatter) of ``x2 @ weight.T`` over the group, overlapped with the GEMM."""
     from ..kernels import ChunkSignals, producer_linear
 
+    from ..kernels.linear import check_linear_args
+
+    check_linear_args(x2, weight, None, None, None, None)   # before the epoch: a failure after it strands peers
     rows, n = x2.shape[0], weight.shape[0]
     epoch = ws.begin(rows * n * x2.element_size(), "fused row-parallel all-reduce")
     mem, rank = ws.memory, ws.comm.rank
@@ -185,6 +189,9 @@ def column_sp_forward(ws: FusedWorkspace, x2: torch.Tensor, weight: torch.Tensor
     """``all_gather(x2) @ weight.T + bias``, the GEMM consuming each peer's shard as it arrives."""
     from ..kernels import ChunkSignals, consumer_linear
 
+    from ..kernels.linear import check_linear_args
+
+    check_linear_args(x2, weight, bias, None, None, None)   # before the epoch: a failure after it strands peers
     local, k = x2.shape
     size, rank = ws.comm.size, ws.comm.rank
     epoch = ws.begin(local * k * x2.element_size(), "fused column-parallel all-gather")
