@@ -99,8 +99,10 @@ def gemm_kernel(a_ptr, z_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, pre_ptr, rowsum_p
         num_n = tl.maximum(num_n, 1)  # row sums and chunk flags need a tile per row block even if C has no columns
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
         pid_m, pid_n = _tile_position(tile, num_m, num_n, GROUP_M)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
+        # int64 indices: offsets such as row * stride reach past 2**31 elements at long sequences
+        # (65536 tokens x a 57344-wide SwiGLU pre-activation is 3.8e9)
+        rm = pid_m * BM + tl.arange(0, BM).to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN).to(tl.int64)
         m_ok = rm < M
         n_ok = rn < N
         if AWAIT:
@@ -110,7 +112,7 @@ def gemm_kernel(a_ptr, z_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, pre_ptr, rowsum_p
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
         row_sum = tl.zeros((BM,), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
+            rk = k0 + tl.arange(0, BK).to(tl.int64)
             k_ok = rk < K
             a_off = rm[:, None] * stride_am + rk[None, :] * stride_ak
             a_mask = m_ok[:, None] & k_ok[None, :]

@@ -30,7 +30,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _swiglu_grad_kernel(grad_ptr, pre_ptr, dz_ptr, rows, n, BLOCK: tl.constexpr):
     """dZ[:, :n] = dY * u * silu'(g), dZ[:, n:] = dY * silu(g), with Z = [g, u] row-major [rows, 2n]."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # int64: rows * 2n may pass 2**31
     ok = offs < rows * n
     row, col = offs // n, offs % n
     dy = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
