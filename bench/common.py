@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from plait.info import triton_version
+
 FALLBACK_RESULTS_DIR = "plait-bench-results"
 
 
@@ -45,14 +47,6 @@ def device_name() -> str:
     return f"cpu: {cpu_model()}"
 
 
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
-
-
 def machine_info() -> dict[str, Any]:
     """Hardware and software versions a result depends on (no hostname)."""
     import torch
@@ -66,7 +60,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": _triton_version(),
+        "triton": triton_version(),
         # other work on the machine skews timings: keep the 1/5/15-minute load with every result
         "load_average": list(os.getloadavg()),
     }

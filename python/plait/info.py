@@ -34,7 +34,8 @@ def _torch_info() -> dict[str, Any]:
             "cuda_available": available, "devices": devices}
 
 
-def _triton_version() -> str | None:
+def triton_version() -> str | None:
+    """Triton's version, or None where it is not installed."""
     try:
         import triton
     except ImportError:
@@ -67,7 +68,7 @@ def collect_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",
         "torch": _torch_info(),
-        "triton": _triton_version(),
+        "triton": triton_version(),
         "extension": _extension_info(),
         "backends": _backends(),
     }
