@@ -157,6 +157,16 @@ class Communicator(abc.ABC):
             raise ValueError(f"{what}={peer} is not a rank of group {self.name!r} "
                              f"(size {self.size}); ranks here are group ranks")
 
+    @staticmethod
+    def _in_place(tensor: torch.Tensor, run: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """``run(buf)`` on a contiguous tensor holding ``tensor``'s values, its result left in ``tensor``:
+        in-place collectives take one flat buffer, so a non-contiguous tensor goes through a copy."""
+        buf = tensor if tensor.is_contiguous() else tensor.contiguous()
+        run(buf)
+        if buf is not tensor:
+            tensor.copy_(buf)
+        return tensor
+
     def _tensor_dim(self, tensor: torch.Tensor, dim: int, op: str) -> int:
         """``dim`` as a non-negative index of ``tensor``; a scalar has no dim to gather or scatter.
 

@@ -171,10 +171,8 @@ class IpcCommunicator(RanksOfTorch, Communicator):
         self._prepare(tensor, "all_reduce")
         dtype = self._reduce_code(tensor, "all_reduce")
         if self.size > 1 and tensor.numel() > 0:
-            buf = tensor if tensor.is_contiguous() else tensor.contiguous()
-            self._call("all_reduce", self._group.all_reduce, buf.data_ptr(), buf.numel(), dtype, OPS[op])
-            if buf is not tensor:
-                tensor.copy_(buf)
+            self._in_place(tensor, lambda buf: self._call("all_reduce", self._group.all_reduce, buf.data_ptr(),
+                                                          buf.numel(), dtype, OPS[op]))
         return DoneHandle(tensor) if async_op else tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0, async_op: bool = False):
@@ -211,10 +209,8 @@ class IpcCommunicator(RanksOfTorch, Communicator):
         self._check_peer(src, "src")
         self._prepare(tensor, "broadcast")
         if self.size > 1 and tensor.numel() > 0:
-            buf = tensor if tensor.is_contiguous() else tensor.contiguous()
-            self._call("broadcast", self._group.broadcast, buf.data_ptr(), buf.numel() * buf.element_size(), src)
-            if buf is not tensor:
-                tensor.copy_(buf)
+            self._in_place(tensor, lambda buf: self._call("broadcast", self._group.broadcast, buf.data_ptr(),
+                                                          buf.numel() * buf.element_size(), src))
         return DoneHandle(tensor) if async_op else tensor
 
     def barrier(self) -> None:

@@ -114,11 +114,9 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         if op == "avg" and not tensor.is_floating_point():
             raise ValueError(f"all_reduce: op 'avg' needs a floating-point tensor, got {tensor.dtype}")
         if self.size > 1:
-            buf = tensor if tensor.is_contiguous() else tensor.contiguous()
-            self._run("all_reduce", tensor,
-                      lambda t: self._group.all_reduce(buf.data_ptr(), buf.numel(), dtype, self._op_codes[op], t))
-            if buf is not tensor:
-                tensor.copy_(buf)
+            self._in_place(tensor, lambda buf: self._run(
+                "all_reduce", tensor,
+                lambda t: self._group.all_reduce(buf.data_ptr(), buf.numel(), dtype, self._op_codes[op], t)))
         return DoneHandle(tensor) if async_op else tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0, async_op: bool = False):
@@ -160,11 +158,9 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         self._check_peer(src, "src")
         self._check_cpu(tensor, "broadcast")
         if self.size > 1:
-            buf = tensor if tensor.is_contiguous() else tensor.contiguous()
-            self._run("broadcast", tensor,
-                      lambda t: self._group.broadcast(buf.data_ptr(), buf.numel() * buf.element_size(), src, t))
-            if buf is not tensor:
-                tensor.copy_(buf)
+            self._in_place(tensor, lambda buf: self._run(
+                "broadcast", tensor,
+                lambda t: self._group.broadcast(buf.data_ptr(), buf.numel() * buf.element_size(), src, t)))
         return DoneHandle(tensor) if async_op else tensor
 
     def barrier(self) -> None:
