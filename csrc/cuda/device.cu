@@ -8,22 +8,16 @@
 #include <vector>
 
 #include "cuda/cuda_api.h"
+#include "cuda/host_util.h"
 
 namespace plait::cuda {
 namespace {
-
-// Throws std::runtime_error("<call> failed: <cudaGetErrorString>") unless err is success.
-void check(cudaError_t err, const std::string& call) {
-  if (err == cudaSuccess) return;
-  cudaGetLastError();  // clear a non-sticky error so the next call starts clean
-  throw std::runtime_error(call + " failed: " + cudaGetErrorString(err));
-}
 
 // A device allocation of n ints, freed when it goes out of scope (also on throw).
 class DeviceInts {
  public:
   explicit DeviceInts(std::int64_t n) {
-    check(cudaMalloc(&ptr_, static_cast<size_t>(n) * sizeof(int)),
+    cuda_check(cudaMalloc(&ptr_, static_cast<size_t>(n) * sizeof(int)),
           "cudaMalloc(" + std::to_string(n) + " ints)");
   }
   ~DeviceInts() { cudaFree(ptr_); }
@@ -47,13 +41,13 @@ __global__ void fill_times_three(int* out, std::int64_t n) {
 
 int runtime_version() {
   int version = 0;
-  check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
+  cuda_check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
   return version;
 }
 
 int driver_version() {
   int version = 0;
-  check(cudaDriverGetVersion(&version), "cudaDriverGetVersion");
+  cuda_check(cudaDriverGetVersion(&version), "cudaDriverGetVersion");
   return version;
 }
 
@@ -68,14 +62,14 @@ int device_count() {
 
 std::string device_name(int device) {
   cudaDeviceProp prop;
-  check(cudaGetDeviceProperties(&prop, device),
+  cuda_check(cudaGetDeviceProperties(&prop, device),
         "cudaGetDeviceProperties(device=" + std::to_string(device) + ")");
   return prop.name;
 }
 
 bool can_access_peer(int device, int peer) {
   int can = 0;
-  check(cudaDeviceCanAccessPeer(&can, device, peer),
+  cuda_check(cudaDeviceCanAccessPeer(&can, device, peer),
         "cudaDeviceCanAccessPeer(device=" + std::to_string(device) + ", peer=" + std::to_string(peer) + ")");
   return can != 0;
 }
@@ -90,10 +84,10 @@ bool fill_check(std::int64_t n) {
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((n + kThreads - 1) / kThreads, 4096));
   fill_times_three<<<blocks, kThreads>>>(buffer.get(), n);
-  check(cudaGetLastError(), "fill_times_three launch");
+  cuda_check(cudaGetLastError(), "fill_times_three launch");
   std::vector<int> host(static_cast<size_t>(n));
   // cudaMemcpy waits for the kernel, so a fault inside it surfaces here.
-  check(cudaMemcpy(host.data(), buffer.get(), host.size() * sizeof(int), cudaMemcpyDeviceToHost),
+  cuda_check(cudaMemcpy(host.data(), buffer.get(), host.size() * sizeof(int), cudaMemcpyDeviceToHost),
         "cudaMemcpy(device to host)");
   for (std::int64_t i = 0; i < n; ++i) {
     if (host[static_cast<size_t>(i)] != static_cast<int>(i * 3)) return false;

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda/convert.cuh"
+#include "cuda/host_util.h"
 #include "cuda/ipc_launch.h"
 
 namespace plait::cuda::ipc {
@@ -124,10 +125,6 @@ __global__ void wait_flag_kernel(const std::uint32_t* flag, std::uint32_t value,
   if (!wait_at_least(flag, value, timeout_ns)) report_timeout(err, op, peer, value);
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " launch failed: " + cudaGetErrorString(err));
-}
 
 unsigned int blocks_for(std::size_t packs) {
   const std::size_t wanted = (packs + kThreads - 1) / kThreads;
@@ -145,7 +142,7 @@ void launch_typed(const Peers& p, bool two_shot, std::size_t src_offset, std::si
   } else {
     one_shot_kernel<T, Op, kAvg><<<blocks_for(packs), kThreads, 0, stream>>>(p, src_offset, count, o, epoch, op_code);
   }
-  check_launch(two_shot ? "two-shot reduce" : "one-shot reduce");
+  cuda_check(cudaGetLastError(), two_shot ? "two-shot reduce launch" : "one-shot reduce launch");
 }
 
 template <typename T>
@@ -176,18 +173,18 @@ void launch_reduce(const Peers& peers, int dtype, int op, bool two_shot, std::si
 
 void launch_barrier(const Peers& peers, std::uint32_t epoch, unsigned int op_code, cudaStream_t stream) {
   barrier_kernel<<<1, 32, 0, stream>>>(peers, epoch, op_code);
-  check_launch("barrier");
+  cuda_check(cudaGetLastError(), "barrier launch");
 }
 
 void launch_set_flag(std::uint32_t* flag, std::uint32_t value, cudaStream_t stream) {
   set_flag_kernel<<<1, 1, 0, stream>>>(flag, value);
-  check_launch("set_flag");
+  cuda_check(cudaGetLastError(), "set_flag launch");
 }
 
 void launch_wait_flag(const std::uint32_t* flag, std::uint32_t value, ErrorRecord* err, unsigned int op,
                       unsigned int peer, unsigned long long timeout_ns, cudaStream_t stream) {
   wait_flag_kernel<<<1, 1, 0, stream>>>(flag, value, err, op, peer, timeout_ns);
-  check_launch("wait_flag");
+  cuda_check(cudaGetLastError(), "wait_flag launch");
 }
 
 }  // namespace plait::cuda::ipc

@@ -42,7 +42,7 @@ void sleep_on(Flag& flag, std::uint32_t seen, long max_ns) {
   flag.waiters.fetch_sub(1, std::memory_order_seq_cst);
 }
 
-Deadline::Deadline(double timeout_s) : start_(std::chrono::steady_clock::now()), timeout_s_(timeout_s) {
+Deadline::Deadline(double timeout_s) : start_(std::chrono::steady_clock::now()) {
   if (!(timeout_s > 0)) throw std::invalid_argument("timeout must be a positive number of seconds");
   end_ = start_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                       std::chrono::duration<double>(timeout_s));

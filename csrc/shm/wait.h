@@ -36,8 +36,6 @@ void sleep_on(Flag& flag, std::uint32_t seen, long max_ns);
 class Deadline {
  public:
   explicit Deadline(double timeout_s);
-  bool passed() const { return std::chrono::steady_clock::now() >= end_; }
-  double timeout_s() const { return timeout_s_; }
   double elapsed_s() const;
   // Nanoseconds left, at least 0.
   long long remaining_ns() const;
@@ -45,7 +43,6 @@ class Deadline {
  private:
   std::chrono::steady_clock::time_point start_;
   std::chrono::steady_clock::time_point end_;
-  double timeout_s_;
 };
 
 // Most microseconds to spin before sleeping: 20 when every rank of a group of `ranks` can
