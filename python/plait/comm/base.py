@@ -157,6 +157,16 @@ class Communicator(abc.ABC):
             raise ValueError(f"{what}={peer} is not a rank of group {self.name!r} "
                              f"(size {self.size}); ranks here are group ranks")
 
+    def _check_not_self(self, peer: int, op: str, what: str) -> None:
+        """ValueError when a send/recv names this rank as its peer."""
+        if peer == self.rank:
+            raise ValueError(f"{op}: {what}={peer} is this rank itself; send/recv connect two different ranks")
+
+    @staticmethod
+    def _label(op: str, tensor: torch.Tensor) -> str:
+        """``op(dtype[shape])``, naming an operation and its tensor in error messages."""
+        return f"{op}({str(tensor.dtype).replace('torch.', '')}{list(tensor.shape)})"
+
     @staticmethod
     def _in_place(tensor: torch.Tensor, run: Callable[[torch.Tensor], None]) -> torch.Tensor:
         """``run(buf)`` on a contiguous tensor holding ``tensor``'s values, its result left in ``tensor``:

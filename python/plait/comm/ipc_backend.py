@@ -118,6 +118,7 @@ class IpcCommunicator(RanksOfTorch, Communicator):
         data = _pages(_bytes_env("PLAIT_IPC_BUFFER_BYTES", 8 << 20))
         inbox = _pages(_bytes_env("PLAIT_IPC_INBOX_BYTES", 4 << 20))
         oneshot = _bytes_env("PLAIT_IPC_ONESHOT_BYTES", 256 << 10)
+        self._send_streams: dict[int, torch.cuda.ExternalStream] = {}
         self._group = map_peers(self._torch, lambda: _C.IpcGroup(self.rank, self.size, self.device.index, data,
                                                                  inbox, oneshot), self.describe("ipc setup"))
 
@@ -223,20 +224,27 @@ class IpcCommunicator(RanksOfTorch, Communicator):
     def send(self, tensor: torch.Tensor, dst: int, async_op: bool = False):
         self._check_peer(dst, "dst")
         self._prepare(tensor, "send")
-        if dst == self.rank:
-            raise ValueError(f"send: dst={dst} is this rank itself; send/recv connect two different ranks")
+        self._check_not_self(dst, "send", "dst")
         src = tensor.contiguous()
         self._call("send", self._group.send, src.data_ptr(), src.numel() * src.element_size(), dst)
         # the side stream reads src: keep its memory from being reused before that
-        src.record_stream(torch.cuda.ExternalStream(self._group.send_stream(dst), device=self.device))
-        handle = _SendHandle(self._group, dst, self.device)
+        side = self._send_stream(dst)
+        src.record_stream(side)
+        handle = _SendHandle(self._group, dst, side)
         return handle if async_op else handle.wait()
+
+    def _send_stream(self, dst: int) -> torch.cuda.ExternalStream:
+        """The side stream sends to ``dst`` run on (made once by the group, wrapped once here)."""
+        stream = self._send_streams.get(dst)
+        if stream is None:
+            stream = self._send_streams[dst] = torch.cuda.ExternalStream(self._group.send_stream(dst),
+                                                                         device=self.device)
+        return stream
 
     def recv(self, tensor: torch.Tensor, src: int, async_op: bool = False):
         self._check_peer(src, "src")
         self._prepare(tensor, "recv")
-        if src == self.rank:
-            raise ValueError(f"recv: src={src} is this rank itself; send/recv connect two different ranks")
+        self._check_not_self(src, "recv", "src")
         if not tensor.is_contiguous():
             raise ValueError("recv needs a contiguous tensor to receive into")
         self._call("recv", self._group.recv, tensor.data_ptr(), tensor.numel() * tensor.element_size(), src)
@@ -260,12 +268,12 @@ class IpcCommunicator(RanksOfTorch, Communicator):
 class _SendHandle(Handle):
     """A send on its side stream; ``wait`` makes the current stream wait for it (as NCCL's work does)."""
 
-    def __init__(self, group, dst: int, device: torch.device) -> None:
-        self._group, self._dst, self._device = group, dst, device
+    def __init__(self, group, dst: int, side: torch.cuda.ExternalStream) -> None:
+        self._group, self._dst, self._side = group, dst, side
 
     def wait(self, timeout_s: Optional[float] = None) -> None:
-        self._group.send_done(self._dst, torch.cuda.current_stream(self._device).cuda_stream)
+        self._group.send_done(self._dst, torch.cuda.current_stream(self._side.device).cuda_stream)
         return None
 
     def is_completed(self) -> bool:
-        return torch.cuda.ExternalStream(self._group.send_stream(self._dst), device=self._device).query()
+        return self._side.query()

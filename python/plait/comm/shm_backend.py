@@ -68,9 +68,6 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         self._closed = True
 
     # ----------------------------------------------------------------- helpers
-    def _label(self, op: str, tensor: torch.Tensor) -> str:
-        return f"{op}({str(tensor.dtype).replace('torch.', '')}{list(tensor.shape)})"
-
     def _check_cpu(self, tensor: torch.Tensor, op: str) -> None:
         if self._closed:
             raise CommError(f"{self.describe(op)}: this shm communicator was closed")
@@ -186,10 +183,6 @@ class ShmCommunicator(RanksOfTorch, Communicator):
             raise ValueError("recv needs a contiguous tensor to receive into")
         return self._transfer("recv", src, f"recv(from group rank {src})", tensor, lambda t: self._group.recv(
             tensor.data_ptr(), tensor.numel() * tensor.element_size(), src, t), tensor, async_op)
-
-    def _check_not_self(self, peer: int, op: str, what: str) -> None:
-        if peer == self.rank:
-            raise ValueError(f"{op}: {what}={peer} is this rank itself; send/recv connect two different ranks")
 
     def _transfer(self, kind: str, peer: int, op: str, tensor: torch.Tensor, call: Callable[[float], None],
                   result: Optional[torch.Tensor], async_op: bool):

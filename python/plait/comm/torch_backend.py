@@ -107,9 +107,6 @@ class TorchCommunicator(Communicator):
         handle = TorchHandle(work, finish, self, op, tensor.is_cuda)
         return handle if async_op else handle.wait()
 
-    def _label(self, op: str, tensor: torch.Tensor) -> str:
-        return f"{op}({str(tensor.dtype).replace('torch.', '')}{list(tensor.shape)})"
-
     # -------------------------------------------------------------- collectives
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False):
         self._check_op(op)
