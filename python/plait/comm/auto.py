@@ -14,7 +14,8 @@ CUDA           ``ipc`` up to ``ipc_max_bytes``, then torch  every rank on this h
                ``torch`` (NCCL)                             otherwise
 =============  ===========================================  ==========================
 
-Reductions of dtypes shm does not reduce (e.g. int8, complex) go to ``torch``.
+Reductions of dtypes the chosen backend does not reduce (shm: e.g. int8, complex; ipc: anything
+but float32/float16/bfloat16) go to ``torch``.
 The choice and its reasons are logged once per communicator, on the group's rank 0,
 to the ``plait.comm`` logger at INFO level (``logging.basicConfig(level="INFO")``
 shows it). Every rank computes the same routes from the same exchanged facts, so all
@@ -122,7 +123,7 @@ class AutoCommunicator(RanksOfTorch, Communicator):
         if route.max_bytes is not None and tensor.numel() * tensor.element_size() > route.max_bytes:
             return self._torch
         chosen = self._backends[route.backend]
-        if op in REDUCING_OPS and route.backend == "shm" and not chosen.reduces(tensor.dtype):
+        if op in REDUCING_OPS and not chosen.reduces(tensor.dtype):
             return self._torch
         return chosen
 
