@@ -210,7 +210,7 @@ class RowParallelLinear(_ParallelLinear):
             # Each rank sees only its sequence shard of dY: all-reduce the bias gradient.
             bias = copy_to_tp_region(self.bias, self.comm) if self.bias is not None else None
         else:
-            y = reduce_from_tp_region(y, self.comm)
+            y = reduce_from_tp_region(y, self.comm, in_place=True)   # y: this layer's own GEMM output
             bias = self.bias
         return y if bias is None else y + bias
 

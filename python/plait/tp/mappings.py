@@ -44,12 +44,15 @@ class _CopyToTP(torch.autograd.Function):
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, comm):
+    def forward(ctx, x, comm, in_place):
+        if in_place and x.is_contiguous():
+            ctx.mark_dirty(x)       # autograd refuses, rather than miscomputes, if x was needed elsewhere
+            return comm.all_reduce(x)
         return comm.all_reduce(x.clone(memory_format=torch.contiguous_format))
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 class _ScatterToTP(torch.autograd.Function):
@@ -112,9 +115,10 @@ def copy_to_tp_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
     return _CopyToTP.apply(x, comm)
 
 
-def reduce_from_tp_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
-    """All-reduce forward (sum partial results); identity backward."""
-    return _ReduceFromTP.apply(x, comm)
+def reduce_from_tp_region(x: torch.Tensor, comm: Communicator, *, in_place: bool = False) -> torch.Tensor:
+    """All-reduce forward (sum partial results); identity backward. ``in_place=True`` reduces
+    ``x`` itself instead of a copy: for a caller whose ``x`` is a temporary nothing else reads."""
+    return _ReduceFromTP.apply(x, comm, in_place)
 
 
 def scatter_to_tp_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:

@@ -85,10 +85,10 @@ class VocabParallelEmbedding(nn.Module):
                              f"over {self.comm.size} ranks; ids of shape {list(ids.shape)} do not divide")
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids.long() - self.vocab_start).masked_fill(outside, 0)
-        partial = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        partial = F.embedding(local, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)  # embedding saves ids only
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_region(partial, self.comm)
-        return reduce_from_tp_region(partial, self.comm)
+        return reduce_from_tp_region(partial, self.comm, in_place=True)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, tp={self.comm.size}, "
@@ -113,7 +113,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         mine = (local_target >= 0) & (local_target < local_vocab)
         index = local_target.masked_fill(~mine, 0).unsqueeze(-1)
         target_logit = shifted.gather(-1, index).squeeze(-1).masked_fill(~mine, 0.0)
-        exp = shifted.exp()
+        exp = shifted.exp_()   # shifted is this function's own temporary
         sums = torch.stack([target_logit, exp.sum(dim=-1)])
         comm.all_reduce(sums)
         target_logit, sum_exp = sums[0], sums[1]
@@ -131,7 +131,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = softmax.clone()
         grad.scatter_add_(-1, index, -mine.unsqueeze(-1).to(grad.dtype))
         scale = grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1)
-        return (grad * scale).to(ctx.logits_dtype), None, None, None, None
+        return grad.mul_(scale).to(ctx.logits_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None, *,
