@@ -51,8 +51,11 @@ def clip_gradients(pairs: Sequence[tuple[torch.Tensor, torch.nn.Parameter]], max
             squares += grad.double().square().sum()
     norm = global_norm(squares, comms)
     scale = clip_scale(norm, max_norm)
+    scales: dict[torch.dtype, torch.Tensor] = {}   # one cast per dtype, not one per gradient
     for grad, _ in pairs:
-        grad.mul_(scale.to(grad.dtype))
+        if grad.dtype not in scales:
+            scales[grad.dtype] = scale.to(grad.dtype)
+        grad.mul_(scales[grad.dtype])
     return norm.to(dtype)
 
 

@@ -45,7 +45,7 @@ def _fused_kernel():
 
 
 _FUSED = None
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton GEMMs take
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -53,7 +53,7 @@ def fusable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     of its own for x, weight and bias, and no autocast, which would change F.linear's dtype while the
     kernel computes in the inputs' dtype (and rejects the mixed dtypes autocast allows)."""
     same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
-    return x.dtype in _FUSED_DTYPES and same_dtype and not torch.is_autocast_enabled(x.device.type)
+    return x.dtype in FUSED_DTYPES and same_dtype and not torch.is_autocast_enabled(x.device.type)
 
 
 def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

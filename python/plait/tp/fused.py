@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 
 from ..comm import Communicator, CommTimeoutError
+from .activations import FUSED_DTYPES
 from .overlap import _ColumnLinearOverlapped, _RowLinearOverlapped, _save, column_linear_overlapped, \
     row_linear_overlapped
 
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 READY, GATHERED, SHARD, DONE = 0, 2048, 2056, 2064   # flag indices (module docstring)
 MAX_CHUNKS = GATHERED - READY
 REDUCE_BLOCKS = 8        # thread blocks of the side-stream reduction: the GEMM keeps the other SMs
