@@ -9,20 +9,13 @@ import os
 import pathlib
 import queue
 import signal
-import socket
 import time
 
 import torch
 
-from plait.launch import run_ranks
+from plait.launch import free_port, run_ranks
 
 TIMEOUT_S = 3.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def looping_rank(rank: int, world: int, port: int, results) -> None:
@@ -59,7 +52,7 @@ def looping_rank(rank: int, world: int, port: int, results) -> None:
 def test_killed_rank_makes_survivors_time_out_and_leaves_no_segment():
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=looping_rank, args=(r, 3, port, results), daemon=True) for r in range(3)]
     for p in procs:
         p.start()

@@ -30,7 +30,8 @@ class RanksFailed(RuntimeError):
     """A rank raised, died, or did not finish in time; the message holds every rank's traceback."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous address)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -70,7 +71,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     child_env = {"OMP_NUM_THREADS": str(threads_per_rank), **(env or {})}
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, child_env, threads_per_rank, fn, args, results),
                          daemon=True)

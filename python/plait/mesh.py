@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,15 +22,10 @@ import torch.distributed as dist
 
 from .comm import Communicator
 from .errors import default_timeout_s
+from .launch import free_port
 
 AXES = ("dp", "pp", "tp")
 _CURRENT: Optional["ParallelMesh"] = None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _init_process_group(world: int, backend: str, timeout: datetime.timedelta) -> None:
@@ -43,7 +37,7 @@ def _init_process_group(world: int, backend: str, timeout: datetime.timedelta) -
         raise ValueError(
             f"dp*pp*tp = {world} needs {world} processes, but this one was not started by "
             f"torchrun (RANK/WORLD_SIZE unset); run: torchrun --nproc-per-node {world} your_script.py")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                             rank=0, world_size=1, timeout=timeout)
 
 

@@ -88,12 +88,6 @@ def transfer_out(action: Action, schedule: Schedule) -> Optional[Transfer]:
     return None
 
 
-def producer_of(transfer: Transfer, bwd: dict[tuple[int, int], Kind]) -> Action:
-    """The compute action whose result a transfer carries."""
-    if transfer.direction == "F":
-        return Action(transfer.src_stage, Kind.F, transfer.microbatch)
-    return Action(transfer.src_stage, bwd.get((transfer.src_stage, transfer.microbatch), Kind.B), transfer.microbatch)
-
 
 def transfer_of_comm(action: Action, schedule: Schedule) -> Optional[Transfer]:
     """The transfer a SEND/RECV action names; None when that stage pair shares a rank or does not exist."""

@@ -261,7 +261,10 @@ def validate(schedule: Schedule) -> None:
     """All checks of the module docstring; raises :class:`ScheduleError` on the first fault."""
     from .simulate import run_events, unit_costs
 
+    if not schedule.is_lowered:
+        dry_run(schedule.lower())   # lower() runs check_structure and run_events itself
+        return
     check_structure(schedule)
     run_events(schedule, unit_costs(schedule.num_stages), 0.0)  # compute-level deadlocks, named by action
-    dry_run(schedule if schedule.is_lowered else schedule.lower())
+    dry_run(schedule)
 
