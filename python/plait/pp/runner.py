@@ -125,7 +125,7 @@ class StepRunner:
 
     def _send_f(self, action: Action) -> None:
         tensor, dst = self.outbox.pop(action), self.place[action.stage + 1]
-        meta, key = Meta.of(tensor), ("out", action.stage, action.microbatch)
+        meta, key = self.out_meta[(action.stage, action.microbatch)], ("out", action.stage, action.microbatch)
         if self.known is None:
             self.transport.send_meta(meta, dst, self._what(action))
             self.new_metas[key] = meta
