@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from plait.bench.common import machine_info, write_result
+from plait.bench.common import command_line, print_table, machine_info, write_result
 from plait.launch import run_ranks
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -146,7 +145,8 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=7)
-    fig.suptitle(f"CPU collectives, {machine_info()['cpu']}, {machine_info()['cores']} cores: plait shm vs gloo")
+    machine = machine_info()
+    fig.suptitle(f"CPU collectives, {machine['cpu']}, {machine['cores']} cores: plait shm vs gloo")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -168,16 +168,14 @@ def main(argv=None) -> int:
         print(f"{world} ranks: {', '.join(args.ops)} at {len(args.sizes)} sizes ...", flush=True)
         rows += run_ranks(bench_rank, world, args.ops, args.sizes, args.trials, args.trial_s, timeout=3600)[0]
     result = table(rows)
-    widths = [max(len(str(c)) for c in col) for col in zip(result["columns"], *result["rows"])]
-    for line in [result["columns"], *result["rows"]]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+    print_table(result["columns"], result["rows"])
     if not args.no_save:
-        command = "plait bench comm " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        command = command_line("comm", argv)
         # Other processes on the machine slow both backends; the load average says how busy it was.
         path = write_result("comm", {"rows": rows, "table": result, "trials": args.trials, "trial_s": args.trial_s,
                                      "dtype": "float32", "threads_per_rank": 1,
                                      "load_average_before": load_before, "load_average_after": os.getloadavg()},
-                            command.strip())
+                            command)
         print(f"wrote {path}")
         if plot(rows, path.with_suffix(".png")):
             print(f"wrote {path.with_suffix('.png')}")

@@ -20,13 +20,12 @@ bench/results/comm_gpu-*.json (needs a CUDA GPU; exits with a message otherwise)
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 
 import torch
 
-from plait.bench.common import write_result
+from plait.bench.common import command_line, write_result
 from plait.launch import run_ranks
 
 
@@ -165,10 +164,9 @@ def main(argv=None) -> int:
           f"beside the row reduction ({beside['reduce_blocks']} blocks, {beside['reduce_gb_s']:.0f} GB/s): "
           f"{beside['kept']:.1%} kept (target >= 90%)")
     if not args.no_save:
-        command = "plait bench comm_gpu " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                else sys.argv[1:]))
+        command = command_line("comm_gpu", argv)
         path = write_result("comm_gpu", {"rows": sweep, "gemm_beside_comm": beside,
-                                         "table": {"columns": header, "rows": table}}, command.strip())
+                                         "table": {"columns": header, "rows": table}}, command)
         print(f"wrote {path}")
     return 0
 

@@ -17,10 +17,12 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from plait.info import triton_version
 
@@ -128,3 +130,17 @@ def write_result(name: str, payload: dict[str, Any], command: str) -> Path:
     path = directory / f"{name}-{slug(machine['device'])}-{now:%Y-%m-%d}.json"
     path.write_text(json.dumps(document, indent=2, default=_to_json) + "\n")
     return path
+
+
+def command_line(name: str, argv: Optional[Sequence[str]]) -> str:
+    """The command that reproduces a run, ``plait bench NAME ARGS`` (ARGS: ``argv``, else the
+    process's own arguments), as recorded in each result."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["plait bench", name, *(shlex.quote(a) for a in args)])
+
+
+def print_table(columns: Sequence[Any], rows: Sequence[Sequence[Any]]) -> None:
+    """Print ``rows`` under ``columns``, each column right-aligned to its widest cell."""
+    widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
+    for line in [columns, *rows]:
+        print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -173,11 +172,11 @@ def main(argv=None) -> int:
         print("  ".join(str(c).rjust(10) for c in line))
     print("summary:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
     if not args.no_save and not args.smoke:
-        from plait.bench.common import write_result
+        from plait.bench.common import command_line, write_result
 
-        command = "plait bench gemm " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        command = command_line("gemm", argv)
         path = write_result("gemm", {"rows": rows, "summary": summary, "table": {"columns": header, "rows": table}},
-                            command.strip())
+                            command)
         print(f"wrote {path}")
         if args.plot:
             try:

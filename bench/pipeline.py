@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import plait
-from plait.bench.common import write_result
+from plait.bench.common import command_line, print_table, write_result
 from plait.launch import run_ranks
 from plait.pp import build_schedule, gantt_png, measured_bubble
 
@@ -265,17 +264,15 @@ def main(argv=None) -> int:
               round(r["simulated_bubble"], 3), round(r["simulated_bubble_with_overheads"], 3),
               round(r["unit_cost_bubble"], 3), r["peak_activations"],
               float(f"{r['max_grad_diff_vs_torch']:.2g}")] for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
-    for line in [header, *table]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+    print_table(header, table)
     if args.no_save:
         return 0
-    command = "plait bench pipeline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("pipeline", argv)
     events = {f"{r['schedule']}/{r['num_virtual']}": r.pop("events") for r in rows}
     name = "pipeline" if args.world == 4 else f"pipeline-{args.world}ranks"
     path = write_result(name, {"rows": rows, "table": {"columns": header, "rows": table},
                                      "config": {k: v for k, v in vars(args).items() if k != "no_save"},
-                                     "threads_per_rank": 1}, command.strip())
+                                     "threads_per_rank": 1}, command)
     panels = [(f"plait {key} (median step {r['plait_ms']:.0f} ms); the step drawn: bubble "
                f"{r['measured_bubble']:.2f} measured, {r['simulated_bubble']:.2f} simulated", _events(events[key]))
               for key, r in zip(events, rows)]

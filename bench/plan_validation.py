@@ -35,12 +35,12 @@ stated with confidence, so memory error is a check of bookkeeping against the pa
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
 from typing import Any
 
+from plait.bench.common import command_line, print_table, write_result
 from plait.plan import JobSpec, Layout, estimate, hardware, model_preset, search
 from plait.plan.memory import GB, model_state_bytes
 
@@ -173,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ["source", "model", "GPUs", "published layout", "planner's free choice", "metric", "published",
               "predicted", "error", "split rank"]
     table = rows + memory_rows
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
-    for line in [header, *table]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+    print_table(header, table)
     summary = {"median_abs_error_throughput": statistics.median(throughput_errors),
                "max_abs_error_throughput": max(throughput_errors),
                "median_abs_error_throughput_independent": statistics.median(independent),
@@ -189,11 +187,9 @@ def main(argv: list[str] | None = None) -> int:
           f"memory {summary['median_abs_error_memory']:.1%} ({len(memory_errors)} rows); "
           f"search for Llama-3 70B on 64 H100: {latency:.2f} s")
     if not args.no_save:
-        from plait.bench.common import write_result
-
-        command = "plait bench plan_validation " + " ".join(shlex.quote(a) for a in (argv or []))
+        command = command_line("plan_validation", argv)
         path = write_result("plan_validation", {**summary, "table": {"columns": header, "rows": table}},
-                            command.strip())
+                            command)
         print(f"wrote {path}")
     return 0
 

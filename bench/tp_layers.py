@@ -14,7 +14,6 @@ bench/results/ as JSON, with the dense one-process MLP as a reference.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import plait
-from plait.bench.common import write_result
+from plait.bench.common import command_line, print_table, write_result
 from plait.launch import run_ranks
 
 
@@ -132,15 +131,12 @@ def main(argv=None) -> int:
               round(dense[(r["hidden"], r["tokens"])], 2), round(r["none_ms"], 2), round(r["chunked_ms"], 2),
               round(r["speedup"], 3), round(r["fused_ms"], 2) if "fused_ms" in r else "-",
               round(r["fused_speedup"], 3) if "fused_speedup" in r else "-"] for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
-    for line in [header, *table]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+    print_table(header, table)
     if not args.no_save:
-        command = "plait bench tp_layers " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                 else sys.argv[1:]))
+        command = command_line("tp_layers", argv)
         path = write_result("tp_layers", {"rows": rows, "dense_ms": {f"{h}x{t}": v for (h, t), v in dense.items()},
                                           "table": {"columns": header, "rows": table},
-                                          "warmup": args.warmup, "iters": args.iters}, command.strip())
+                                          "warmup": args.warmup, "iters": args.iters}, command)
         print(f"wrote {path}")
     return 0
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shlex
 import statistics
 import sys
 
@@ -142,9 +141,9 @@ def main(argv=None) -> int:
               f"{pair['state_on_mb']:.2f} MB/rank (x{pair['state_ratio']:.3f}), peak {pair['peak_off_mb']:.1f} -> "
               f"{pair['peak_on_mb']:.1f} MB/rank, after training {pair['end_off_mb']:.1f} -> {pair['end_on_mb']:.1f} MB/rank")
     if not args.no_save:
-        from plait.bench.common import write_result
+        from plait.bench.common import command_line, write_result
 
-        command = "plait bench train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        command = command_line("train", argv)
         # glibc keeps freed memory unless told otherwise, which blurs RSS; a run with a fixed
         # MALLOC_MMAP_THRESHOLD_ is kept apart from one with the default allocator
         mmap_threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
         path = write_result(name,
                             {"rows": rows, "model": model, "run": run, "zero_savings": zero_pairs,
                              "malloc_mmap_threshold": mmap_threshold,
-                             "table": {"columns": header, "rows": table}}, command.strip())
+                             "table": {"columns": header, "rows": table}}, command)
         print(f"wrote {path}")
     return 0
 
