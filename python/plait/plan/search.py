@@ -58,7 +58,7 @@ def _tp_ok(model: ModelSpec, tp: int) -> bool:
     return model.num_heads % tp == 0 and model.ffn_hidden % tp == 0 and kv_ok
 
 
-def _schedules(model: ModelSpec, pp: int, m: int, allow_uneven: bool) -> Iterator[tuple[str, int]]:
+def _schedules(model: ModelSpec, pp: int, m: int) -> Iterator[tuple[str, int]]:
     if pp == 1:
         yield "1f1b", 1
         return
@@ -67,7 +67,7 @@ def _schedules(model: ModelSpec, pp: int, m: int, allow_uneven: bool) -> Iterato
     if m % pp == 0:
         per_rank = model.num_layers // pp
         for v in range(2, min(per_rank, 8) + 1):
-            if per_rank % v == 0 and (model.num_layers % pp == 0 or allow_uneven):
+            if per_rank % v == 0:
                 yield "interleaved", v
 
 
@@ -100,7 +100,7 @@ def candidate_layouts(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, all
                 continue
             per_replica = job.global_batch // dp
             for mbs in (d for d in _divisors(per_replica) if d <= max_microbatch_size):
-                for schedule, v in _schedules(model, pp, per_replica // mbs, allow_uneven):
+                for schedule, v in _schedules(model, pp, per_replica // mbs):
                     out += [Layout(dp, pp, tp, v, mbs, schedule, r) for r in recomputes]
     return out
 
