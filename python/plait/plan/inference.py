@@ -17,7 +17,7 @@ from . import comm_cost, compute
 from .config import HardwareSpec, JobSpec, ModelSpec
 from .estimate import Estimate, capacity_gb
 from .layout import Layout, layers_per_stage
-from .memory import inference_memory, kv_cache_bytes, stage_params
+from .memory import inference_memory, kv_cache_bytes, prompt_model, stage_params, value_bytes
 
 # Kernel launches per layer in a decode step, and what each costs when CUDA graphs replay them.
 KERNELS_PER_LAYER = 12
@@ -29,8 +29,7 @@ def _prefill_time(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout:
     """(compute, TP comm, stage sends) seconds to prefill `requests` prompts on one replica."""
     tp, peak = layout.tp, cluster.gpu.peak(job.precision)
     tokens = requests * job.prompt_len
-    prompt = ModelSpec(model.name, model.num_layers, model.hidden, model.num_heads, model.ffn_hidden,
-                       model.vocab_size, job.prompt_len, model.num_kv_heads, model.mlp)
+    prompt = prompt_model(model, job)
     layer = sum(compute.gemm_time(cluster, m, n, k, peak) for m, n, k in compute.layer_gemm_shapes(prompt, tokens, tp))
     layer += compute.attention_time(cluster, prompt, requests, tp, peak, True) / 2  # causal: half the square
     layer += compute.elementwise_time(cluster.gpu, compute.layer_elementwise_bytes(prompt, requests, tp, True, True))
@@ -42,15 +41,15 @@ def _prefill_time(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout:
 def _decode_stage(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout: Layout,
                   requests: int) -> dict[str, float]:
     """Seconds one pipeline stage spends on one decode step of `requests` sequences, by term."""
-    value_bytes = 1 if job.precision == "fp8" else 2
+    per_value = value_bytes(job)
     hbm = cluster.gpu.hbm_gbs * 1e9 * compute.GEMM_HBM_EFFICIENCY
     params = max(stage_params(model, layout, "first"), stage_params(model, layout, "last"))
     flops = 2.0 * params * requests
-    weights = max(params * value_bytes / hbm,
+    weights = max(params * per_value / hbm,
                   flops / (cluster.gpu.peak(job.precision) * 1e12 * cluster.gpu.gemm_efficiency))
     layers = layers_per_stage(model, layout)
     context = job.prompt_len + job.output_len // 2
-    kv = kv_cache_bytes(model, requests, context, layers, layout.tp, value_bytes) / hbm
+    kv = kv_cache_bytes(model, requests, context, layers, layout.tp, per_value) / hbm
     comm = layers * comm_cost.tp_layer_comm(cluster, requests, model.hidden, layout.tp, False)[0]
     return {"decode_weights": weights, "decode_kv": kv, "tp_comm": comm,
             "overhead": layers * KERNELS_PER_LAYER * LAUNCH_S}

@@ -24,7 +24,7 @@ reduces to the table above.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .bubble import pipeline_bubble
 from .config import JobSpec, ModelSpec
@@ -51,6 +51,16 @@ class MemoryBreakdown:
 
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "total": self.total}
+
+
+def value_bytes(job: JobSpec) -> int:
+    """Bytes per weight or KV value at inference: 1 in fp8, else 2."""
+    return 1 if job.precision == "fp8" else 2
+
+
+def prompt_model(model: ModelSpec, job: JobSpec) -> ModelSpec:
+    """The model as prefill sees it: sequences of the prompt's length, no dropout, untied embeddings."""
+    return replace(model, seq_len=job.prompt_len, dropout=False, tied_embeddings=False)
 
 
 def grad_bytes(job: JobSpec) -> int:
@@ -157,13 +167,11 @@ def kv_cache_bytes(model: ModelSpec, requests: int, tokens: int, layers: int, tp
 
 def inference_memory(model: ModelSpec, job: JobSpec, layout: Layout) -> MemoryBreakdown:
     """Weights, KV cache for every request of the replica at full length, and prefill scratch, in GB."""
-    value_bytes = 1 if job.precision == "fp8" else 2
-    weights = max(stage_params(model, layout, "first"), stage_params(model, layout, "last")) * value_bytes
+    per_value = value_bytes(job)
+    weights = max(stage_params(model, layout, "first"), stage_params(model, layout, "last")) * per_value
     requests = job.batch // layout.dp
     layers = layers_per_stage(model, layout)
-    kv = kv_cache_bytes(model, requests, job.prompt_len + job.output_len, layers, layout.tp, value_bytes)
+    kv = kv_cache_bytes(model, requests, job.prompt_len + job.output_len, layers, layout.tp, per_value)
     # Prefill of one request: one layer's activations (flash attention) and its fp32 logits row.
-    prompt_model = ModelSpec(model.name, model.num_layers, model.hidden, model.num_heads, model.ffn_hidden,
-                             model.vocab_size, job.prompt_len, model.num_kv_heads, model.mlp)
-    scratch = layer_activation_bytes(prompt_model, 1, layout.tp, True, "none", True) + 4 * model.vocab_size
+    scratch = layer_activation_bytes(prompt_model(model, job), 1, layout.tp, True, "none", True) + 4 * model.vocab_size
     return MemoryBreakdown(weights=weights / GB, activations=scratch / GB, kv_cache=kv / GB)

@@ -23,7 +23,7 @@ from .config import RECOMPUTE_MODES, HardwareSpec, JobSpec, ModelSpec
 from .estimate import Estimate, capacity_gb, estimate
 from .explain import explain
 from .layout import Layout
-from .memory import GB, OPTIMIZER_BYTES, WEIGHT_BYTES, grad_bytes
+from .memory import GB, OPTIMIZER_BYTES, WEIGHT_BYTES, grad_bytes, value_bytes
 
 OBJECTIVES = ("throughput", "latency", "memory")
 
@@ -117,7 +117,7 @@ def rank_key(objective: str, est: Estimate) -> tuple[float, ...]:
 
 def check_model_fits_cluster(model: ModelSpec, cluster: HardwareSpec, job: JobSpec) -> None:
     """ValueError when the weights (and, training, gradients and optimizer states) exceed all GPUs together."""
-    per_param = (WEIGHT_BYTES + grad_bytes(job) + OPTIMIZER_BYTES) if job.training else (1 if job.precision == "fp8" else 2)
+    per_param = (WEIGHT_BYTES + grad_bytes(job) + OPTIMIZER_BYTES) if job.training else value_bytes(job)
     need = model.num_params() * per_param / GB
     have = cluster.num_gpus * capacity_gb(cluster, job)
     if need > have:
