@@ -1,10 +1,13 @@
-// Element conversions shared by the IPC kernels: load a float32, float16 or bfloat16
-// element (bypassing L1, since peers write it), widen it to fp32 for accumulation, and
-// round the result back once (round to nearest even).
+// What the IPC reductions share: load a float32, float16 or bfloat16 element (bypassing
+// L1, since peers write it), widen it to fp32, combine the ranks' values in rank order
+// (sum, max, min), and round the result back once (round to nearest even), so every rank
+// computes bitwise the same result.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstddef>
 
 namespace plait::cuda::ipc {
 
@@ -36,5 +39,44 @@ struct Conv<__nv_bfloat16> {
     return __ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)));
   }
 };
+
+// acc > x ? acc : x, keeping a NaN acc: the shm kernels' rule (csrc/shm/reduce_scalar.cpp).
+struct Sum {
+  __device__ static float apply(float acc, float x) { return acc + x; }
+};
+struct Max {
+  __device__ static float apply(float acc, float x) { return acc != acc ? acc : (acc > x ? acc : x); }
+};
+struct Min {
+  __device__ static float apply(float acc, float x) { return acc != acc ? acc : (acc < x ? acc : x); }
+};
+
+// The 16 bytes at byte offset `at` of data[0..n), combined over the ranks in order (avg: / n).
+template <typename T, typename Op, bool kAvg>
+__device__ uint4 reduce_pack(const char* const* data, int n, std::size_t at) {
+  float acc[kPack<T>];
+  for (int j = 0; j < n; ++j) {
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(data[j] + at));
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < kPack<T>; ++k) acc[k] = j == 0 ? Conv<T>::in(v[k]) : Op::apply(acc[k], Conv<T>::in(v[k]));
+  }
+  uint4 packed;
+  T* r = reinterpret_cast<T*>(&packed);
+#pragma unroll
+  for (int k = 0; k < kPack<T>; ++k) r[k] = Conv<T>::out(kAvg ? acc[k] / static_cast<float>(n) : acc[k]);
+  return packed;
+}
+
+// The element at byte offset `at` of data[0..n), combined the same way.
+template <typename T, typename Op, bool kAvg>
+__device__ T reduce_element(const char* const* data, int n, std::size_t at) {
+  float acc = 0.f;
+  for (int j = 0; j < n; ++j) {
+    const float x = Conv<T>::in(Conv<T>::load(data[j] + at));
+    acc = j == 0 ? x : Op::apply(acc, x);
+  }
+  return Conv<T>::out(kAvg ? acc / static_cast<float>(n) : acc);
+}
 
 }  // namespace plait::cuda::ipc

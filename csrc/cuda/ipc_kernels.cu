@@ -14,16 +14,6 @@ namespace {
 
 constexpr int kThreads = 512;
 
-// acc > x ? acc : x, keeping a NaN acc: the shm kernels' rule (csrc/shm/reduce_scalar.cpp).
-struct Sum {
-  __device__ static float apply(float acc, float x) { return acc + x; }
-};
-struct Max {
-  __device__ static float apply(float acc, float x) { return acc != acc ? acc : (acc > x ? acc : x); }
-};
-struct Min {
-  __device__ static float apply(float acc, float x) { return acc != acc ? acc : (acc < x ? acc : x); }
-};
 
 // Reduces packs [begin, end) (16 bytes each; element offset src_offset into every data
 // area) into out. Pack q of the range goes to thread q mod (grid size), the same mapping
@@ -34,17 +24,8 @@ __device__ void reduce_packs(const Peers& p, std::size_t src_offset, std::size_t
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
   for (std::size_t q = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; begin + q < end; q += stride) {
     const std::size_t e = (begin + q) * kPack<T>;
-    float acc[kPack<T>];
-    for (int j = 0; j < p.size; ++j) {
-      const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p.data[j] + (src_offset + e) * sizeof(T)));
-      const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int k = 0; k < kPack<T>; ++k) acc[k] = j == 0 ? Conv<T>::in(v[k]) : Op::apply(acc[k], Conv<T>::in(v[k]));
-    }
-    uint4 packed;
-    T* r = reinterpret_cast<T*>(&packed);
-#pragma unroll
-    for (int k = 0; k < kPack<T>; ++k) r[k] = Conv<T>::out(kAvg ? acc[k] / static_cast<float>(p.size) : acc[k]);
+    const uint4 packed = reduce_pack<T, Op, kAvg>(p.data, p.size, (src_offset + e) * sizeof(T));
+    const T* r = reinterpret_cast<const T*>(&packed);
     if (aligned) {
       *reinterpret_cast<uint4*>(out + e * sizeof(T)) = packed;
     } else {
@@ -57,12 +38,7 @@ __device__ void reduce_packs(const Peers& p, std::size_t src_offset, std::size_t
 template <typename T, typename Op, bool kAvg>
 __device__ void reduce_tail(const Peers& p, std::size_t src_offset, std::size_t begin, std::size_t count, char* out) {
   for (std::size_t e = begin; e < count; ++e) {
-    float acc = 0.f;
-    for (int j = 0; j < p.size; ++j) {
-      const float x = Conv<T>::in(Conv<T>::load(p.data[j] + (src_offset + e) * sizeof(T)));
-      acc = j == 0 ? x : Op::apply(acc, x);
-    }
-    reinterpret_cast<T*>(out)[e] = Conv<T>::out(kAvg ? acc / static_cast<float>(p.size) : acc);
+    reinterpret_cast<T*>(out)[e] = reduce_element<T, Op, kAvg>(p.data, p.size, (src_offset + e) * sizeof(T));
   }
 }
 

@@ -43,25 +43,9 @@ __device__ bool await_chunk(const RowPeers& p, std::size_t c, std::uint32_t epoc
 template <typename T, bool kVec>
 __device__ void reduce_unit(const RowPeers& p, std::size_t src, T* dst) {
   if constexpr (kVec) {
-    float acc[ipc::kPack<T>];
-    for (int j = 0; j < p.size; ++j) {
-      const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p.data[j] + src));
-      const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int k = 0; k < ipc::kPack<T>; ++k) acc[k] = j == 0 ? ipc::Conv<T>::in(v[k]) : acc[k] + ipc::Conv<T>::in(v[k]);
-    }
-    uint4 packed;
-    T* r = reinterpret_cast<T*>(&packed);
-#pragma unroll
-    for (int k = 0; k < ipc::kPack<T>; ++k) r[k] = ipc::Conv<T>::out(acc[k]);
-    *reinterpret_cast<uint4*>(dst) = packed;
+    *reinterpret_cast<uint4*>(dst) = ipc::reduce_pack<T, ipc::Sum, false>(p.data, p.size, src);
   } else {
-    float acc = 0.f;
-    for (int j = 0; j < p.size; ++j) {
-      const float x = ipc::Conv<T>::in(ipc::Conv<T>::load(p.data[j] + src));
-      acc = j == 0 ? x : acc + x;
-    }
-    *dst = ipc::Conv<T>::out(acc);
+    *dst = ipc::reduce_element<T, ipc::Sum, false>(p.data, p.size, src);
   }
 }
 
