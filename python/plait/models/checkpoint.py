@@ -29,7 +29,7 @@ import torch
 from ..comm import Communicator
 from ..dp import ShardedOptimizer
 from .config import GPTConfig
-from .gpt import GPTStage
+from .gpt import GPTStage, full_shape, tp_shard
 
 FORMAT = "plait-gpt-checkpoint-v1"
 
@@ -64,11 +64,8 @@ def save_checkpoint(path, stages: Sequence[GPTStage], mesh,
     names = {}
     shards = {}
     for stage, name, param in _named_params(stages):
-        split = getattr(param, "tp_split_dim", None)
-        full = list(param.shape)
-        if split is not None:
-            full[split] *= stage.comm.size
-        names[name] = {"shape": full, "split": split, "pp_rank": pp_rank}
+        names[name] = {"shape": full_shape(param, stage.comm.size), "split": getattr(param, "tp_split_dim", None),
+                       "pp_rank": pp_rank}
         state = states.get(param, {})
         shards[name] = {"param": param.detach().cpu(),
                         "state": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()}}
@@ -139,13 +136,6 @@ class _ShardReader:
         return list(self._file(info["pp_rank"], 0)[name]["state"])
 
 
-def _shard_of(full, param: torch.Tensor, stage: GPTStage):
-    split = getattr(param, "tp_split_dim", None)
-    if not torch.is_tensor(full) or split is None or full.dim() == 0 or full.shape == param.shape:
-        return full
-    return full.chunk(stage.comm.size, dim=split)[stage.comm.rank]
-
-
 @torch.no_grad()
 def load_checkpoint(path, stages: Sequence[GPTStage],
                     optimizer: Optional[torch.optim.Optimizer | ShardedOptimizer] = None) -> int:
@@ -165,11 +155,11 @@ def load_checkpoint(path, stages: Sequence[GPTStage],
         if list(full.shape) != meta["params"][name]["shape"]:
             raise ValueError(f"checkpoint {path}: {name} has shape {list(full.shape)}, meta says "
                              f"{meta['params'][name]['shape']}")
-        param.copy_(_shard_of(full, param, stage).to(param.dtype))
+        param.copy_(tp_shard(full, param, stage.comm).to(param.dtype))
         if optimizer is not None:
             fields = reader.state_fields(name)
             if fields:
-                states[param] = {f: _shard_of(reader.full(name, f), param, stage) for f in fields}
+                states[param] = {f: tp_shard(reader.full(name, f), param, stage.comm) for f in fields}
     if isinstance(optimizer, ShardedOptimizer):
         optimizer.load_state(states)
     elif optimizer is not None:
@@ -191,4 +181,4 @@ def import_full_state_dict(stages: Sequence[GPTStage], state: dict[str, torch.Te
     for stage, name, param in _named_params(stages):
         if name not in state:
             raise ValueError(f"state dict has no parameter {name!r}")
-        param.copy_(_shard_of(state[name], param, stage).to(param.dtype))
+        param.copy_(tp_shard(state[name], param, stage.comm).to(param.dtype))

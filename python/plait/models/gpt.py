@@ -88,19 +88,31 @@ def _init_value(name: str, shape: torch.Size, cfg: GPTConfig, gen: torch.Generat
     return torch.randn(shape, generator=gen) * std
 
 
+def full_shape(param: torch.Tensor, tp: int) -> list[int]:
+    """The shape of the whole parameter whose TP shard ``param`` is (its ``tp_split_dim`` times ``tp``)."""
+    shape = list(param.shape)
+    split = getattr(param, "tp_split_dim", None)
+    if split is not None:
+        shape[split] *= tp
+    return shape
+
+
+def tp_shard(full, param: torch.Tensor, comm: Communicator):
+    """This rank's TP shard of ``full`` (a whole parameter, or a per-parameter optimizer value) for
+    ``param``; ``full`` as is when ``param`` is not split or ``full`` is a scalar or already the shard."""
+    split = getattr(param, "tp_split_dim", None)
+    if not torch.is_tensor(full) or split is None or full.dim() == 0 or full.shape == param.shape:
+        return full
+    return full.chunk(comm.size, dim=split)[comm.rank]
+
+
 @torch.no_grad()
 def init_parameters(stage: GPTStage, seed: int) -> None:
     """Set every parameter from (seed, global name), then keep this rank's TP shard."""
-    tp, rank = stage.comm.size, stage.comm.rank
     for name, param in stage.named_parameters():
-        split = getattr(param, "tp_split_dim", None)
-        full_shape = list(param.shape)
-        if split is not None:
-            full_shape[split] *= tp
         gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        full = _init_value(name, torch.Size(full_shape), stage.cfg, gen)
-        shard = full if split is None else full.chunk(tp, dim=split)[rank]
-        param.copy_(shard.to(param.dtype))
+        full = _init_value(name, torch.Size(full_shape(param, stage.comm.size)), stage.cfg, gen)
+        param.copy_(tp_shard(full, param, stage.comm).to(param.dtype))
 
 
 def build_stages(cfg: GPTConfig, comm: Communicator, pp: int, pp_rank: int, num_virtual: int = 1,
