@@ -31,6 +31,10 @@ PIP := $(VPY) -m pip
 # Needed to build and test; checked by import name, installed only when missing (ninja:
 # the binary on PATH also counts; wheel: not needed by setuptools >= 70.1).
 TOOLS := numpy pytest hypothesis pybind11 ninja setuptools wheel
+# The optional extras (plait[hf,serve,train]) as import-name:pip-name; installed when missing, and a
+# failure (no network, e.g. on the GPU machine) only warns: their tests skip without them.
+EXTRAS := transformers:transformers safetensors:safetensors tokenizers:tokenizers fastapi:fastapi \
+  uvicorn:uvicorn prometheus_client:prometheus-client httpx:httpx tqdm:tqdm yaml:pyyaml
 SETUPTOOLS_OK := import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)
 DEPS_STAMP := $(VENV)/.deps.stamp
 BUILD_STAMP := $(VENV)/.build.stamp
@@ -71,6 +75,12 @@ $(DEPS_STAMP): pyproject.toml Makefile | $(VPY)
 	  echo "   installing triton"; \
 	  $(PIP) install -q triton || echo "warning: triton did not install; plait.kernels will be unavailable"; \
 	fi
+	@missing=""; \
+	for pair in $(EXTRAS); do \
+	  $(VPY) -c "import $${pair%%:*}" 2>/dev/null || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then echo "   installing extras:$$missing"; \
+	  $(PIP) install -q $$missing || echo "warning: extras did not install; their tests will skip"; fi
 	@touch $@
 
 build: $(BUILD_STAMP)
