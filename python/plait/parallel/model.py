@@ -259,7 +259,7 @@ def parallelize(model: nn.Module, mesh, plan: Union[Plan, dict, str, None] = Non
         config: the :class:`~plait.ParallelConfig` (its dp/pp/tp must be the mesh's); None derives
             one from the mesh with ``sequence_parallel`` and ``overlap``.
         source: where parameters are read from (default: the model's own tensors); a
-            :class:`~plait.parallelize.shard.SafetensorsSource` for a model built on the meta device.
+            :class:`~plait.parallel.shard.SafetensorsSource` for a model built on the meta device.
         dtype: cast parameters to this dtype (default: keep each tensor's).
 
     Everything is checked on each rank before any communication.

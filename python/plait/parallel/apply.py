@@ -2,7 +2,7 @@
 
 Everything here is rank-local and deterministic, so a bad plan or a shape that does not
 divide is a ValueError on every rank before any communication. Parameters are read from a
-:class:`~plait.parallelize.shard.TensorSource` (the model's own tensors, or a checkpoint on
+:class:`~plait.parallel.shard.TensorSource` (the model's own tensors, or a checkpoint on
 disk for a model built on the meta device), one TP slice at a time.
 """
 from __future__ import annotations
