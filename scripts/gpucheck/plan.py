@@ -1,18 +1,21 @@
 """plait's GPU check as data: how to find the GPU, and the stages with their commands and limits.
 
 The default limits add up to under 8 minutes (the check must fit a short GPU loan on an
-H100 or H200); ``--limit NAME=SECONDS`` changes one. The sanitizer stages run the IPC and
+H100 or H200); ``--limit NAME=SECONDS`` changes one. Every stage caches Triton's autotuning
+results on disk (``TRITON_CACHE_AUTOTUNING=1``), so the GEMM shapes the GPU tests tuned are
+not tuned again by later stages, least of all under the sanitizers. The sanitizer stages run the IPC and
 fused tests at the small sizes those tests take from ``PLAIT_GPU_TEST_SIZES=small``, with
 PyTorch's caching allocator off so that an access past a tensor's end reaches memory the
 sanitizer knows to be unallocated.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpucheck import summary
@@ -24,8 +27,9 @@ SANITIZER_TESTS = ("tests/test_comm_ipc_gpu.py::test_ipc_every_operation_exact[2
                    "tests/test_comm_ipc_gpu.py::test_ipc_tp_mlp_matches_dense",
                    "tests/test_fused_gpu.py::test_reduce_rows_is_bitwise_rank_order_sum[2]",
                    "tests/test_fused_gpu.py::test_fused_layers_match_dense[2]")
-DEFAULT_LIMITS = {"build": 90, "pytest-gpu": 120, "memcheck": 60, "racecheck": 60,
-                  "bench-gemm": 50, "bench-comm-gpu": 40, "bench-tp-layers": 40}
+DEFAULT_LIMITS = {"build": 80, "pytest-gpu": 150, "memcheck": 55, "racecheck": 55,
+                  "bench-gemm": 60, "bench-comm-gpu": 35, "bench-tp-layers": 35}
+EVERY_STAGE_ENV = {"TRITON_CACHE_AUTOTUNING": "1", "PYTHONUNBUFFERED": "1"}
 
 PROBE = """
 import json, torch
@@ -89,11 +93,16 @@ def find_sanitizer(env: dict[str, str] | None = None) -> str | None:
 
 
 def build_lines(outcome) -> list[str]:
-    """The build's own line about plait._C (its CUDA version and targets)."""
-    for line in outcome.log.read_text(errors="replace").splitlines():
-        if "plait._C:" in line:
-            info = line.split("plait._C:", 1)[1].strip()
-            return [info if len(info) < 100 else info[:97] + "..."]
+    """What `make build` says plait._C was built with: CUDA version and GPU targets."""
+    for line in reversed(outcome.log.read_text(errors="replace").splitlines()):
+        if line.startswith("   plait._C:"):
+            try:
+                info = ast.literal_eval(line.split(":", 1)[1].strip())
+            except (ValueError, SyntaxError):
+                return [line.strip()[:100]]
+            if not info.get("cuda"):
+                return ["plait._C built WITHOUT CUDA"]
+            return [f"plait._C: CUDA {info.get('cuda_version')}, {', '.join(info.get('cuda_archs', []))}"]
     return []
 
 
@@ -121,7 +130,7 @@ def plait_stages(out_dir: Path, system_python: str, arch: str, sanitizer: str | 
     limit = {**DEFAULT_LIMITS, **(limits or {})}
     py = VENV_PYTHON
     junit = out_dir / "pytest-gpu.xml"
-    return [
+    stages = [
         Stage("build", ("make", "build", f"PYTHON={system_python}"), limit["build"],
               # offline: a missing optional extra must fail at once, not after pip's retries
               env={"PLAIT_CUDA": "1", "PLAIT_CUDA_ARCHS": arch, "PIP_NO_INDEX": "1"}, report=build_lines),
@@ -140,3 +149,4 @@ def plait_stages(out_dir: Path, system_python: str, arch: str, sanitizer: str | 
                                                      "--overlap", "none", "chunked", "fused"), py,
                     limit["bench-tp-layers"], summary.tp_layers_ratios),
     ]
+    return [replace(s, env={**EVERY_STAGE_ENV, **s.env}) for s in stages]

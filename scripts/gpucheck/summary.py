@@ -52,8 +52,8 @@ def sanitizer_counts(log: Path | None) -> dict[str, int] | None:
     if log is None or not log.is_file():
         return None
     text = log.read_text(errors="replace")
-    summaries = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) errors?", text)]
-    hazards = [int(n) for n in re.findall(r"RACECHECK SUMMARY: (\d+) hazards?", text)]
+    summaries = [int(n) for n in re.findall(r"^=+ ERROR SUMMARY: (\d+) errors?", text, re.M)]
+    hazards = [int(n) for n in re.findall(r"^=+ RACECHECK SUMMARY: (\d+) hazards?", text, re.M)]
     return {"processes": len(summaries), "errors": sum(summaries), "hazards": sum(hazards)}
 
 
