@@ -82,6 +82,20 @@ def test_detect_gpu_reads_torchs_answer(tmp_path: Path) -> None:
     assert gpu is None and "CUDA_VISIBLE_DEVICES" in why
 
 
+def test_find_sanitizer_beside_nvcc_or_in_cuda_home(tmp_path: Path) -> None:
+    toolkit, on_path, home = tmp_path / "cuda-13.0" / "bin", tmp_path / "path", tmp_path / "home"
+    for directory in (toolkit, on_path, home / "bin"):
+        directory.mkdir(parents=True)
+    for tool in (toolkit / "nvcc", toolkit / "compute-sanitizer", home / "bin" / "compute-sanitizer"):
+        tool.write_text("#!/bin/sh\n")
+        tool.chmod(0o755)
+    (on_path / "nvcc").symlink_to(toolkit / "nvcc")
+    assert plan.find_sanitizer({"PATH": str(on_path)}) == str(toolkit / "compute-sanitizer")
+    assert plan.find_sanitizer({"PATH": str(tmp_path), "CUDA_HOME": str(home)}) == str(home / "bin" / "compute-sanitizer")
+    if not Path("/usr/local/cuda/bin/compute-sanitizer").exists():
+        assert plan.find_sanitizer({"PATH": str(tmp_path)}) is None
+
+
 # ---------------------------------------------------------------- dry run and plan
 
 

@@ -80,14 +80,16 @@ def detect_gpu(python: str, env: dict[str, str] | None = None, timeout_s: float 
 
 
 def find_sanitizer(env: dict[str, str] | None = None) -> str | None:
-    """compute-sanitizer on PATH, else in $CUDA_HOME/bin or /usr/local/cuda/bin."""
+    """compute-sanitizer on PATH, else beside nvcc, in $CUDA_HOME/bin or in /usr/local/cuda/bin."""
     env = dict(os.environ if env is None else env)
     found = shutil.which("compute-sanitizer", path=env.get("PATH"))
     if found:
         return found
-    for root in (env.get("CUDA_HOME"), "/usr/local/cuda"):
-        candidate = Path(root or "", "bin", "compute-sanitizer")
-        if root and candidate.is_file() and os.access(candidate, os.X_OK):
+    nvcc = shutil.which("nvcc", path=env.get("PATH"))
+    for directory in (Path(nvcc).resolve().parent if nvcc else None, env.get("CUDA_HOME") and
+                      Path(env["CUDA_HOME"], "bin"), Path("/usr/local/cuda/bin")):
+        candidate = Path(directory, "compute-sanitizer") if directory else None
+        if candidate and candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
 
@@ -114,8 +116,8 @@ def sanitizer_stage(tool: str, sanitizer: str | None, python: str, limit_s: floa
                  env={"PLAIT_GPU_TEST_SIZES": "small", "PYTORCH_NO_CUDA_MEMORY_CACHING": "1",
                       "PLAIT_TIMEOUT_S": "120"},
                  needs=("build",), report=summary.sanitizer_lines,
-                 skip_reason=None if sanitizer else "compute-sanitizer not found on PATH, in $CUDA_HOME/bin "
-                                                    "or /usr/local/cuda/bin")
+                 skip_reason=None if sanitizer else "compute-sanitizer not found on PATH, beside nvcc, in "
+                                                    "$CUDA_HOME/bin or in /usr/local/cuda/bin")
 
 
 def bench_stage(stage: str, name: str, args: tuple[str, ...], python: str, limit_s: float, ratios) -> Stage:
