@@ -121,7 +121,8 @@ def test_default_limits_fit_the_budget_and_every_stage_has_one(tmp_path: Path) -
     stages = plan.plait_stages(tmp_path, "python3", "90a", "/usr/local/cuda/bin/compute-sanitizer")
     assert [s.name for s in stages] == list(plan.DEFAULT_LIMITS)
     assert sum(s.limit_s for s in stages) <= plan.BUDGET_S
-    assert all(s.needs == ("build",) for s in stages[1:])
+    names = [s.name for s in stages]
+    assert all(s.needs == ("build",) for s in stages[names.index("build") + 1:])
     assert all(s.skip_reason is None for s in stages)
     missing = plan.plait_stages(tmp_path, "python3", "90a", None)
     assert [s.name for s in missing if s.skip_reason] == ["memcheck", "racecheck"]
@@ -227,6 +228,20 @@ def test_sanitizer_counts_add_up_every_process(tmp_path: Path) -> None:
     assert summary.sanitizer_counts(log) == {"processes": 3, "errors": sum(errors), "hazards": 2}
     outcome = Outcome(Stage("memcheck", ("x",), 1), FAIL, log=log)
     assert summary.sanitizer_lines(outcome)[0].startswith(f"{sum(errors)} errors in 3 processes")
+
+
+def test_versions_and_build_lines(tmp_path: Path) -> None:
+    rng = random.Random(13)
+    driver, sanitizer = f"580.{rng.randint(1, 999)}.04", f"2025.{rng.randint(1, 9)}.1.0"
+    log = tmp_path / "versions.log"
+    log.write_text(f"| NVIDIA-SMI 580.1  Driver Version: {driver}  CUDA Version: 13.0 |\n"
+                   "Cuda compilation tools, release 13.0, V13.0.88\nNVIDIA (R) Compute Sanitizer\n"
+                   f"Version {sanitizer} (build 36)\npython 3.12.3 torch 2.11.0+cu130 triton 3.6.0\n")
+    outcome = Outcome(Stage("versions", ("x",), 1), PASS, log=log)
+    assert plan.versions_lines(outcome) == [f"driver {driver}, nvcc 13.0, compute-sanitizer {sanitizer}, "
+                                            "python 3.12.3 torch 2.11.0+cu130 triton 3.6.0"]
+    log.write_text("   plait._C: {'cuda': False, 'cuda_archs': []}\n")
+    assert plan.build_lines(Outcome(Stage("build", ("x",), 1), PASS, log=log)) == ["plait._C built WITHOUT CUDA"]
 
 
 def _gemm_doc(rng: random.Random) -> dict:

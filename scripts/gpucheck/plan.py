@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass, replace
@@ -27,7 +29,7 @@ SANITIZER_TESTS = ("tests/test_comm_ipc_gpu.py::test_ipc_every_operation_exact[2
                    "tests/test_comm_ipc_gpu.py::test_ipc_tp_mlp_matches_dense",
                    "tests/test_fused_gpu.py::test_reduce_rows_is_bitwise_rank_order_sum[2]",
                    "tests/test_fused_gpu.py::test_fused_layers_match_dense[2]")
-DEFAULT_LIMITS = {"build": 80, "pytest-gpu": 150, "memcheck": 55, "racecheck": 55,
+DEFAULT_LIMITS = {"versions": 10, "build": 80, "pytest-gpu": 145, "memcheck": 55, "racecheck": 55,
                   "bench-gemm": 60, "bench-comm-gpu": 35, "bench-tp-layers": 35}
 EVERY_STAGE_ENV = {"TRITON_CACHE_AUTOTUNING": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -94,6 +96,26 @@ def find_sanitizer(env: dict[str, str] | None = None) -> str | None:
     return None
 
 
+VERSIONS = 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, ' \
+           '"triton", triton.__version__)'
+
+
+def versions_stage(system_python: str, sanitizer: str | None, limit_s: float) -> Stage:
+    """The driver, toolkit, sanitizer and Python packages the results depend on, into versions.log."""
+    script = "; ".join(["nvidia-smi", "nvcc --version", f"{shlex.quote(sanitizer or 'compute-sanitizer')} --version",
+                        f"{shlex.quote(system_python)} -c {shlex.quote(VERSIONS)}"])
+    return Stage("versions", ("bash", "-c", script), limit_s, report=versions_lines)
+
+
+def versions_lines(outcome) -> list[str]:
+    text = outcome.log.read_text(errors="replace")
+    found = [f"driver {m.group(1)}" for m in [re.search(r"Driver Version:\s*([\d.]+)", text)] if m]
+    found += [f"nvcc {m.group(1)}" for m in [re.search(r"release ([\d.]+)", text)] if m]
+    found += [f"compute-sanitizer {m.group(1)}" for m in [re.search(r"^Version (\S+)", text, re.M)] if m]
+    found += [line for line in text.splitlines() if line.startswith("python ")][-1:]
+    return [", ".join(found)] if found else []
+
+
 def build_lines(outcome) -> list[str]:
     """What `make build` says plait._C was built with: CUDA version and GPU targets."""
     for line in reversed(outcome.log.read_text(errors="replace").splitlines()):
@@ -128,11 +150,12 @@ def bench_stage(stage: str, name: str, args: tuple[str, ...], python: str, limit
 
 def plait_stages(out_dir: Path, system_python: str, arch: str, sanitizer: str | None,
                  limits: dict[str, float] | None = None) -> list[Stage]:
-    """The check, in order: build, GPU tests, two sanitizers, three benchmarks."""
+    """The check, in order: versions, build, GPU tests, two sanitizers, three benchmarks."""
     limit = {**DEFAULT_LIMITS, **(limits or {})}
     py = VENV_PYTHON
     junit = out_dir / "pytest-gpu.xml"
     stages = [
+        versions_stage(system_python, sanitizer, limit["versions"]),
         Stage("build", ("make", "build", f"PYTHON={system_python}"), limit["build"],
               # offline: a missing optional extra must fail at once, not after pip's retries
               env={"PLAIT_CUDA": "1", "PLAIT_CUDA_ARCHS": arch, "PIP_NO_INDEX": "1"}, report=build_lines),
