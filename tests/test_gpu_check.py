@@ -238,10 +238,10 @@ def test_versions_and_build_lines(tmp_path: Path) -> None:
                    "Cuda compilation tools, release 13.0, V13.0.88\nNVIDIA (R) Compute Sanitizer\n"
                    f"Version {sanitizer} (build 36)\npython 3.12.3 torch 2.11.0+cu130 triton 3.6.0\n")
     outcome = Outcome(Stage("versions", ("x",), 1), PASS, log=log)
-    assert plan.versions_lines(outcome) == [f"driver {driver}, nvcc 13.0, compute-sanitizer {sanitizer}, "
+    assert summary.versions_lines(outcome) == [f"driver {driver}, nvcc 13.0, compute-sanitizer {sanitizer}, "
                                             "python 3.12.3 torch 2.11.0+cu130 triton 3.6.0"]
     log.write_text("   plait._C: {'cuda': False, 'cuda_archs': []}\n")
-    assert plan.build_lines(Outcome(Stage("build", ("x",), 1), PASS, log=log)) == ["plait._C built WITHOUT CUDA"]
+    assert summary.build_lines(Outcome(Stage("build", ("x",), 1), PASS, log=log)) == ["plait._C built WITHOUT CUDA"]
 
 
 def _gemm_doc(rng: random.Random) -> dict:
@@ -310,7 +310,7 @@ def test_run_check_summarizes_records_and_fails_on_any_failed_stage(tmp_path: Pa
     ratio = statistics.median(r["chunked_ms"] / r["fused_ms"] for r in doc["results"]["rows"])
     bench = plan.bench_stage("bench-tp-layers", "tp_layers", (), "python", 30, summary.tp_layers_ratios)
     built = {"cuda": True, "cuda_version": "13.0.88", "cuda_archs": ["sm_90a"]}
-    stages = [Stage("build", _python(f"print('   plait._C:', {built!r})"), 30, report=plan.build_lines),
+    stages = [Stage("build", _python(f"print('   plait._C:', {built!r})"), 30, report=summary.build_lines),
               Stage("bench-tp-layers", _python(write), 30, needs=("build",), collect=bench.collect,
                     report=bench.report),
               Stage("pytest-gpu", _python("print('2 failed, 5 passed in 1.0s'); raise SystemExit(1)"), 30,

@@ -3,17 +3,15 @@
 The default limits add up to under 8 minutes (the check must fit a short GPU loan on an
 H100 or H200); ``--limit NAME=SECONDS`` changes one. Every stage caches Triton's autotuning
 results on disk (``TRITON_CACHE_AUTOTUNING=1``), so the GEMM shapes the GPU tests tuned are
-not tuned again by later stages, least of all under the sanitizers. The sanitizer stages run the IPC and
-fused tests at the small sizes those tests take from ``PLAIT_GPU_TEST_SIZES=small``, with
-PyTorch's caching allocator off so that an access past a tensor's end reaches memory the
-sanitizer knows to be unallocated.
+not tuned again by later stages, least of all under the sanitizers. The sanitizer stages
+run the IPC and fused tests at the small sizes those tests take from
+``PLAIT_GPU_TEST_SIZES=small``, with PyTorch's caching allocator off so that an access past
+a tensor's end reaches memory the sanitizer knows to be unallocated.
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -104,30 +102,7 @@ def versions_stage(system_python: str, sanitizer: str | None, limit_s: float) ->
     """The driver, toolkit, sanitizer and Python packages the results depend on, into versions.log."""
     script = "; ".join(["nvidia-smi", "nvcc --version", f"{shlex.quote(sanitizer or 'compute-sanitizer')} --version",
                         f"{shlex.quote(system_python)} -c {shlex.quote(VERSIONS)}"])
-    return Stage("versions", ("bash", "-c", script), limit_s, report=versions_lines)
-
-
-def versions_lines(outcome) -> list[str]:
-    text = outcome.log.read_text(errors="replace")
-    found = [f"driver {m.group(1)}" for m in [re.search(r"Driver Version:\s*([\d.]+)", text)] if m]
-    found += [f"nvcc {m.group(1)}" for m in [re.search(r"release ([\d.]+)", text)] if m]
-    found += [f"compute-sanitizer {m.group(1)}" for m in [re.search(r"^Version (\S+)", text, re.M)] if m]
-    found += [line for line in text.splitlines() if line.startswith("python ")][-1:]
-    return [", ".join(found)] if found else []
-
-
-def build_lines(outcome) -> list[str]:
-    """What `make build` says plait._C was built with: CUDA version and GPU targets."""
-    for line in reversed(outcome.log.read_text(errors="replace").splitlines()):
-        if line.startswith("   plait._C:"):
-            try:
-                info = ast.literal_eval(line.split(":", 1)[1].strip())
-            except (ValueError, SyntaxError):
-                return [line.strip()[:100]]
-            if not info.get("cuda"):
-                return ["plait._C built WITHOUT CUDA"]
-            return [f"plait._C: CUDA {info.get('cuda_version')}, {', '.join(info.get('cuda_archs', []))}"]
-    return []
+    return Stage("versions", ("bash", "-c", script), limit_s, report=summary.versions_lines)
 
 
 def sanitizer_stage(tool: str, sanitizer: str | None, python: str, limit_s: float) -> Stage:
@@ -158,7 +133,7 @@ def plait_stages(out_dir: Path, system_python: str, arch: str, sanitizer: str | 
         versions_stage(system_python, sanitizer, limit["versions"]),
         Stage("build", ("make", "build", f"PYTHON={system_python}"), limit["build"],
               # offline: a missing optional extra must fail at once, not after pip's retries
-              env={"PLAIT_CUDA": "1", "PLAIT_CUDA_ARCHS": arch, "PIP_NO_INDEX": "1"}, report=build_lines),
+              env={"PLAIT_CUDA": "1", "PLAIT_CUDA_ARCHS": arch, "PIP_NO_INDEX": "1"}, report=summary.build_lines),
         Stage("pytest-gpu", (py, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rfE", "--durations=10",
                              "-p", "no:cacheprovider", f"--junitxml={junit}"),
               limit["pytest-gpu"], env={"PLAIT_TIMEOUT_S": "60"}, needs=("build",), report=summary.pytest_lines),

@@ -8,6 +8,7 @@ plait is faster, and shown as the median over rows with the range.
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 import statistics
@@ -153,6 +154,37 @@ def sanitizer_lines(outcome: Outcome) -> list[str]:
     if tests:
         line += f"; tests: {tests['passed']} passed, {tests['failed'] + tests['errors']} failed"
     return [line]
+
+
+# nvidia-smi's header, `nvcc --version`, `compute-sanitizer --version`
+VERSION_PATTERNS = (("driver", r"Driver Version:\s*([\d.]+)"), ("nvcc", r"release ([\d.]+)"),
+                    ("compute-sanitizer", r"^Version (\S+)"))
+
+
+def versions_lines(outcome: Outcome) -> list[str]:
+    """Driver, nvcc, compute-sanitizer and Python package versions from the versions stage's log."""
+    text = outcome.log.read_text(errors="replace")
+    found = []
+    for label, pattern in VERSION_PATTERNS:
+        match = re.search(pattern, text, re.M)
+        if match:
+            found.append(f"{label} {match.group(1)}")
+    found += [line for line in text.splitlines() if line.startswith("python ")][-1:]
+    return [", ".join(found)] if found else []
+
+
+def build_lines(outcome: Outcome) -> list[str]:
+    """What `make build` says plait._C was built with: CUDA version and GPU targets."""
+    for line in reversed(outcome.log.read_text(errors="replace").splitlines()):
+        if line.startswith("   plait._C:"):
+            try:
+                info = ast.literal_eval(line.split(":", 1)[1].strip())
+            except (ValueError, SyntaxError):
+                return [line.strip()[:100]]
+            if not info.get("cuda"):
+                return ["plait._C built WITHOUT CUDA"]
+            return [f"plait._C: CUDA {info.get('cuda_version')}, {', '.join(info.get('cuda_archs', []))}"]
+    return []
 
 
 def format_summary(outcomes: Sequence[Outcome], header: Sequence[str]) -> str:
