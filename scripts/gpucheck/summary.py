@@ -82,7 +82,7 @@ def gemm_ratios(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def comm_gpu_ratios(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
+def comm_gpu_ratios(doc: dict[str, Any]) -> dict[str, dict[str, float] | str]:
     """bench comm_gpu: NCCL time over IPC time at equal size and ranks (only with a GPU per rank),
     the IPC latency at the smallest size and bus bandwidth at the largest, and the GEMM throughput
     kept beside the comm kernel."""
@@ -91,8 +91,8 @@ def comm_gpu_ratios(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
     nccl = {(r["world"], r["bytes"]): r for r in rows if r["backend"] == "nccl"}
     out = {}
     shared = sorted(set(ipc) & set(nccl))
-    if shared:
-        out["IPC all-reduce / NCCL (speed)"] = spread(nccl[k]["ms"] / ipc[k]["ms"] for k in shared)
+    out["IPC all-reduce / NCCL (speed)"] = (spread(nccl[k]["ms"] / ipc[k]["ms"] for k in shared) if shared else
+                                            "n/a: NCCL needs a GPU per rank, these ranks shared one")
     for world in sorted({w for w, _ in ipc}):
         sizes = sorted(b for w, b in ipc if w == world)
         smallest, largest = ipc[(world, sizes[0])], ipc[(world, sizes[-1])]
@@ -117,7 +117,10 @@ def tp_layers_ratios(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def format_spread(label: str, s: dict[str, float]) -> str:
+def format_spread(label: str, s: dict[str, float] | str) -> str:
+    """'label: median (min-max, n rows)', or the note that stands in for figures that cannot exist."""
+    if isinstance(s, str):
+        return f"{label}: {s}"
     if s["n"] == 1:
         return f"{label}: {s['median']:.3g}"
     return f"{label}: {s['median']:.3g} median ({s['min']:.3g}-{s['max']:.3g}, {s['n']:g} rows)"
