@@ -128,6 +128,13 @@ def test_default_limits_fit_the_budget_and_every_stage_has_one(tmp_path: Path) -
     assert [s.name for s in missing if s.skip_reason] == ["memcheck", "racecheck"]
 
 
+def test_the_sanitizer_stages_name_tests_that_exist() -> None:
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                           *plan.SANITIZER_TESTS], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(plan.SANITIZER_TESTS)} tests collected" in done.stdout
+
+
 def test_bad_limit_and_unknown_stage_are_refused() -> None:
     for args in (["--limit", "memcheck=soon"], ["--limit", "nope=5"], ["--stages", "build,nope"]):
         done = _script("--dry-run", *args)
