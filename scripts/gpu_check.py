@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpucheck import plan  # noqa: E402
 from gpucheck.runner import PASS, SKIP, Outcome, Stage, run_stages  # noqa: E402
-from gpucheck.summary import format_summary  # noqa: E402
+from gpucheck.summary import details, format_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def write_records(outcomes: Sequence[Outcome], out_dir: Path, header: dict, scre
     (out_dir / "summary.txt").write_text(screen + "\n")
     stages = [{"name": o.stage.name, "status": o.status, "seconds": round(o.seconds, 2), "limit_s": o.stage.limit_s,
                "command": o.stage.shell_line(), "reason": o.reason,
-               "details": o.stage.report(o) if o.stage.report and o.log else [],
+               "details": details(o),
                "files": [f.name for f in o.files]} for o in outcomes]
     ok = all(o.status in (PASS, SKIP) for o in outcomes)
     (out_dir / "summary.json").write_text(json.dumps({**header, "stages": stages, "passed": ok}, indent=2) + "\n")

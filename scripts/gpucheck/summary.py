@@ -190,14 +190,16 @@ def build_lines(outcome: Outcome) -> list[str]:
     return []
 
 
+def details(outcome: Outcome) -> list[str]:
+    """The stage's own summary lines (none for a stage that never ran)."""
+    return outcome.stage.report(outcome) if outcome.stage.report and outcome.log else []
+
+
 def format_summary(outcomes: Sequence[Outcome], header: Sequence[str]) -> str:
     """The closing screen: header lines, one row per stage with its key figures, the verdict."""
     lines = [*header, "", f"{'stage':<16}{'status':<9}{'seconds':>8}{'limit':>7}  details"]
     for o in outcomes:
-        details = o.stage.report(o) if o.stage.report and o.log else []
-        if o.reason:
-            details = [o.reason, *details]
-        first, *rest = details or [""]
+        first, *rest = ([o.reason] if o.reason else []) + details(o) or [""]
         lines.append(f"{o.stage.name:<16}{o.status:<9}{o.seconds:>8.1f}{o.stage.limit_s:>7g}  {first}")
         lines += [" " * 42 + d for d in rest]
     bad = [o for o in outcomes if o.status not in (PASS, SKIP)]
