@@ -11,9 +11,9 @@ labelled by the backend column). ``--overlap`` picks the modes ("fused" is skipp
 line, where CUDA IPC is unusable). ``--comm`` says what carries "none" and "chunked": the
 mesh's TP group (NCCL, or gloo when ranks share a GPU), plait's IPC communicator, or
 ``auto``: IPC when ranks share a GPU (gloo would copy every CUDA tensor through the host,
-so fused-vs-chunked would compare transports, not overlap), else the mesh. Each configuration runs
-``--warmup`` untimed and ``--iters`` timed steps; a step's time is the slowest
-rank's, the figure reported is the median over steps. Results go to
+so fused-vs-chunked would compare transports, not overlap), else the mesh (the "comm"
+column). Each configuration runs ``--warmup`` untimed and ``--iters`` timed steps; a step's
+time is the slowest rank's, the figure reported is the median over steps. Results go to
 bench/results/ as JSON, with the dense one-process MLP as a reference.
 """
 from __future__ import annotations
