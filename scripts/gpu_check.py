@@ -19,7 +19,8 @@ Every log, the pytest JUnit XML, the benchmark JSONs (also left in bench/results
 bench/report.py) and summary.txt / summary.json go into one folder: ``--out``, else
 $PLAIT_GPU_CHECK_OUT, else gpu-check-results/<UTC date-time>-<commit>/. Without a CUDA GPU
 it prints one line and exits 0. Exit code 1 when any stage failed or timed out.
-Needs only the standard library; the GPU is found through this interpreter's torch.
+Needs only the standard library; the GPU is found through this interpreter's torch. In a
+copy of the tree without .git, $PLAIT_GPU_CHECK_COMMIT names the commit in the folder name.
 """
 from __future__ import annotations
 
