@@ -326,9 +326,6 @@ def model_from(value: str | dict[str, Any]) -> ModelSpec:
     return _build(ModelSpec, values, "model")
 
 
-HARDWARE_KEYS = ("gpu", "preset", "gpus", "num_gpus")
-
-
 def hardware_from(value: str | dict[str, Any], num_gpus: int | None = None) -> HardwareSpec:
     """A GPU preset name plus a count, or a mapping: ``gpu`` (name or GPUSpec fields), ``gpus``, links."""
     from .presets import hardware
@@ -345,11 +342,14 @@ def hardware_from(value: str | dict[str, Any], num_gpus: int | None = None) -> H
         raise ValueError("hardware: set gpus (the number of GPUs)")
     if not _type_ok(gpus, int):
         raise ValueError(f"hardware: gpus must be a whole number, got {gpus!r}")
-    gpu = values.pop("preset", None) or values.pop("gpu", None)
+    preset, gpu = values.pop("preset", None), values.pop("gpu", None)
+    if preset is not None and gpu is not None:
+        raise ValueError("hardware: set gpu or preset, not both")
+    gpu = preset if preset is not None else gpu
     if gpu is None:
         raise ValueError("hardware: set gpu (a preset name such as 'h100', or its fields)")
     link_fields = {f.name for f in fields(HardwareSpec)} - {"gpu", "num_gpus", "measured"}
-    unknown_keys(values, sorted(link_fields | set(HARDWARE_KEYS)), "hardware")
+    unknown_keys(values, link_fields, "hardware")
     values = check_fields(HardwareSpec, values, "hardware")
     if isinstance(gpu, str):
         base = hardware(gpu, gpus)
