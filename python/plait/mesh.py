@@ -131,9 +131,11 @@ class ParallelMesh:
 def job_fingerprint(sizes: tuple[int, int, int], backend: str) -> dict[str, object]:
     """What every rank of a job must have in common: the mesh, the engine, the versions, the timeout."""
     import plait
+    from .comm.agree import check_calls_enabled
 
     return {"(dp, pp, tp)": tuple(sizes), "backend": backend, "torch": torch.__version__,
-            "plait": plait.__version__, "PLAIT_TIMEOUT_S": default_timeout_s()}
+            "plait": plait.__version__, "PLAIT_TIMEOUT_S": default_timeout_s(),
+            "PLAIT_CHECK_CALLS": check_calls_enabled(backend)}
 
 
 def _check_same_config_everywhere(sizes: tuple[int, int, int], device: torch.device) -> None:
