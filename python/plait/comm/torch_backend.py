@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import CommError, CommTimeoutError
+from ..errors import CommError, CommTimeoutError, check_timeout
 from .agree import call_signature, calls_disagree, check_calls_enabled
 from .base import REDUCE_OPS, Communicator, DoneHandle, Handle
 
@@ -61,7 +61,7 @@ class TorchHandle(Handle):
     def wait(self, timeout_s: Optional[float] = None) -> Optional[torch.Tensor]:
         if self._done:
             return self._result
-        limit = timeout_s if timeout_s is not None else self._comm.timeout_s
+        limit = check_timeout(timeout_s) if timeout_s is not None else self._comm.timeout_s
         try:
             if self._on_cuda:
                 self._work.wait()
