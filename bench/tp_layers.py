@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     for tp in args.tp:
         for cfg in configs:
             if cfg["tokens"] % tp:
-                raise SystemExit(f"--tokens {cfg['tokens']} must be divisible by TP {tp}")
+                parser.error(f"--tokens {cfg['tokens']} must be divisible by TP {tp}")
         print(f"TP={tp}: {len(configs)} configurations ...", flush=True)
         rows += run_ranks(bench_rank, tp, configs, args.warmup, args.iters, timeout=1800)[0]
     dense = {(h, t): dense_ms(h, t, args.warmup, args.iters) for h in args.hidden for t in args.tokens}

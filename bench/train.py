@@ -99,7 +99,8 @@ def _layout(text: str) -> tuple[int, int, int]:
 
 def main(argv=None) -> int:
     parser = bench_parser("train", "GPT training throughput per layout")
-    parser.add_argument("--layouts", nargs="+", type=_layout, default=["1,1,1", "2,1,1", "1,2,1", "1,1,2", "2,2,2"],
+    parser.add_argument("--layouts", nargs="+", type=_layout,
+                        default=[(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)],
                         help="dp,pp,tp triples")
     parser.add_argument("--steps", type=repeats(), default=6)
     parser.add_argument("--layers", type=positive_int(4096), default=8)
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     if args.zero_only and args.no_zero:
-        raise SystemExit("--zero-only and --no-zero exclude each other")
+        parser.error("--zero-only and --no-zero exclude each other")
     model = dict(vocab_size=512, num_layers=args.layers, hidden=args.hidden, num_heads=4, seq_len=args.seq)
     run = dict(microbatches=args.microbatches, global_batch=args.global_batch, steps=args.steps, seed=0,
                bucket_mb=args.bucket_mb)

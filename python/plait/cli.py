@@ -151,11 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
-        return _exit_code(exc)
+        return _exit_code(exc, "")
     try:
         return args.run(args)
-    except SystemExit as exc:     # a benchmark's own argparse parser
-        return _exit_code(exc)
+    except SystemExit as exc:     # a benchmark's own argparse parser, or sys.exit("message")
+        return _exit_code(exc, args.command)
     except KeyboardInterrupt:
         print(f"plait {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -163,10 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(args.command, exc, debug_enabled(args))
 
 
-def _exit_code(exc: SystemExit) -> int:
+def _exit_code(exc: SystemExit, command: str) -> int:
     if exc.code is None or isinstance(exc.code, int):
         return exc.code or 0
-    print(exc.code, file=sys.stderr)   # sys.exit("message")
+    print(f"plait {command}: error: {exc.code}", file=sys.stderr)   # sys.exit("message")
     return 2
 
 if __name__ == "__main__":

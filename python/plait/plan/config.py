@@ -16,7 +16,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -288,16 +288,21 @@ def _type_name(hint: Any) -> str:
     return names.get(hint, "a mapping" if typing.get_origin(hint) is dict else str(hint))
 
 
-def check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
+def check_fields(cls: type, values: Any, where: str, complete: bool = False) -> dict[str, Any]:
     """`values` as keyword arguments for the dataclass `cls`, checked field by field.
 
-    ValueError for a section that is not a mapping, an unknown key (naming the closest field)
-    or a value of the wrong type (``"32"`` where a number is meant, a bool for a count, nan).
+    ValueError for a section that is not a mapping, an unknown key (naming the closest field),
+    a value of the wrong type (``"32"`` where a number is meant, a bool for a count, nan) or,
+    with `complete`, a field without a default that is missing.
     """
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a mapping of fields, got {type(values).__name__} {values!r}")
     hints = typing.get_type_hints(cls)
     unknown_keys(values, [f.name for f in fields(cls)], where)
+    missing = [f.name for f in fields(cls) if complete and f.name not in values
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (or name a preset)")
     for name, value in values.items():
         if not _type_ok(value, hints[name]):
             raise ValueError(f"{where}: {name} must be {_type_name(hints[name])}, got {value!r}")
@@ -305,7 +310,7 @@ def check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
-    return cls(**check_fields(cls, values, where))
+    return cls(**check_fields(cls, values, where, complete=True))
 
 
 def model_from(value: str | dict[str, Any]) -> ModelSpec:
