@@ -30,11 +30,13 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from .errors import PlaitError
+from .launch import RanksFailed
 
 # Modules of plait.bench that are tools, not benchmarks.
 NOT_BENCHMARKS = frozenset({"common", "report"})
-# What bad input raises: reported as "error", not as "internal error".
-USER_ERRORS = (PlaitError, ValueError, OSError, ImportError)
+# What bad input raises: reported as "error", not as "internal error" (RanksFailed: ranks of a
+# job that raised; the line names each rank's own error).
+USER_ERRORS = (PlaitError, ValueError, OSError, ImportError, RanksFailed)
 
 
 def _setup_info(parser: argparse.ArgumentParser) -> None:
@@ -112,8 +114,6 @@ def debug_enabled(args: argparse.Namespace | None = None) -> bool:
 
 def error_line(exc: BaseException) -> str:
     """One line describing `exc`: its message's first line (a rank failure: each rank's own error)."""
-    from .launch import RanksFailed
-
     text = str(exc).strip()
     if isinstance(exc, RanksFailed):
         head, *parts = text.split("\n--- rank ")
