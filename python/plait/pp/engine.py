@@ -114,7 +114,8 @@ class PipelineEngine:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(output, target), got {loss_fn!r}")
-        self.schedule = self._resolve(schedule, mesh.pp, num_microbatches, num_virtual or len(modules))
+        self.schedule = self._resolve(schedule, mesh.pp, num_microbatches,
+                                      len(modules) if num_virtual is None else num_virtual)
         self.mesh, self.rank = mesh, mesh.pp_rank
         mine = self.schedule.stages_of(self.rank)
         if len(mine) != len(modules):

@@ -52,6 +52,14 @@ from .fused import check_fused, column_linear_fused, row_linear_fused
 from .overlap import column_linear_overlapped, num_chunks, row_linear_overlapped
 
 
+def check_sizes(module: str, **sizes: object) -> None:
+    """ValueError naming the first of `sizes` that is not a whole number >= 1 (torch would fail later,
+    less clearly, or build an empty layer)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{module}: {name} must be a whole number >= 1, got {value!r}")
+
+
 class _ParallelLinear(nn.Module):
     """What both layers share: the group, the overlap mode, parameters drawn like nn.Linear."""
 
@@ -61,6 +69,7 @@ class _ParallelLinear(nn.Module):
                  overlap: str, group, overlap_chunks: int, dtype, device, check_ranks: bool,
                  options: dict) -> None:
         super().__init__()
+        check_sizes(type(self).__name__, in_features=in_features, out_features=out_features)
         if not isinstance(overlap_chunks, int) or overlap_chunks < 1:
             raise ValueError(f"overlap_chunks must be a positive int, got {overlap_chunks!r}")
         self.in_features, self.out_features = in_features, out_features

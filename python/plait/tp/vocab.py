@@ -23,6 +23,7 @@ from torch import nn
 from ..comm import Communicator
 from ..comm.agree import check_agreement
 from .common import divide, resolve_comm
+from .layers import check_sizes
 from .mappings import reduce_from_tp_region, reduce_scatter_to_sequence_region
 
 
@@ -60,6 +61,7 @@ class VocabParallelEmbedding(nn.Module):
                  sequence_parallel: bool = False, dtype: Optional[torch.dtype] = None, device=None,
                  check_ranks: bool = True) -> None:
         super().__init__()
+        check_sizes("VocabParallelEmbedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.sequence_parallel = bool(sequence_parallel)
         self.comm = resolve_comm(group)
