@@ -58,18 +58,22 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group=None, *,
-                 sequence_parallel: bool = False, dtype: Optional[torch.dtype] = None, device=None,
-                 check_ranks: bool = True) -> None:
+                 sequence_parallel: bool = False, padding_idx: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None, device=None, check_ranks: bool = True) -> None:
         super().__init__()
         check_sizes("VocabParallelEmbedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        if padding_idx is not None and not 0 <= padding_idx < num_embeddings:
+            raise ValueError(f"padding_idx={padding_idx} must lie in [0, {num_embeddings})")
+        self.padding_idx = padding_idx   # as nn.Embedding: that row gets no gradient
         self.sequence_parallel = bool(sequence_parallel)
         self.comm = resolve_comm(group)
         if check_ranks:
             check_agreement({"num_embeddings": num_embeddings, "embedding_dim": embedding_dim,
                              "dtype": dtype or torch.get_default_dtype(),
                              "device": torch.device(device or "cpu").type,
-                             "sequence_parallel": self.sequence_parallel}, self.comm, what="VocabParallelEmbedding")
+                             "sequence_parallel": self.sequence_parallel, "padding_idx": padding_idx},
+                            self.comm, what="VocabParallelEmbedding")
         self.vocab_start, self.vocab_end = _vocab_range(num_embeddings, self.comm)
         full = torch.empty(num_embeddings, embedding_dim, dtype=dtype, device=device)
         nn.init.normal_(full)
@@ -79,9 +83,10 @@ class VocabParallelEmbedding(nn.Module):
     @classmethod
     def from_embedding(cls, dense: nn.Embedding, group=None, **kwargs) -> "VocabParallelEmbedding":
         """Shard an existing ``nn.Embedding`` (without padding_idx or max_norm)."""
-        if dense.padding_idx is not None or dense.max_norm is not None:
-            raise ValueError("from_embedding supports nn.Embedding without padding_idx and max_norm")
-        layer = cls(dense.num_embeddings, dense.embedding_dim, group, dtype=dense.weight.dtype,
+        if dense.max_norm is not None:
+            raise ValueError("from_embedding supports nn.Embedding without max_norm")
+        layer = cls(dense.num_embeddings, dense.embedding_dim, group, padding_idx=dense.padding_idx,
+                    dtype=dense.weight.dtype,
                     device=dense.weight.device, **kwargs)
         with torch.no_grad():
             layer.weight.copy_(dense.weight[layer.vocab_start:layer.vocab_end])
@@ -96,7 +101,9 @@ class VocabParallelEmbedding(nn.Module):
                              f"over {self.comm.size} ranks; ids of shape {list(ids.shape)} do not divide")
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids.long() - self.vocab_start).masked_fill(outside, 0)
-        partial = F.embedding(local, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)  # embedding saves ids only
+        pad = self.padding_idx
+        local_pad = pad - self.vocab_start if pad is not None and self.vocab_start <= pad < self.vocab_end else None
+        partial = F.embedding(local, self.weight, local_pad).masked_fill_(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_region(partial, self.comm)
         return reduce_from_tp_region(partial, self.comm, in_place=True)

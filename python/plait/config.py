@@ -1,0 +1,129 @@
+"""ParallelConfig: the one owner of plait's layout rules.
+
+Every place that takes a (dp, pp, tp) layout (``init_mesh``, ``PipelineEngine``'s callers,
+``TrainJob``, ``parallelize``, ``plait plan``'s layouts, ``plait train``) builds or receives
+a :class:`ParallelConfig`, so a rule is written, and its error message worded, once:
+
+==================  ==========================================================================
+field               rule
+==================  ==========================================================================
+dp, pp, tp          positive ints; ``dp * pp * tp`` processes
+num_virtual         positive int; > 1 only with the "interleaved" or "zb1p" schedule
+schedule            one of :data:`SCHEDULES` (aliases ``zb-h1``/``zbh1`` mean ``zb1p``);
+                    "interleaved" needs ``num_virtual >= 2``
+sequence_parallel   bool; needs ``tp >= 2`` to mean anything (allowed at tp=1: a no-op)
+zero                0 (off) or 1 (optimizer state sharded over DP)
+overlap             one of :data:`OVERLAP_MODES`
+==================  ==========================================================================
+
+Model-dependent rules (heads, FFN, layers per stage) are checked by :meth:`check_model`.
+Pure Python, no torch: ``plait plan`` imports it without paying for torch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")
+SCHEDULE_ALIASES = {"zb-h1": "zb1p", "zbh1": "zb1p"}
+VIRTUAL_SCHEDULES = ("interleaved", "zb1p")   # the schedules that run several stages per rank
+ZERO_STAGES = (0, 1)
+OVERLAP_MODES = ("auto", "none", "chunked", "fused")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def canonical_schedule(name: Any) -> str:
+    """The schedule's canonical name, or a ValueError listing the valid ones."""
+    if not isinstance(name, str) or SCHEDULE_ALIASES.get(name.lower(), name.lower()) not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
+    return SCHEDULE_ALIASES.get(name.lower(), name.lower())
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one job is laid over ``dp * pp * tp`` ranks; validated on construction (see module doc)."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    num_virtual: int = 1
+    schedule: str = "1f1b"
+    sequence_parallel: bool = False
+    zero: int = 0
+    overlap: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "pp", "tp", "num_virtual"):
+            _positive_int(name, getattr(self, name))
+        object.__setattr__(self, "schedule", canonical_schedule(self.schedule))
+        if self.schedule == "interleaved" and self.num_virtual < 2:
+            raise ValueError(f"the interleaved schedule needs num_virtual >= 2 (--vpp), got {self.num_virtual}")
+        if self.num_virtual > 1 and self.schedule not in VIRTUAL_SCHEDULES:
+            raise ValueError(f"virtual stages (num_virtual={self.num_virtual}) need one of the schedules "
+                             f"{VIRTUAL_SCHEDULES}; {self.schedule!r} runs one stage per rank")
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"sequence_parallel must be True or False, got {self.sequence_parallel!r}")
+        if isinstance(self.zero, bool) or self.zero not in ZERO_STAGES:
+            raise ValueError(f"zero must be one of {ZERO_STAGES} (0: off, 1: optimizer state sharded over DP), "
+                             f"got {self.zero!r}; ZeRO stages 2 and 3 are not implemented")
+        if self.overlap not in OVERLAP_MODES:
+            raise ValueError(f"unknown overlap {self.overlap!r}; use one of {OVERLAP_MODES}")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    @property
+    def num_chunks(self) -> int:
+        """Pipeline chunks the model is cut into: ``pp * num_virtual``."""
+        return self.pp * self.num_virtual
+
+    def check_model(self, *, num_layers: int, num_heads: Optional[int] = None, ffn_hidden: Optional[int] = None,
+                    seq_len: Optional[int] = None) -> None:
+        """Raise ValueError, saying how to fix it, if a model of these dimensions cannot take this layout.
+
+        The vocabulary and KV heads need no rule: plait pads the one and replicates the other.
+        """
+        if num_heads is not None and num_heads % self.tp:
+            raise ValueError(f"num_heads={num_heads} is not divisible by tp={self.tp}; each TP rank holds whole "
+                             f"attention heads, so choose a tp that divides {num_heads}")
+        if ffn_hidden is not None and ffn_hidden % self.tp:
+            raise ValueError(f"ffn_hidden={ffn_hidden} is not divisible by tp={self.tp}; choose a tp that "
+                             f"divides it")
+        if self.sequence_parallel and seq_len is not None and seq_len % self.tp:
+            raise ValueError(f"sequence_parallel needs the sequence length {seq_len} divisible by tp={self.tp}")
+        if num_layers < self.num_chunks:
+            raise ValueError(f"num_layers={num_layers} is fewer than pp x virtual stages = {self.pp} x "
+                             f"{self.num_virtual}; use fewer stages or more layers")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ParallelConfig":
+        """Build from a mapping; unknown keys are refused with the closest valid name."""
+        import difflib
+
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(known)}"
+                raise ValueError(f"unknown parallel setting {key!r}{hint}")
+        return cls(**dict(data))
+
+    def short(self) -> str:
+        """Compact text such as 'dp2 pp2 tp2 v2 interleaved sp zero1'."""
+        parts = [f"dp{self.dp}", f"pp{self.pp}", f"tp{self.tp}"]
+        if self.num_virtual > 1:
+            parts.append(f"v{self.num_virtual}")
+        parts.append(self.schedule)
+        if self.sequence_parallel:
+            parts.append("sp")
+        if self.zero:
+            parts.append(f"zero{self.zero}")
+        return " ".join(parts)
