@@ -32,8 +32,6 @@ import torch.distributed as dist
 from ..errors import CommTimeoutError
 from .base import Communicator
 
-DIGEST_BYTES = 32
-
 
 def _torch_comm(group: Any) -> Communicator:
     """A torch-backend communicator over the ranks of `group` (None: WORLD; a ProcessGroup; a
