@@ -21,7 +21,6 @@ the script itself). JSON to bench/results/, a PNG with ``--plot``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from plait.bench.common import bench_parser, ranks, repeats, size
 
 MODELS = {"8b": (4096, 14336), "70b": (8192, 28672)}
 
@@ -145,14 +145,14 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="fused linear kernels vs cuBLAS / eager / torch.compile")
+    parser = bench_parser("gemm", "fused linear kernels vs cuBLAS / eager / torch.compile")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["8b", "70b"])
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--tp", type=ranks(), nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--shard", type=parse_shard, nargs="+", metavar="MODEL:TP",
                         help="only these (model, TP) pairs, e.g. 8b:2 70b:8 (instead of --models x --tp)")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 16384])
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--tokens", type=size(), nargs="+", default=[2048, 8192, 16384])
+    parser.add_argument("--warmup", type=repeats(0), default=5)
+    parser.add_argument("--reps", type=repeats(), default=20)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to the JSON")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (checks the script)")

@@ -18,7 +18,6 @@ bench/results/ as JSON, with the dense one-process MLP as a reference.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import plait
-from plait.bench.common import command_line, print_table, write_result
+from plait.bench.common import bench_parser, command_line, print_table, ranks, repeats, size, write_result
 from plait.launch import run_ranks
 
 
@@ -122,17 +121,17 @@ def dense_ms(hidden: int, tokens: int, warmup: int, iters: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="TP MLP forward+backward: overlap none vs chunked (vs fused on CUDA)")
-    parser.add_argument("--tp", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--hidden", type=int, nargs="+", default=[512])
+    parser = bench_parser("tp_layers", "TP MLP forward+backward: overlap none vs chunked (vs fused on CUDA)")
+    parser.add_argument("--tp", type=ranks(), nargs="+", default=[2, 4])
+    parser.add_argument("--tokens", type=size(), nargs="+", default=[512, 2048])
+    parser.add_argument("--hidden", type=size(), nargs="+", default=[512])
     parser.add_argument("--sp", choices=["off", "on", "both"], default="both")
     parser.add_argument("--overlap", nargs="+", choices=["none", "chunked", "fused"],
                         default=["none", "chunked", "fused"], help="overlap modes to time (fused: CUDA only)")
     parser.add_argument("--comm", choices=["auto", "mesh", "ipc"], default="auto",
                         help="what carries none/chunked (see the module docstring)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=repeats(0), default=3)
+    parser.add_argument("--iters", type=repeats(), default=10)
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
     sps = {"off": [False], "on": [True], "both": [False, True]}[args.sp]
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
     for tp in args.tp:
         for cfg in configs:
             if cfg["tokens"] % tp:
-                raise SystemExit(f"--tokens {cfg['tokens']} must be divisible by TP {tp}")
+                parser.error(f"--tokens {cfg['tokens']} must be divisible by TP {tp}")
         print(f"TP={tp}: {len(configs)} configurations ...", flush=True)
         rows += run_ranks(bench_rank, tp, configs, args.warmup, args.iters, tuple(args.overlap), args.comm,
                           timeout=1800)[0]
