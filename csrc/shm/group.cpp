@@ -45,7 +45,9 @@ std::unique_ptr<Group> Group::create(const std::string& name, int size, const Op
   h->total_bytes = layout.total;
   h->abort_rank.store(-1, std::memory_order_relaxed);
   h->pids[0] = static_cast<std::int32_t>(::getpid());
-  for (int r = 0; r < size; ++r) new (segment.data() + layout.arrive_off + r * sizeof(Arrival)) Arrival();
+  for (int r = 0; r < size; ++r) {
+    (new (segment.data() + layout.arrive_off + r * sizeof(Arrival)) Arrival())->cpu.store(-1, std::memory_order_relaxed);
+  }
   for (int p = 0; p < size * (size - 1); ++p) {
     new (segment.data() + layout.chan_ctl_off + p * sizeof(ChanCtl)) ChanCtl();
   }
@@ -95,6 +97,13 @@ Group::Group(Segment segment, std::string name, int rank, const Layout& layout, 
       send_mu_(layout.size),
       recv_mu_(layout.size) {}
 
+int Group::note_cpu() {
+  const int cpu = current_cpu();
+  std::atomic<std::int32_t>& mine = arrive(rank_)->cpu;
+  if (mine.load(std::memory_order_relaxed) != cpu) mine.store(cpu, std::memory_order_relaxed);
+  return cpu;
+}
+
 int Group::attached() const { return static_cast<int>(header()->attached.load(std::memory_order_acquire)); }
 
 Arrival* Group::arrive(int rank) const {
@@ -118,10 +127,11 @@ char* Group::ring(int src, int dst, std::uint64_t chunk) const {
 // Publishes this rank's arrival at the next barrier, then waits for every other rank's.
 void Group::arrive_and_wait(Op& op) {
   const std::uint32_t epoch = ++epoch_;
+  note_cpu();
   publish(arrive(rank_)->flag, epoch);
   for (int j = 0; j < size_; ++j) {
     if (j == rank_) continue;
-    wait_flag(arrive(j)->flag, [&](std::uint32_t v) { return flag_distance(v, epoch) >= 0; }, op, coll_spin_, [&] {
+    wait_flag(arrive(j)->flag, j, [&](std::uint32_t v) { return flag_distance(v, epoch) >= 0; }, op, coll_spin_, [&] {
       std::vector<int> late;
       for (int k = 0; k < size_; ++k) {
         if (k != rank_ && flag_distance(arrive(k)->flag.value.load(std::memory_order_acquire), epoch) < 0) late.push_back(k);

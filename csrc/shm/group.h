@@ -106,10 +106,13 @@ class Group {
   void one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, const CallSig& call, Op& op);
   void two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, const CallSig& call, Op& op);
 
-  // Waits until ready(flag value) holds, spinning as `policy` says, then sleeping; on timeout
-  // or a peer's abort, throws (see class comment).
+  // Waits until ready(flag value) holds (the flag is published by group rank `peer`), spinning
+  // as `policy` says, then sleeping; on timeout or a peer's abort, throws (see class comment).
   template <typename Ready, typename Describe>
-  void wait_flag(Flag& flag, Ready ready, Op& op, SpinPolicy& policy, Describe waiting_for);
+  void wait_flag(Flag& flag, int peer, Ready ready, Op& op, SpinPolicy& policy, Describe waiting_for);
+  // Records the CPU this rank runs on in its Arrival block (peers stop spinning on a rank that
+  // last ran on their own CPU: it cannot run while they spin) and returns it.
+  int note_cpu();
   void check_usable(const Op& op);
   void check_abort(const Op& op);
   [[noreturn]] void timed_out(const Op& op, const std::string& waiting_for);

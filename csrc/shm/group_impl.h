@@ -29,14 +29,14 @@ constexpr long long kSleepSliceNs = 50'000'000;
 // Spins for the policy's budget (pause, then yield), then sleeps on the flag in slices
 // until it is ready, the deadline passes or a peer aborts; tells the policy how it went.
 template <typename Ready, typename Describe>
-void Group::wait_flag(Flag& flag, Ready ready, Op& op, SpinPolicy& policy, Describe waiting_for) {
+void Group::wait_flag(Flag& flag, int peer, Ready ready, Op& op, SpinPolicy& policy, Describe waiting_for) {
   std::uint32_t seen = flag.value.load(std::memory_order_acquire);
   if (ready(seen)) return;
   const auto start = std::chrono::steady_clock::now();
   const long long budget = policy.budget_ns();
   bool slept = false;
   if (budget == 0 || !spin_on(flag, ready, seen, start + std::chrono::nanoseconds(policy.pause_ns(budget)),
-                              start + std::chrono::nanoseconds(budget))) {
+                              start + std::chrono::nanoseconds(budget), arrive(peer)->cpu, note_cpu())) {
     slept = true;
     for (;;) {
       check_abort(op);

@@ -83,6 +83,7 @@ struct CallSig {
 // saw the flag reach a barrier finds the call beside it, in the line it has just read.
 struct alignas(kLine) Arrival {
   Flag flag;
+  std::atomic<std::int32_t> cpu;  // the CPU the rank last ran on (-1 unknown), a hint for waiters
   CallSig calls[kCollSlots];
 };
 static_assert(sizeof(Arrival) == kLine, "a rank's arrival flag and calls fill one block");

@@ -60,6 +60,14 @@ long long Deadline::remaining_ns() const {
 
 void yield_cpu() { sched_yield(); }
 
+int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
 bool oversubscribed(int ranks) {
   cpu_set_t cpus;
   CPU_ZERO(&cpus);

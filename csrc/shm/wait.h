@@ -11,7 +11,9 @@
 //      publisher: an idle rank costs nothing. Sleeps last at most a slice, so the caller
 //      can check its deadline and the group's abort flag.
 // How long phases 1 and 2 last together (the spin budget) is learned from recent waits by
-// SpinPolicy; phase 1 is skipped when the group has more ranks than the CPUs it may use.
+// SpinPolicy. Phase 1 is skipped when the group has more ranks than the CPUs it may use, and
+// cut short when the rank waited for last ran on the waiter's own CPU: it cannot run while
+// the waiter spins there (two ranks put on one core by other load on the machine).
 #pragma once
 
 #include <atomic>
@@ -81,12 +83,15 @@ class SpinPolicy {
   std::atomic<long long> budget_ns_;
 };
 
-// Phases 1 and 2 of a wait: spin with pause until pause_end, then with sched_yield until
-// spin_end, while ready(flag value) does not hold. Returns whether it became ready; `seen`
-// is the last value read.
+// Phases 1 and 2 of a wait: spin with pause until pause_end (or until peer_cpu, the CPU the
+// publisher last ran on, equals my_cpu), then with sched_yield until spin_end, while
+// ready(flag value) does not hold. Returns whether it became ready; `seen` is the last value read.
 template <typename Ready>
 bool spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
-             std::chrono::steady_clock::time_point spin_end);
+             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu);
+
+// The CPU this thread runs on now, or -1 when unknown.
+int current_cpu();
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -101,9 +106,12 @@ void yield_cpu();
 
 template <typename Ready>
 bool spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
-             std::chrono::steady_clock::time_point spin_end) {
-  for (unsigned i = 1;; ++i) {  // reading the clock costs tens of pause instructions: check it every 64
-    if ((i & 63) == 0 && std::chrono::steady_clock::now() >= pause_end) break;
+             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu) {
+  for (unsigned i = 0;; ++i) {  // reading the clock costs tens of pause instructions: check it every 64
+    if ((i & 63) == 0 && (std::chrono::steady_clock::now() >= pause_end ||
+                          (my_cpu >= 0 && peer_cpu.load(std::memory_order_relaxed) == my_cpu))) {
+      break;
+    }
     cpu_relax();
     seen = flag.value.load(std::memory_order_acquire);
     if (ready(seen)) return true;
