@@ -83,6 +83,9 @@ class Group {
   const std::string& name() const { return name_; }
   const Layout& layout() const { return layout_; }
   std::size_t oneshot_bytes() const { return oneshot_bytes_; }
+  // What a collective's wait spins now before it sleeps (learned, see SpinPolicy), and its cap.
+  double spin_budget_us() const { return coll_spin_.budget_ns() / 1000.0; }
+  int spin_cap_us() const { return coll_spin_.cap_us(); }
 
  private:
   struct Op;  // the call in progress: name, deadline, progress (group.cpp)
