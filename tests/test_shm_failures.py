@@ -18,11 +18,28 @@ from plait.launch import free_port, run_ranks
 TIMEOUT_S = 3.0
 
 
-def looping_rank(rank: int, world: int, port: int, results) -> None:
-    """All-reduce 4 MB tensors until an error; report ready after 3 calls, then the error."""
+def start_ranks(target, world: int):
+    """Start ``target(rank, world, port, results)`` in ``world`` spawned processes (plait.launch.run_ranks
+    would fail the run as soon as one dies); return the processes and the queue they report to."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs, results
+
+
+def join_rank(rank: int, world: int, port: int) -> None:
+    """Inside a rank started by start_ranks: the torchrun environment, one thread."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
+
+
+def looping_rank(rank: int, world: int, port: int, results) -> None:
+    """All-reduce 4 MB tensors until an error; report ready after 3 calls, then the error."""
+    join_rank(rank, world, port)
     import torch.distributed as dist
 
     from plait.comm import Communicator
@@ -50,12 +67,7 @@ def looping_rank(rank: int, world: int, port: int, results) -> None:
 
 
 def test_killed_rank_makes_survivors_time_out_and_leaves_no_segment():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=looping_rank, args=(r, 3, port, results), daemon=True) for r in range(3)]
-    for p in procs:
-        p.start()
+    procs, results = start_ranks(looping_rank, 3)
     try:
         ready = set()
         deadline = time.monotonic() + 120
@@ -185,9 +197,7 @@ def test_mismatched_calls_fail_on_every_rank_without_touching_data():
 def creator_killed_in_setup(rank: int, world: int, port: int, results) -> None:
     """Group rank 0 kills itself at the name exchange of Communicator.create("shm"): after it
     created the segment, before any peer knew its name (so nobody else can unlink it)."""
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
+    join_rank(rank, world, port)
     import torch.distributed as dist
 
     from plait.comm import Communicator, shm_setup
@@ -218,12 +228,7 @@ def next_job(rank: int, world: int) -> float:
 
 
 def test_segment_left_by_a_creator_killed_in_setup_is_reclaimed_by_the_next_job():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=creator_killed_in_setup, args=(r, 2, port, results), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
+    procs, results = start_ranks(creator_killed_in_setup, 2)
     try:
         rank, name = results.get(timeout=120)
         procs[0].join(timeout=30)
