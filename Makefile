@@ -117,6 +117,8 @@ BENCHES ?= tp_layers comm pipeline train plan_validation
 bench: build
 	@$(VPY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib 2>/dev/null || \
 	  echo "   matplotlib not installable here: benchmarks write JSON without PNG plots"
+	@$(VPY) -c "import deepspeed" 2>/dev/null || $(PIP) install -q deepspeed 2>/dev/null || \
+	  echo "   deepspeed not installable here: plait bench comm compares with gloo only"
 	@for name in $(BENCHES); do echo ">> plait bench $$name"; $(VENV)/bin/plait bench $$name; done
 	@if $(VPY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  echo ">> plait bench gemm --plot"; $(VENV)/bin/plait bench gemm --plot; \

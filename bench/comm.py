@@ -1,18 +1,27 @@
-"""Collective latency and bus bandwidth on CPU: plait's shm backend vs torch.distributed gloo.
+"""Collective latency and bandwidth on CPU: plait's shm backend vs gloo and DeepSpeed's shm all-reduce.
 
-    python bench/comm.py [--ranks 2 4] [--sizes 1K 4K ... 64M] [--ops all_reduce]
+    python bench/comm.py [--ranks 2 4] [--dtypes float32 bfloat16] [--sizes 4K ... 64M] [--ops all_reduce]
     plait bench comm ...
 
-Both backends run in the same spawned job, one size at a time, alternating, so they
-share the machine's conditions. A measurement is ``k`` back-to-back calls between two
-barriers (``k`` chosen so a trial lasts about ``--trial-s``), timed on every rank; a
-trial's time per call is the slowest rank's, and the figure reported is the median of
-``--trials`` trials. Bus bandwidth follows the nccl-tests convention: bytes / time
-times 2(n-1)/n for all_reduce, (n-1)/n for all_gather and reduce_scatter (bytes of the
-full tensor), 1 for broadcast. fp32 tensors, one thread per rank.
+Every backend runs in the same spawned job, one dtype and size at a time, trials alternating
+between backends, so they share the machine's conditions: gloo (``torch.distributed``),
+plait's ``shm`` communicator and, when ``deepspeed`` is installed, DeepSpeed's
+``inference_all_reduce`` (its shared-memory op; all_reduce only; see bench/_comm_deepspeed.py
+for when it falls back to gloo, recorded as ``path``). Each call is timed on its own on
+every rank; a call's time is the slowest rank's, and the figures are the median and the
+99th percentile over all calls of all trials (``--trials`` trials of about ``--trial-s``
+seconds each, at least 10 calls). Before timing, every backend's result is checked against
+the exact sum. Bus bandwidth follows the nccl-tests convention: bytes / time times 2(n-1)/n
+for all_reduce, (n-1)/n for all_gather and reduce_scatter (bytes of the full tensor), 1 for
+broadcast.
 
-Results go to bench/results/comm-<device>-<date>.json, with a PNG of latency and bus
-bandwidth beside it when matplotlib is installed.
+The same run times a plain copy of the message (``dst.copy_(x)``, every rank at once): an
+in-place all-reduce must read and write the whole tensor at least once on every rank, so
+that copy bounds it from below at sizes the caches do not hold; ``shm/copy`` says how close
+the all-reduce comes to it.
+
+Results go to bench/results/comm-<device>-<date>.json, with a PNG of latency, the ratio to
+DeepSpeed and bus bandwidth beside it when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -26,11 +35,14 @@ from pathlib import Path
 
 import torch
 
+from plait.bench import _comm_deepspeed as comm_deepspeed
 from plait.bench.common import command_line, print_table, machine_info, write_result
-from plait.launch import run_ranks
+from plait.launch import free_port, run_ranks
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
-DEFAULT_SIZES = ("1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "32M", "64M")
+DEFAULT_SIZES = ("4K", "16K", "64K", "256K", "1M", "4M", "16M", "32M", "64M")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MIN_CALLS = 10
 
 
 def parse_size(text: str) -> int:
@@ -63,67 +75,136 @@ def _call(comm, op: str, x: torch.Tensor, world: int):
     return comm.broadcast(x, src=0)
 
 
-def _time_calls(comm, op: str, x: torch.Tensor, world: int, calls: int, sync) -> float:
+class _Copy:
+    """The bound: a plain copy of the message on every rank (all_reduce's name, so it times the same way)."""
+
+    def __init__(self) -> None:
+        self._out = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self._out is None or self._out.shape != x.shape or self._out.dtype != x.dtype:
+            self._out = torch.empty_like(x)
+        return self._out.copy_(x)
+
+
+def _time_calls(run, calls: int, sync) -> list[float]:
+    """Seconds of each of ``calls`` back-to-back calls, slowest rank per call."""
+    samples = torch.empty(calls, dtype=torch.float64)
     sync.barrier()
-    start = time.perf_counter()
-    for _ in range(calls):
-        _call(comm, op, x, world)
-    return (time.perf_counter() - start) / calls
+    for i in range(calls):
+        start = time.perf_counter()
+        run()
+        samples[i] = time.perf_counter() - start
+    return sync.all_reduce(samples, op="max").tolist()
 
 
-def bench_rank(rank: int, world: int, ops: list[str], sizes: list[int], trials: int, trial_s: float) -> list[dict]:
-    import torch.distributed as dist
+def _check_sum(run, x: torch.Tensor, rank: int, world: int, name: str) -> None:
+    """Raise unless ``run`` sums small integers exactly (every dtype here holds them exactly)."""
+    x.copy_(torch.arange(x.numel(), dtype=torch.float32).remainder_(7).add_(rank))
+    run()
+    expected = torch.arange(x.numel(), dtype=torch.float32).remainder_(7).mul_(world).add_(world * (world - 1) / 2)
+    if not torch.equal(x.float(), expected):
+        raise RuntimeError(f"{name}: all_reduce gave a wrong sum on rank {rank}")
 
+
+def _open_backends(world: int, deepspeed: bool) -> tuple[dict, dict]:
+    """name -> communicator-like object, and each backend's notes (DeepSpeed's path per dtype)."""
     from plait.comm import Communicator
 
-    dist.init_process_group("gloo")
     comms = {"gloo": Communicator.create("torch", None, name="gloo"),
              "shm": Communicator.create("shm", None, name="shm")}
+    notes = {}
+    if deepspeed:
+        comms["deepspeed"] = comm_deepspeed.DeepSpeedAllReduce(world)
+        notes["deepspeed"] = {name: comms["deepspeed"].path(dtype) for name, dtype in DTYPES.items()}
+    return comms, notes
+
+
+def bench_rank(rank: int, world: int, ops: list[str], dtypes: list[str], sizes: list[int], trials: int,
+               trial_s: float, deepspeed: bool) -> dict:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    comms, notes = _open_backends(world, deepspeed)
     sync = comms["gloo"]  # barriers and the max over ranks: outside the timed region
     rows = []
     for op in ops:
-        for nbytes in sizes:
-            numel = max(world, nbytes // 4 // world * world)
-            x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
-            per_backend = {}
-            for name, comm in comms.items():
-                first = _time_calls(comm, op, x, world, 1, sync)  # warm-up, and a first estimate
-                estimate = _time_calls(comm, op, x, world, 2, sync)
-                worst = sync.all_reduce(torch.tensor([min(first, estimate)], dtype=torch.float64), op="max")
-                per_backend[name] = (comm, max(1, min(20000, int(trial_s / max(worst.item(), 1e-7)))))
-            times = {name: [] for name in comms}
-            for _ in range(trials):
-                for name, (comm, calls) in per_backend.items():  # alternate: same conditions for both
-                    t = _time_calls(comm, op, x, world, calls, sync)
-                    times[name].append(sync.all_reduce(torch.tensor([t], dtype=torch.float64), op="max").item())
-            total = numel * 4
-            for name, samples in times.items():
-                seconds = statistics.median(samples)
-                rows.append({"op": op, "ranks": world, "bytes": total, "backend": name,
-                             "calls_per_trial": per_backend[name][1], "latency_us": seconds * 1e6,
-                             "algbw_GBps": total / seconds / 1e9,
-                             "busbw_GBps": total / seconds / 1e9 * bus_factor(op, world),
-                             "trials_us": [s * 1e6 for s in samples]})
+        backends = {n: c for n, c in comms.items() if op == "all_reduce" or n != "deepspeed"}
+        if op == "all_reduce":
+            backends["copy"] = _Copy()
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for nbytes in sizes:
+                rows += _bench_size(op, backends, sync, rank, world, dtype_name, dtype, nbytes, trials, trial_s,
+                                    notes)
     comms["shm"].close()
     dist.destroy_process_group()
+    return {"rows": rows, "notes": notes}
+
+
+def _bench_size(op, backends, sync, rank, world, dtype_name, dtype, nbytes, trials, trial_s, notes) -> list[dict]:
+    """Rows for one op, dtype and size: every backend, trials alternating between them."""
+    numel = max(world, nbytes // dtype.itemsize // world * world)
+    x = torch.zeros(numel, dtype=dtype)  # zeros: repeated sums stay finite and exact
+    runs = {name: (lambda c=comm: _call(c, op, x, world)) for name, comm in backends.items()}
+    calls = {}
+    for name, run in runs.items():
+        if op == "all_reduce" and name != "copy":
+            _check_sum(run, x, rank, world, name)
+        x.zero_()
+        estimate = min(_time_calls(run, 3, sync)[1:])  # the first call warms up
+        calls[name] = max(MIN_CALLS, min(2000, int(trial_s / max(estimate, 1e-7))))
+    samples = {name: [] for name in runs}
+    for _ in range(trials):
+        for name, run in runs.items():
+            samples[name] += _time_calls(run, calls[name], sync)
+    total = numel * dtype.itemsize
+    rows = []
+    for name, times in samples.items():
+        times.sort()
+        median, p99 = statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
+        rows.append({"op": op, "ranks": world, "dtype": dtype_name, "bytes": total, "backend": name,
+                     "calls": len(times), "latency_us": median * 1e6, "p99_us": p99 * 1e6,
+                     "algbw_GBps": total / median / 1e9,
+                     "busbw_GBps": total / median / 1e9 * (2.0 if name == "copy" else bus_factor(op, world)),
+                     **({"path": notes[name][dtype_name]} if name in notes else {})})
     return rows
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
 def table(rows: list[dict]) -> dict:
-    """One line per (op, ranks, size): both latencies, the speedup, both bus bandwidths."""
-    index = {(r["op"], r["ranks"], r["bytes"], r["backend"]): r for r in rows}
-    columns = ["op", "ranks", "size", "gloo us", "shm us", "shm speedup", "gloo busbw GB/s", "shm busbw GB/s"]
+    """One line per (op, ranks, dtype, size): each backend's median (and p99 for shm and DeepSpeed),
+    plait's ratio to gloo, to DeepSpeed and to a plain copy. Absent backends leave empty cells."""
+    index = {(r["op"], r["ranks"], r.get("dtype", "float32"), r["bytes"], r["backend"]): r for r in rows}
+    columns = ["op", "ranks", "dtype", "size", "gloo us", "DeepSpeed us", "shm us", "DeepSpeed p99 us", "shm p99 us",
+               "shm speedup vs gloo", "shm/DeepSpeed", "shm/DeepSpeed p99", "DeepSpeed path", "copy us", "shm/copy"]
     lines = []
-    for op, ranks, nbytes in sorted({k[:3] for k in index}, key=lambda k: (k[0], k[1], k[2])):
-        gloo, shm = index[(op, ranks, nbytes, "gloo")], index[(op, ranks, nbytes, "shm")]
-        lines.append([op, ranks, label(nbytes), round(gloo["latency_us"], 1), round(shm["latency_us"], 1),
-                      round(gloo["latency_us"] / shm["latency_us"], 1), round(gloo["busbw_GBps"], 2),
-                      round(shm["busbw_GBps"], 2)])
+    for key in sorted({k[:4] for k in index}):
+        get = lambda backend, field="latency_us": index.get((*key, backend), {}).get(field)  # noqa: E731
+        op, ranks, dtype, nbytes = key
+        lines.append([op, ranks, dtype, label(nbytes), _round(get("gloo")), _round(get("deepspeed")),
+                      _round(get("shm")), _round(get("deepspeed", "p99_us")), _round(get("shm", "p99_us")),
+                      _ratio(get("gloo"), get("shm")), _ratio(get("shm"), get("deepspeed")),
+                      _ratio(get("shm", "p99_us"), get("deepspeed", "p99_us")), get("deepspeed", "path"),
+                      _round(get("copy")), _ratio(get("shm"), get("copy"))])
     return {"columns": columns, "rows": lines}
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _series(rows: list[dict], **match) -> list[dict]:
+    """The rows matching every field in ``match``, by size."""
+    return sorted((r for r in rows if all(r.get(k, "float32" if k == "dtype" else None) == v
+                                          for k, v in match.items())), key=lambda r: r["bytes"])
+
+
 def plot(rows: list[dict], path: Path) -> bool:
-    """Latency and bus bandwidth against size, per backend and rank count; False without matplotlib."""
+    """Latency per dtype, plait's ratio to DeepSpeed, and bus bandwidth against size; False without matplotlib."""
     try:
         import matplotlib
 
@@ -131,49 +212,94 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (op, ranks, backend) in sorted({(r["op"], r["ranks"], r["backend"]) for r in rows}):
-        line = sorted((r for r in rows if (r["op"], r["ranks"], r["backend"]) == (op, ranks, backend)),
-                      key=lambda r: r["bytes"])
-        style = dict(marker="o", linestyle="-" if backend == "shm" else "--", label=f"{backend} {op} {ranks} ranks")
-        left.plot([r["bytes"] for r in line], [r["latency_us"] for r in line], **style)
-        right.plot([r["bytes"] for r in line], [r["busbw_GBps"] for r in line], **style)
-    for ax, what in ((left, "latency per call (us)"), (right, "bus bandwidth (GB/s)")):
+    dtypes = sorted({r.get("dtype", "float32") for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes) + 2, figsize=(5.2 * (len(dtypes) + 2), 4.4))
+    combos = sorted({(r["op"], r["ranks"], r["backend"]) for r in rows})
+    for ax, dtype in zip(axes, dtypes):
+        for op, ranks, backend in combos:
+            line = _series(rows, op=op, ranks=ranks, backend=backend, dtype=dtype)
+            if line:
+                ax.plot([r["bytes"] for r in line], [r["latency_us"] for r in line], marker="o",
+                        linestyle="-" if backend == "shm" else "--", label=f"{backend} {op} {ranks} ranks")
+        ax.set_title(f"median latency, {dtype}")
+        ax.set_ylabel("us per call")
+        ax.legend(fontsize=6)
+    ratio_ax, bw_ax = axes[-2], axes[-1]
+    for ranks in sorted({r["ranks"] for r in rows}):
+        for dtype in dtypes:
+            shm = {r["bytes"]: r for r in _series(rows, op="all_reduce", ranks=ranks, backend="shm", dtype=dtype)}
+            ds = _series(rows, op="all_reduce", ranks=ranks, backend="deepspeed", dtype=dtype)
+            for field, style in (("latency_us", "-"), ("p99_us", ":")):
+                points = [(r["bytes"], shm[r["bytes"]][field] / r[field]) for r in ds if r["bytes"] in shm]
+                if points:
+                    ratio_ax.plot(*zip(*points), marker="o", linestyle=style,
+                                  label=f"{ranks} ranks {dtype} {'median' if field == 'latency_us' else 'p99'}")
+        for backend in ("shm", "deepspeed", "copy"):
+            line = _series(rows, op="all_reduce", ranks=ranks, backend=backend, dtype=dtypes[0])
+            if line:
+                bw_ax.plot([r["bytes"] for r in line], [r["busbw_GBps"] for r in line], marker="o",
+                           label=f"{backend} {ranks} ranks {dtypes[0]}")
+    ratio_ax.axhline(1.0, color="grey", linewidth=0.8)
+    ratio_ax.set_title("plait shm / DeepSpeed (below 1: plait faster)")
+    ratio_ax.set_ylabel("time ratio")
+    bw_ax.set_title("all_reduce bus bandwidth (copy: bytes read + written)")
+    bw_ax.set_ylabel("GB/s")
+    for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("message size (bytes)")
-        ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=7)
+    for ax in (ratio_ax, bw_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     machine = machine_info()
-    fig.suptitle(f"CPU collectives, {machine['cpu']}, {machine['cores']} cores: plait shm vs gloo")
+    fig.suptitle(f"CPU collectives, {machine['cpu']}, {machine['cores']} cores: plait shm vs gloo and DeepSpeed")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return True
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="CPU collectives: plait shm vs gloo, latency and bus bandwidth")
+    parser = argparse.ArgumentParser(description="CPU collectives: plait shm vs gloo and DeepSpeed, latency and "
+                                                 "bandwidth")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size(s) for s in DEFAULT_SIZES],
-                        help="total message sizes, e.g. 4K 64K 32M (default 1K..64M)")
+                        help="total message sizes, e.g. 4K 64K 32M (default 4K..64M)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=["all_reduce"])
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--trial-s", type=float, default=0.1, help="target seconds per trial and backend")
+    parser.add_argument("--trial-s", type=float, default=0.05, help="target seconds per trial and backend")
+    parser.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed out even when installed")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON or PNG")
     args = parser.parse_args(argv)
+    if min(args.ranks) < 2 or args.trials < 1 or not args.trial_s > 0:
+        parser.error("--ranks must be at least 2, --trials at least 1 and --trial-s positive")
+    deepspeed = comm_deepspeed.available() and not args.no_deepspeed
+    if not deepspeed:
+        print("DeepSpeed: " + ("left out (--no-deepspeed)" if args.no_deepspeed else "not installed "
+                               "(pip install deepspeed; `make bench` does) - comparing with gloo only"))
     load_before = os.getloadavg()
-    rows = []
+    rows, notes = [], {}
     for world in args.ranks:
-        print(f"{world} ranks: {', '.join(args.ops)} at {len(args.sizes)} sizes ...", flush=True)
-        rows += run_ranks(bench_rank, world, args.ops, args.sizes, args.trials, args.trial_s, timeout=3600)[0]
+        print(f"{world} ranks: {', '.join(args.ops)}, {', '.join(args.dtypes)} at {len(args.sizes)} sizes ...",
+              flush=True)
+        port = free_port()
+        try:
+            result = run_ranks(bench_rank, world, args.ops, args.dtypes, args.sizes, args.trials, args.trial_s,
+                               deepspeed, timeout=3600, env={"MASTER_PORT": str(port)})[0]
+        finally:
+            if deepspeed:
+                comm_deepspeed.remove_buffers("127.0.0.1", port)  # DeepSpeed leaves them behind
+        rows += result["rows"]
+        notes[world] = result["notes"]
     result = table(rows)
     print_table(result["columns"], result["rows"])
     if not args.no_save:
         command = command_line("comm", argv)
-        # Other processes on the machine slow both backends; the load average says how busy it was.
+        # Other processes on the machine slow every backend; the load average says how busy it was.
         path = write_result("comm", {"rows": rows, "table": result, "trials": args.trials, "trial_s": args.trial_s,
-                                     "dtype": "float32", "threads_per_rank": 1,
+                                     "dtypes": args.dtypes, "threads_per_rank": 1, "backend_notes": notes,
                                      "load_average_before": load_before, "load_average_after": os.getloadavg()},
                             command)
         print(f"wrote {path}")

@@ -169,6 +169,9 @@ void bind_shm(py::module_& m) {
       .def_property_readonly("slot_bytes", [](const Group& g) { return g.layout().slot_bytes; })
       .def_property_readonly("chan_bytes", [](const Group& g) { return g.layout().chan_bytes; })
       .def_property_readonly("oneshot_bytes", &Group::oneshot_bytes)
+      .def_property_readonly("spin_budget_us", &Group::spin_budget_us,
+                             "Microseconds a collective's wait spins now before it sleeps (learned from recent waits).")
+      .def_property_readonly("spin_cap_us", &Group::spin_cap_us, "The most the spin budget may grow to.")
       .def_property_readonly("segment_bytes", [](const Group& g) { return g.layout().total; });
 }
 

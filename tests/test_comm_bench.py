@@ -16,14 +16,28 @@ def test_bus_bandwidth_factors_follow_nccl_tests():
     assert comm.bus_factor("broadcast", 8) == 1.0
 
 
-def test_table_pairs_backends_per_size():
-    rows = [{"op": "all_reduce", "ranks": 2, "bytes": 65536, "backend": b, "latency_us": us, "busbw_GBps": bw}
-            for b, us, bw in (("gloo", 1800.0, 0.04), ("shm", 20.0, 3.3))]
+def test_table_pairs_backends_per_size_with_ratios_to_deepspeed_and_copy():
+    rows = [{"op": "all_reduce", "ranks": 2, "dtype": "float32", "bytes": 65536, "backend": b, "latency_us": us,
+             "p99_us": p99, "busbw_GBps": 0.0, **({"path": "shm"} if b == "deepspeed" else {})}
+            for b, us, p99 in (("gloo", 1800.0, 2500.0), ("shm", 20.0, 30.0), ("deepspeed", 40.0, 120.0),
+                               ("copy", 4.0, 5.0))]
     table = comm.table(rows)
-    assert table["rows"] == [["all_reduce", 2, "64K", 1800.0, 20.0, 90.0, 0.04, 3.3]]
+    row = dict(zip(table["columns"], table["rows"][0]))
+    assert (row["size"], row["gloo us"], row["shm us"], row["DeepSpeed us"]) == ("64K", 1800.0, 20.0, 40.0)
+    assert row["shm speedup vs gloo"] == 90.0 and row["shm/DeepSpeed"] == 0.5 and row["shm/DeepSpeed p99"] == 0.25
+    assert row["DeepSpeed path"] == "shm" and row["shm/copy"] == 5.0
 
 
-def test_tiny_run_measures_both_backends(capsys):
-    assert comm.main(["--ranks", "2", "--sizes", "4K", "--trials", "1", "--trial-s", "0.01", "--no-save"]) == 0
+def test_table_leaves_missing_backends_empty():
+    rows = [{"op": "all_gather", "ranks": 2, "bytes": 4096, "backend": b, "latency_us": us, "p99_us": us,
+             "busbw_GBps": 0.0} for b, us in (("gloo", 100.0), ("shm", 10.0))]
+    row = dict(zip(*(lambda t: (t["columns"], t["rows"][0]))(comm.table(rows))))
+    assert row["dtype"] == "float32" and row["DeepSpeed us"] is None and row["shm/DeepSpeed"] is None
+
+
+def test_tiny_run_measures_every_backend_and_checks_results(capsys):
+    assert comm.main(["--ranks", "2", "--sizes", "4K", "--dtypes", "float32", "bfloat16", "--trials", "1",
+                      "--trial-s", "0.005", "--no-deepspeed", "--no-save"]) == 0
     out = capsys.readouterr().out
-    assert "shm speedup" in out and "all_reduce      2    4K" in out
+    assert "shm/DeepSpeed" in out and "copy us" in out
+    assert "all_reduce      2  bfloat16    4K" in out and "all_reduce      2   float32    4K" in out

@@ -18,11 +18,28 @@ from plait.launch import free_port, run_ranks
 TIMEOUT_S = 3.0
 
 
-def looping_rank(rank: int, world: int, port: int, results) -> None:
-    """All-reduce 4 MB tensors until an error; report ready after 3 calls, then the error."""
+def start_ranks(target, world: int):
+    """Start ``target(rank, world, port, results)`` in ``world`` spawned processes (plait.launch.run_ranks
+    would fail the run as soon as one dies); return the processes and the queue they report to."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs, results
+
+
+def join_rank(rank: int, world: int, port: int) -> None:
+    """Inside a rank started by start_ranks: the torchrun environment, one thread."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
+
+
+def looping_rank(rank: int, world: int, port: int, results) -> None:
+    """All-reduce 4 MB tensors until an error; report ready after 3 calls, then the error."""
+    join_rank(rank, world, port)
     import torch.distributed as dist
 
     from plait.comm import Communicator
@@ -50,12 +67,7 @@ def looping_rank(rank: int, world: int, port: int, results) -> None:
 
 
 def test_killed_rank_makes_survivors_time_out_and_leaves_no_segment():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=looping_rank, args=(r, 3, port, results), daemon=True) for r in range(3)]
-    for p in procs:
-        p.start()
+    procs, results = start_ranks(looping_rank, 3)
     try:
         ready = set()
         deadline = time.monotonic() + 120
@@ -180,3 +192,55 @@ def test_mismatched_calls_fail_on_every_rank_without_touching_data():
     assert "int32" in reports[0]["dtype"] and "max" in reports[0]["op"] and "called barrier" in reports[0]["barrier"]
     assert "from group rank 1" in reports[0]["src"] and "10 rows" in reports[0]["dim"]
     assert "all_reduce(float32 x 0, sum)" in reports[1]["skipped"]
+
+
+def creator_killed_in_setup(rank: int, world: int, port: int, results) -> None:
+    """Group rank 0 kills itself at the name exchange of Communicator.create("shm"): after it
+    created the segment, before any peer knew its name (so nobody else can unlink it)."""
+    join_rank(rank, world, port)
+    import torch.distributed as dist
+
+    from plait.comm import Communicator, shm_setup
+
+    dist.init_process_group("gloo")
+    if rank == 0:
+        def die_at_exchange(comm, text):
+            results.put((rank, text))
+            results.close()
+            results.join_thread()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        shm_setup.all_gather_text = die_at_exchange
+    Communicator.create("shm", None, name="setup", timeout_s=TIMEOUT_S)
+    os._exit(0)
+
+
+def next_job(rank: int, world: int) -> float:
+    import torch.distributed as dist
+
+    from plait.comm import Communicator
+
+    dist.init_process_group("gloo")
+    comm = Communicator.create("shm", None, name="next")
+    value = comm.all_reduce(torch.ones(4)).sum().item()
+    dist.destroy_process_group()
+    return value
+
+
+def test_segment_left_by_a_creator_killed_in_setup_is_reclaimed_by_the_next_job():
+    procs, results = start_ranks(creator_killed_in_setup, 2)
+    try:
+        rank, name = results.get(timeout=120)
+        procs[0].join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()  # rank 1 waits for the name rank 0 never sends
+            p.join(timeout=10)
+    assert rank == 0 and procs[0].exitcode == -signal.SIGKILL
+    left = pathlib.Path("/dev/shm") / name.lstrip("/")
+    assert left.exists(), f"the killed creator's segment {name} should still be there before the next job"
+    assert run_ranks(next_job, 2, timeout=120) == [8.0, 8.0]
+    assert not left.exists(), f"the next job did not reclaim {name}, whose creator is gone"
+    job = os.environ["PLAIT_SHM_JOB"]
+    assert not list(pathlib.Path("/dev/shm").glob(f"plait-{job}-*")), "a segment outlived its ranks"

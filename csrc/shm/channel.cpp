@@ -36,11 +36,12 @@ void Group::send(const void* data, std::size_t bytes, int dst, double timeout_s)
   std::uint32_t index = ctl->sent.value.load(std::memory_order_relaxed);  // only this side writes it
   op.chunks = std::max<std::size_t>(1, ceil_div(bytes, layout_.chan_bytes));
   for (op.chunk = 0; op.chunk < op.chunks; ++op.chunk) {
-    wait_flag(ctl->consumed, [&](std::uint32_t consumed) { return index - consumed < kChanSlots; }, op,
+    wait_flag(ctl->consumed, dst, [&](std::uint32_t consumed) { return index - consumed < kChanSlots; }, op, chan_spin_,
               [&] { return describe_ranks({dst}) + " to receive"; });
     const std::size_t b0 = op.chunk * layout_.chan_bytes;
     std::memcpy(ring(rank_, dst, index), src + b0, std::min(layout_.chan_bytes, bytes - b0));
     ctl->msg_bytes[index % kChanSlots] = bytes;
+    note_cpu();
     publish(ctl->sent, ++index);
   }
 }
@@ -55,7 +56,7 @@ void Group::recv(void* data, std::size_t bytes, int src, double timeout_s) {
   std::uint32_t index = ctl->consumed.value.load(std::memory_order_relaxed);  // only this side writes it
   op.chunks = std::max<std::size_t>(1, ceil_div(bytes, layout_.chan_bytes));
   for (op.chunk = 0; op.chunk < op.chunks; ++op.chunk) {
-    wait_flag(ctl->sent, [&](std::uint32_t sent) { return flag_distance(sent, index) > 0; }, op,
+    wait_flag(ctl->sent, src, [&](std::uint32_t sent) { return flag_distance(sent, index) > 0; }, op, chan_spin_,
               [&] { return describe_ranks({src}) + " to send"; });
     const std::uint64_t sent_bytes = ctl->msg_bytes[index % kChanSlots];
     if (sent_bytes != bytes) {
@@ -67,6 +68,7 @@ void Group::recv(void* data, std::size_t bytes, int src, double timeout_s) {
     }
     const std::size_t b0 = op.chunk * layout_.chan_bytes;
     std::memcpy(dst + b0, ring(src, rank_, index), std::min(layout_.chan_bytes, bytes - b0));
+    note_cpu();
     publish(ctl->consumed, ++index);
   }
 }

@@ -45,7 +45,9 @@ std::unique_ptr<Group> Group::create(const std::string& name, int size, const Op
   h->total_bytes = layout.total;
   h->abort_rank.store(-1, std::memory_order_relaxed);
   h->pids[0] = static_cast<std::int32_t>(::getpid());
-  for (int r = 0; r < size; ++r) new (segment.data() + layout.arrive_off + r * sizeof(Flag)) Flag();
+  for (int r = 0; r < size; ++r) {
+    (new (segment.data() + layout.arrive_off + r * sizeof(Arrival)) Arrival())->cpu.store(-1, std::memory_order_relaxed);
+  }
   for (int p = 0; p < size * (size - 1); ++p) {
     new (segment.data() + layout.chan_ctl_off + p * sizeof(ChanCtl)) ChanCtl();
   }
@@ -90,15 +92,22 @@ Group::Group(Segment segment, std::string name, int rank, const Layout& layout, 
       layout_(layout),
       oneshot_bytes_(reinterpret_cast<Header*>(segment_.data())->oneshot_bytes),
       simd_(options.simd),
-      spin_us_(options.spin_us >= 0 ? options.spin_us : default_spin_us(layout.size)),
-      spin_budget_us_(spin_us_),
+      coll_spin_(options.spin_us >= 0 ? options.spin_us : kDefaultSpinUs, oversubscribed(layout.size)),
+      chan_spin_(options.spin_us >= 0 ? options.spin_us : kDefaultSpinUs, oversubscribed(layout.size)),
       send_mu_(layout.size),
       recv_mu_(layout.size) {}
 
+int Group::note_cpu() {
+  const int cpu = current_cpu();
+  std::atomic<std::int32_t>& mine = arrive(rank_)->cpu;
+  if (mine.load(std::memory_order_relaxed) != cpu) mine.store(cpu, std::memory_order_relaxed);
+  return cpu;
+}
+
 int Group::attached() const { return static_cast<int>(header()->attached.load(std::memory_order_acquire)); }
 
-Flag* Group::arrive(int rank) const {
-  return reinterpret_cast<Flag*>(segment_.data() + layout_.arrive_off) + rank;
+Arrival* Group::arrive(int rank) const {
+  return reinterpret_cast<Arrival*>(segment_.data() + layout_.arrive_off) + rank;
 }
 
 ChanCtl* Group::chan(int src, int dst) const {
@@ -118,13 +127,14 @@ char* Group::ring(int src, int dst, std::uint64_t chunk) const {
 // Publishes this rank's arrival at the next barrier, then waits for every other rank's.
 void Group::arrive_and_wait(Op& op) {
   const std::uint32_t epoch = ++epoch_;
-  publish(*arrive(rank_), epoch);
+  note_cpu();
+  publish(arrive(rank_)->flag, epoch);
   for (int j = 0; j < size_; ++j) {
     if (j == rank_) continue;
-    wait_flag(*arrive(j), [&](std::uint32_t v) { return flag_distance(v, epoch) >= 0; }, op, [&] {
+    wait_flag(arrive(j)->flag, j, [&](std::uint32_t v) { return flag_distance(v, epoch) >= 0; }, op, coll_spin_, [&] {
       std::vector<int> late;
       for (int k = 0; k < size_; ++k) {
-        if (k != rank_ && flag_distance(arrive(k)->value.load(std::memory_order_acquire), epoch) < 0) late.push_back(k);
+        if (k != rank_ && flag_distance(arrive(k)->flag.value.load(std::memory_order_acquire), epoch) < 0) late.push_back(k);
       }
       return describe_ranks(late) + " to arrive";
     });
@@ -148,9 +158,7 @@ void Group::arrive_step(int index, const CallSig& call, Op& op) {
   }
 }
 
-CallSig* Group::call_sig(int rank, int index) const {
-  return &(reinterpret_cast<CallBlock*>(segment_.data() + layout_.calls_off) + rank)->slot[index];
-}
+CallSig* Group::call_sig(int rank, int index) const { return &arrive(rank)->calls[index]; }
 
 // The call is written before the barrier publishes it, read by the peers after that barrier
 // and rewritten only kCollSlots steps later, exactly like the slot's data.

@@ -53,7 +53,7 @@ struct Options {
   std::size_t chan_bytes = 256 << 10;    // per send/recv ring slot (creator decides)
   std::size_t oneshot_bytes = 64 << 10;  // all_reduce one-shot threshold (creator decides)
   Simd simd = Simd::scalar;              // this rank's reduction code path
-  int spin_us = -1;                      // spin before sleeping on a flag; -1: default_spin_us(size)
+  int spin_us = -1;                      // most a wait spins before it sleeps; -1: kDefaultSpinUs
 };
 
 class Group {
@@ -83,6 +83,9 @@ class Group {
   const std::string& name() const { return name_; }
   const Layout& layout() const { return layout_; }
   std::size_t oneshot_bytes() const { return oneshot_bytes_; }
+  // What a collective's wait spins now before it sleeps (learned, see SpinPolicy), and its cap.
+  double spin_budget_us() const { return coll_spin_.budget_ns() / 1000.0; }
+  int spin_cap_us() const { return coll_spin_.cap_us(); }
 
  private:
   struct Op;  // the call in progress: name, deadline, progress (group.cpp)
@@ -90,7 +93,7 @@ class Group {
   Group(Segment segment, std::string name, int rank, const Layout& layout, const Options& options);
 
   Header* header() const { return reinterpret_cast<Header*>(segment_.data()); }
-  Flag* arrive(int rank) const;
+  Arrival* arrive(int rank) const;
   ChanCtl* chan(int src, int dst) const;
   char* slot(int rank, int index) const;
   char* ring(int src, int dst, std::uint64_t chunk) const;
@@ -106,9 +109,13 @@ class Group {
   void one_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, const CallSig& call, Op& op);
   void two_shot(char* data, std::size_t count, DType dtype, ReduceOp op_kind, const CallSig& call, Op& op);
 
-  // Waits until ready(flag value) holds; on timeout or a peer's abort, throws (see class comment).
+  // Waits until ready(flag value) holds (the flag is published by group rank `peer`), spinning
+  // as `policy` says, then sleeping; on timeout or a peer's abort, throws (see class comment).
   template <typename Ready, typename Describe>
-  void wait_flag(Flag& flag, Ready ready, Op& op, Describe waiting_for);
+  void wait_flag(Flag& flag, int peer, Ready ready, Op& op, SpinPolicy& policy, Describe waiting_for);
+  // Records the CPU this rank runs on in its Arrival block (peers stop spinning on a rank that
+  // last ran on their own CPU: it cannot run while they spin) and returns it.
+  int note_cpu();
   void check_usable(const Op& op);
   void check_abort(const Op& op);
   [[noreturn]] void timed_out(const Op& op, const std::string& waiting_for);
@@ -123,8 +130,8 @@ class Group {
   Layout layout_;
   std::size_t oneshot_bytes_;
   Simd simd_;
-  int spin_us_;                          // most a wait spins before sleeping
-  std::atomic<int> spin_budget_us_{0};   // what it spins now (adaptive, see group_impl.h)
+  SpinPolicy coll_spin_;  // collective barriers: calls come back to back or not at all
+  SpinPolicy chan_spin_;  // send/recv: waits as long as a pipeline stage computes
 
   std::uint32_t epoch_ = 0;  // barriers passed (wraps, like the flags)
   std::uint64_t step_ = 0;   // collective slots used (slot index = step % kCollSlots)

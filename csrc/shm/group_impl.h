@@ -26,40 +26,29 @@ struct Group::Op {
 // Longest single sleep: how late a rank notices a peer's abort or its own deadline.
 constexpr long long kSleepSliceNs = 50'000'000;
 
-// Spins for the current budget, then sleeps. The budget adapts like an adaptive mutex:
-// a wait that ended after sleeping but within spin_us_ would have been served by
-// spinning, so the budget grows by an eighth of spin_us_; a longer one halves it. On a
-// quiet machine waits are short and ranks spin (microsecond hand-offs); when the ranks
-// share their cores with other work a spinning rank only burns the CPU time its peer
-// needs, waits get long, and the budget falls to zero within a few calls and stays low.
+// Spins for the policy's budget (pause, then yield), then sleeps on the flag in slices
+// until it is ready, the deadline passes or a peer aborts; tells the policy how it went.
 template <typename Ready, typename Describe>
-void Group::wait_flag(Flag& flag, Ready ready, Op& op, Describe waiting_for) {
+void Group::wait_flag(Flag& flag, int peer, Ready ready, Op& op, SpinPolicy& policy, Describe waiting_for) {
   std::uint32_t seen = flag.value.load(std::memory_order_acquire);
   if (ready(seen)) return;
   const auto start = std::chrono::steady_clock::now();
-  const int budget_us = spin_budget_us_.load(std::memory_order_relaxed);
-  if (budget_us > 0) {
-    const auto spin_end = start + std::chrono::microseconds(budget_us);
-    for (unsigned i = 1;; ++i) {
-      cpu_relax();
+  const long long budget = policy.budget_ns();
+  bool slept = false;
+  if (budget == 0 || !spin_on(flag, ready, seen, start + std::chrono::nanoseconds(policy.pause_ns(budget)),
+                              start + std::chrono::nanoseconds(budget), arrive(peer)->cpu, note_cpu())) {
+    slept = true;
+    for (;;) {
+      check_abort(op);
+      const long long left = op.deadline.remaining_ns();
+      if (left == 0) timed_out(op, waiting_for());
+      sleep_on(flag, seen, static_cast<long>(left < kSleepSliceNs ? left : kSleepSliceNs));
       seen = flag.value.load(std::memory_order_acquire);
-      if (ready(seen)) return;
-      if ((i & 63) == 0 && std::chrono::steady_clock::now() >= spin_end) break;
+      if (ready(seen)) break;
     }
   }
-  for (;;) {
-    check_abort(op);
-    const long long left = op.deadline.remaining_ns();
-    if (left == 0) timed_out(op, waiting_for());
-    sleep_on(flag, seen, static_cast<long>(left < kSleepSliceNs ? left : kSleepSliceNs));
-    seen = flag.value.load(std::memory_order_acquire);
-    if (ready(seen)) break;
-  }
-  const auto waited = std::chrono::steady_clock::now() - start;
-  const int grown = budget_us + (spin_us_ + 7) / 8;
-  spin_budget_us_.store(waited <= std::chrono::microseconds(spin_us_) ? (grown < spin_us_ ? grown : spin_us_)
-                                                                     : budget_us / 2,
-                        std::memory_order_relaxed);
+  policy.learn(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count(),
+               slept);
 }
 
 inline std::size_t ceil_div(std::size_t a, std::size_t b) { return (a + b - 1) / b; }

@@ -26,8 +26,7 @@ Layout Layout::compute(int size, std::size_t slot_bytes, std::size_t chan_bytes)
   l.chan_bytes = chan_bytes;
   const std::size_t pairs = static_cast<std::size_t>(size) * (size - 1);
   l.arrive_off = round_up(sizeof(Header), kPage);
-  l.calls_off = l.arrive_off + size * sizeof(Flag);
-  l.chan_ctl_off = round_up(l.calls_off + size * sizeof(CallBlock), kPage);
+  l.chan_ctl_off = round_up(l.arrive_off + size * sizeof(Arrival), kPage);
   l.coll_off = round_up(l.chan_ctl_off + pairs * sizeof(ChanCtl), kPage);
   l.ring_off = l.coll_off + static_cast<std::size_t>(size) * kCollSlots * slot_bytes;
   l.total = l.ring_off + pairs * kChanSlots * chan_bytes;

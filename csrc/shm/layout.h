@@ -1,14 +1,16 @@
 // Where everything lives inside a group's shared-memory segment.
 //
 //   Header                       one page: sizes, attach count, abort flag, rank pids
-//   Flag arrive[size]            per rank: how many barriers it has arrived at (wrapping)
-//   CallBlock calls[size]        per rank: the collective call of each slot (checked across ranks)
+//   Arrival arrive[size]         per rank: how many barriers it has arrived at (wrapping), and
+//                                the collective call of each slot (checked across ranks)
 //   ChanCtl chan[size*(size-1)]  per ordered pair (src, dst): chunks sent and consumed
 //   coll[size][3][slot_bytes]    per rank: three collective slots (used in turn)
 //   ring[size*(size-1)][2][chan_bytes]  per ordered pair: the send/recv ring
 //
 // Each flag sits on its own 128-byte block so ranks spinning on one never share a cache
-// line (or its prefetch pair) with a writer of another. Regions start on 4 KiB pages.
+// line (or its prefetch pair) with a writer of another; what readers of a flag need next
+// (the calls) shares its block, so the barrier and the call check cost one line transfer per
+// peer. Regions start on 4 KiB pages.
 #pragma once
 
 #include <atomic>
@@ -22,7 +24,7 @@
 namespace plait::shm {
 
 constexpr std::uint64_t kMagic = 0x706C616974534D31ULL;  // "plaitSM1"
-constexpr std::uint32_t kVersion = 2;
+constexpr std::uint32_t kVersion = 3;
 constexpr std::size_t kLine = 128;
 constexpr std::size_t kPage = 4096;
 constexpr int kMaxRanks = kMaxSources;
@@ -31,7 +33,7 @@ constexpr int kChanSlots = 2;
 constexpr std::size_t kReasonBytes = 512;
 
 static_assert(std::atomic<std::int32_t>::is_always_lock_free, "shared-memory flags need lock-free 32-bit atomics");
-static_assert(kLine == kFlagBlock, "flags fill one block each");
+static_assert(kLine == kFlagBlock, "flags sit in blocks of one size");
 
 struct Header {
   std::uint64_t magic;
@@ -51,14 +53,14 @@ struct Header {
 // One direction of a send/recv channel: `sent` and `msg_bytes` are written by the sender,
 // `consumed` by the receiver, each in its own cache block.
 struct ChanCtl {
-  Flag sent;      // chunks published (wraps around; compared as distances)
-  Flag consumed;  // chunks copied out
+  alignas(kLine) Flag sent;      // chunks published (wraps around; compared as distances)
+  alignas(kLine) Flag consumed;  // chunks copied out
   alignas(kLine) std::uint64_t msg_bytes[kChanSlots];  // total size of the message each slot's chunk is part of
 };
 
 // What one rank's collective call is. A call publishes it with its first step (in that
-// step's slot, under the same reuse rule as the slot's data) and, after the barrier that
-// ends the step, compares every rank's: ranks that disagree (a different operation, dtype,
+// step's slot of the rank's Arrival block, under the same reuse rule as the slot's data)
+// and, after the barrier that ends the step, compares every rank's: ranks that disagree (a different operation, dtype,
 // reduce op, size, layout or broadcast source) fail on every rank with an error naming the
 // calls, instead of reading each other's slots as data of the wrong size or type.
 enum class CallKind : std::uint32_t { all_reduce = 1, all_gather, reduce_scatter, broadcast, barrier };
@@ -77,10 +79,14 @@ struct CallSig {
   std::string describe() const;
 };
 
-struct alignas(kLine) CallBlock {
-  CallSig slot[kCollSlots];
+// One rank's barrier flag and its call of each collective slot, in one block: a peer that
+// saw the flag reach a barrier finds the call beside it, in the line it has just read.
+struct alignas(kLine) Arrival {
+  Flag flag;
+  std::atomic<std::int32_t> cpu;  // the CPU the rank last ran on (-1 unknown), a hint for waiters
+  CallSig calls[kCollSlots];
 };
-static_assert(sizeof(CallBlock) == kLine, "one rank's calls fill one block");
+static_assert(sizeof(Arrival) == kLine, "a rank's arrival flag and calls fill one block");
 
 // Byte offsets of the regions for a given group size and slot sizes.
 struct Layout {
@@ -88,7 +94,6 @@ struct Layout {
   std::size_t slot_bytes = 0;
   std::size_t chan_bytes = 0;
   std::size_t arrive_off = 0;
-  std::size_t calls_off = 0;
   std::size_t chan_ctl_off = 0;
   std::size_t coll_off = 0;
   std::size_t ring_off = 0;

@@ -1,4 +1,4 @@
-// Flag publishing and sleeping (futex on Linux), Deadline, spin budget (see wait.h).
+// Flag publishing and sleeping (futex on Linux), Deadline, the learned spin budget (see wait.h).
 #include "shm/wait.h"
 
 #include <sched.h>
@@ -9,6 +9,7 @@
 #include <unistd.h>
 #endif
 
+#include <algorithm>
 #include <climits>
 #include <stdexcept>
 
@@ -57,11 +58,46 @@ long long Deadline::remaining_ns() const {
   return left.count() > 0 ? left.count() : 0;
 }
 
-int default_spin_us(int ranks) {
+void yield_cpu() { sched_yield(); }
+
+int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+bool oversubscribed(int ranks) {
   cpu_set_t cpus;
   CPU_ZERO(&cpus);
   const int available = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
-  return ranks <= available ? 20 : 0;
+  return ranks > available;
+}
+
+namespace {
+// Longest pause phase: beyond it a waiter checks, by yielding, whether its core is wanted.
+constexpr long long kPauseCapNs = 50'000;
+// Least a budget grows by after a short wait that slept, and below which a halved budget is 0.
+constexpr long long kMinBudgetNs = 2'000;
+}  // namespace
+
+SpinPolicy::SpinPolicy(int cap_us, bool yield_only)
+    : cap_ns_(cap_us > 0 ? cap_us * 1000LL : 0),
+      pause_cap_ns_(yield_only ? 0 : kPauseCapNs),
+      budget_ns_(cap_ns_) {}
+
+void SpinPolicy::learn(long long waited_ns, bool slept) {
+  const long long budget = budget_ns_.load(std::memory_order_relaxed);
+  long long next = budget;
+  if (!slept) {
+    next = std::max(budget, std::min(cap_ns_, 2 * waited_ns));
+  } else if (waited_ns <= cap_ns_) {
+    next = std::min(cap_ns_, std::max({2 * budget, 2 * waited_ns, kMinBudgetNs}));
+  } else {
+    next = budget / 2 < kMinBudgetNs ? 0 : budget / 2;
+  }
+  if (next != budget) budget_ns_.store(next, std::memory_order_relaxed);
 }
 
 }  // namespace plait::shm

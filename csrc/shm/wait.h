@@ -1,12 +1,19 @@
 // Bounded waiting on shared-memory flags.
 //
 // A Flag is a 32-bit counter (compared with wrap-around, so it never overflows) that one
-// rank publishes and others wait on. Waiting spins for a short time (ranks on their own
-// cores see a peer's store within a microsecond), then sleeps in the kernel on the flag
-// (a futex on the shared page), woken by the publisher: when ranks share cores with each
-// other or with other processes, a sleeping waiter costs nothing and is woken at once,
-// where spinning or yielding would only delay the rank it waits for. Sleeps last at most
-// a slice, so the caller can check its deadline and the group's abort flag.
+// rank publishes and others wait on. A wait has three phases (docs/shm-wait.md has the
+// measurements behind them):
+//   1. spin with the CPU's pause instruction: ranks on their own cores see a peer's
+//      store within a fraction of a microsecond;
+//   2. spin with sched_yield: a rank that shares its core with the rank it waits for
+//      hands the core over at once (and costs a system call per check when it does not);
+//   3. sleep in the kernel on the flag (a futex on the shared page), woken by the
+//      publisher: an idle rank costs nothing. Sleeps last at most a slice, so the caller
+//      can check its deadline and the group's abort flag.
+// How long phases 1 and 2 last together (the spin budget) is learned from recent waits by
+// SpinPolicy. Phase 1 is skipped when the group has more ranks than the CPUs it may use, and
+// cut short when the rank waited for last ran on the waiter's own CPU: it cannot run while
+// the waiter spins there (two ranks put on one core by other load on the machine).
 #pragma once
 
 #include <atomic>
@@ -15,9 +22,11 @@
 
 namespace plait::shm {
 
-constexpr std::size_t kFlagBlock = 128;  // one flag per 128-byte block: no false sharing
+constexpr std::size_t kFlagBlock = 128;  // flags sit in their own 128-byte blocks: no false sharing
 
-struct alignas(kFlagBlock) Flag {
+// Eight bytes: the block holding it is laid out by its owner (layout.h), so a flag can carry
+// data its readers need in the same cache line.
+struct Flag {
   std::atomic<std::uint32_t> value;    // the futex word
   std::atomic<std::uint32_t> waiters;  // ranks asleep (or about to sleep) on value
 };
@@ -45,9 +54,44 @@ class Deadline {
   std::chrono::steady_clock::time_point end_;
 };
 
-// Most microseconds to spin before sleeping: 20 when every rank of a group of `ranks` can
-// have its own CPU, else none (spinning would only delay the rank we wait for).
-int default_spin_us(int ranks);
+// Most microseconds a wait spins (phases 1 and 2) before it sleeps, by default.
+constexpr int kDefaultSpinUs = 1000;
+
+// Whether a group of `ranks` processes has more ranks than the CPUs this process may run on.
+bool oversubscribed(int ranks);
+
+// The spin budget of one kind of wait (collectives, or send/recv), learned like an adaptive
+// mutex's: a wait that ended while spinning keeps the budget at least twice its length; one
+// that had to sleep but ended within the cap would have been served by spinning, so the
+// budget grows to twice that wait (at least doubling); one that outlasted the cap (an idle
+// rank, a peer busy computing) halves it, so a rank that mostly waits long soon sleeps at
+// once and burns no CPU, and one that waits in short bursts spins again after one sleep.
+// Thread-safe (relaxed atomics: the budget is a hint, never a correctness matter).
+class SpinPolicy {
+ public:
+  // cap_us: the most the budget may grow to (0: never spin). yield_only: skip the pause phase.
+  SpinPolicy(int cap_us, bool yield_only);
+  long long budget_ns() const { return budget_ns_.load(std::memory_order_relaxed); }
+  // Of a wait with this budget, the nanoseconds spent spinning with pause before yielding.
+  long long pause_ns(long long budget_ns) const { return budget_ns < pause_cap_ns_ ? budget_ns : pause_cap_ns_; }
+  void learn(long long waited_ns, bool slept);
+  int cap_us() const { return static_cast<int>(cap_ns_ / 1000); }
+
+ private:
+  long long cap_ns_;
+  long long pause_cap_ns_;
+  std::atomic<long long> budget_ns_;
+};
+
+// Phases 1 and 2 of a wait: spin with pause until pause_end (or until peer_cpu, the CPU the
+// publisher last ran on, equals my_cpu), then with sched_yield until spin_end, while
+// ready(flag value) does not hold. Returns whether it became ready; `seen` is the last value read.
+template <typename Ready>
+bool spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
+             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu);
+
+// The CPU this thread runs on now, or -1 when unknown.
+int current_cpu();
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -55,6 +99,29 @@ inline void cpu_relax() {
 #elif defined(__aarch64__)
   asm volatile("yield" ::: "memory");
 #endif
+}
+
+// Gives the CPU to another runnable thread, if there is one (sched_yield).
+void yield_cpu();
+
+template <typename Ready>
+bool spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
+             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu) {
+  for (unsigned i = 0;; ++i) {  // reading the clock costs tens of pause instructions: check it every 64
+    if ((i & 63) == 0 && (std::chrono::steady_clock::now() >= pause_end ||
+                          (my_cpu >= 0 && peer_cpu.load(std::memory_order_relaxed) == my_cpu))) {
+      break;
+    }
+    cpu_relax();
+    seen = flag.value.load(std::memory_order_acquire);
+    if (ready(seen)) return true;
+  }
+  while (std::chrono::steady_clock::now() < spin_end) {
+    yield_cpu();
+    seen = flag.value.load(std::memory_order_acquire);
+    if (ready(seen)) return true;
+  }
+  return false;
 }
 
 }  // namespace plait::shm

@@ -6,8 +6,10 @@ operation, so a hung job turns into a readable error on every surviving rank.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+from typing import Optional
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -23,9 +25,27 @@ def check_timeout(value: object, what: str = "timeout_s") -> float:
 def default_timeout_s() -> float:
     """Timeout for collectives in seconds: ``PLAIT_TIMEOUT_S`` or 300.
 
-    Read on every call so tests and users can change it between operations.
+    Read on every call so tests and users can change it between operations. Small
+    collectives call this once each, so it must cost far less than they do: the parse of
+    each value seen is remembered, and on POSIX the variable is looked up in the dict behind
+    ``os.environ`` (which every change through ``os.environ`` updates), because
+    ``os.environ.get`` of an unset variable raises and catches a KeyError inside, which
+    costs microseconds.
     """
-    raw = os.environ.get("PLAIT_TIMEOUT_S")
+    raw = _ENVIRON_BYTES.get(_TIMEOUT_KEY) if _ENVIRON_BYTES is not None else os.environ.get("PLAIT_TIMEOUT_S")
+    return _parse_timeout(raw)
+
+
+_TIMEOUT_KEY = b"PLAIT_TIMEOUT_S"
+_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENVIRON_BYTES, dict):
+    _ENVIRON_BYTES = None
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_timeout(raw: Optional[str | bytes]) -> float:
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
     if raw is None or raw == "":
         return DEFAULT_TIMEOUT_S
     try:

@@ -13,6 +13,9 @@ with the GIL released, and never touches ``torch.distributed`` again.
   op, sizes, broadcast source); when they did not, every rank raises CommError naming
   the calls instead of mixing up data. Empty tensors take part in that check too.
 - Collectives run when called; ``async_op=True`` returns a completed handle.
+- all_reduce of a contiguous CPU tensor takes a fast path: one compiled call on the
+  tensor's own memory, no allocation, no per-call Python closures (decode under tensor
+  parallelism makes two of these per layer per token).
   send/recv run on per-peer background lanes, so an async send followed by a
   recv cannot deadlock (see :mod:`plait.comm.lanes`).
 - Every wait is bounded by ``timeout_s``; a dead or missing peer turns into
@@ -50,6 +53,9 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         self._lanes = Lanes(f"shm{self._torch.rank}")
         self._dtype_codes = {getattr(torch, n): code for n, code in self._C.shm_dtypes.items()}
         self._op_codes = dict(self._C.shm_ops)
+        # (dtype, op) -> (dtype code, op code) for every combination the fast path may run
+        self._reduce_codes = {(dtype, op): (code, self._op_codes[op]) for dtype, code in self._dtype_codes.items()
+                              for op in self._op_codes if op != "avg" or dtype.is_floating_point}
         self._closed = False
 
     @property
@@ -64,8 +70,8 @@ class ShmCommunicator(RanksOfTorch, Communicator):
     def close(self) -> None:
         """Finish queued transfers and unmap the segment; later calls raise CommError."""
         self._lanes.shutdown()
-        self._group = None
         self._closed = True
+        self._group = None
 
     # ----------------------------------------------------------------- helpers
     def _check_cpu(self, tensor: torch.Tensor, op: str) -> None:
@@ -95,16 +101,35 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         limit = self.timeout_s
         try:
             call(limit)
-        except (self._C.ShmTimeout, self._C.ShmAborted) as exc:
-            where = self.describe(self._label(op, tensor) if tensor is not None else op)
-            raise CommTimeoutError(f"{where} did not complete within {limit:g} s: {exc} "
-                                   f"(set PLAIT_TIMEOUT_S to change the bound)") from None
         except self._C.ShmError as exc:
-            where = self.describe(self._label(op, tensor) if tensor is not None else op)
-            raise CommError(f"{where} failed: {exc}") from None
+            raise self._comm_error(exc, op, tensor, limit) from None
+
+    def _comm_error(self, exc: Exception, op: str, tensor: Optional[torch.Tensor], limit: float) -> CommError:
+        """plait's error for a failed compiled call, naming rank, group and operation."""
+        where = self.describe(self._label(op, tensor) if tensor is not None else op)
+        if isinstance(exc, (self._C.ShmTimeout, self._C.ShmAborted)):
+            return CommTimeoutError(f"{where} did not complete within {limit:g} s: {exc} "
+                                    f"(set PLAIT_TIMEOUT_S to change the bound)")
+        return CommError(f"{where} failed: {exc}")
 
     # -------------------------------------------------------------- collectives
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False):
+        # Fast path: a contiguous CPU tensor of a dtype and op the compiled code reduces. Each
+        # check below costs tens of nanoseconds; everything else falls through to
+        # _all_reduce_checked, which explains what is wrong or copies a non-contiguous tensor.
+        group = self._group
+        if group is not None and isinstance(tensor, torch.Tensor) and tensor.is_cpu and tensor.is_contiguous():
+            codes = self._reduce_codes.get((tensor.dtype, op))
+            if codes is not None:
+                limit = self.timeout_s
+                try:
+                    group.all_reduce(tensor.data_ptr(), tensor.numel(), codes[0], codes[1], limit)
+                except self._C.ShmError as exc:
+                    raise self._comm_error(exc, "all_reduce", tensor, limit) from None
+                return DoneHandle(tensor) if async_op else tensor
+        return self._all_reduce_checked(tensor, op, async_op)
+
+    def _all_reduce_checked(self, tensor: torch.Tensor, op: str, async_op: bool):
         self._check_op(op)
         self._check_cpu(tensor, "all_reduce")
         dtype = self._reduce_code(tensor, "all_reduce")

@@ -8,9 +8,11 @@ PLAIT_SHM_SLOT_BYTES       256 KiB      one collective slot per rank (x2, double
 PLAIT_SHM_CHANNEL_BYTES    256 KiB      one send/recv ring slot per ordered rank pair (x2)
 PLAIT_SHM_ONESHOT_BYTES    64 KiB       all_reduce up to this size is one-shot, above two-shot
 PLAIT_SHM_SIMD             auto         reduction code path: auto, avx512, avx2 or scalar
-PLAIT_SHM_SPIN_US          auto         microseconds a waiting rank spins before it sleeps
-                                        on the flag (auto: up to 20, adapting; 0 with more ranks than CPUs)
-PLAIT_SHM_JOB              creator pid  job token in segment names (/dev/shm/plait-JOB-...)
+PLAIT_SHM_SPIN_US          auto         most microseconds a waiting rank spins (pause, then
+                                        sched_yield) before it sleeps on the flag; the budget
+                                        adapts below it (auto: 1000; 0: always sleep at once).
+                                        See docs/shm-wait.md
+PLAIT_SHM_JOB              creator pid  job token in segment names (/dev/shm/plait-JOB-pPID-...)
 =========================  ===========  ====================================================
 
 Sizes are rounded up to 4 KiB pages. The defaults shrink for large groups so a
@@ -30,6 +32,7 @@ import re
 import secrets
 import zlib
 from dataclasses import dataclass
+from typing import Optional
 
 PAGE = 4096
 SEGMENT_PREFIX = "plait-"
@@ -88,7 +91,21 @@ def job_token() -> str:
 
 
 def segment_name(global_ranks: list[int]) -> str:
-    """A new, unique POSIX shm name for a group: /plait-JOB-gRANKS-RANDOM."""
+    """A new, unique POSIX shm name for a group: /plait-JOB-pPID-gRANKS-RANDOM.
+
+    PID is the creating process's: a name whose creator is gone is stale (see
+    :func:`plait.comm.shm_reclaim.reclaim_stale_segments`).
+    """
     ranks = "_".join(map(str, global_ranks))
     tag = ranks if len(ranks) <= 40 else f"{global_ranks[0]}x{len(global_ranks)}h{zlib.crc32(ranks.encode()):08x}"
-    return f"/{SEGMENT_PREFIX}{job_token()}-g{tag}-{secrets.token_hex(6)}"
+    return f"/{SEGMENT_PREFIX}{job_token()}-p{os.getpid()}-g{tag}-{secrets.token_hex(6)}"
+
+
+def creator_pid(name: str) -> Optional[int]:
+    """The creator's pid in a segment name made by :func:`segment_name` (with or without the
+    leading slash), else None (not a plait segment, or one from a build before pids in names)."""
+    match = _NAME.fullmatch(name.lstrip("/"))
+    return int(match.group(1)) if match else None
+
+
+_NAME = re.compile(re.escape(SEGMENT_PREFIX) + r"[A-Za-z0-9_.]+-p(\d+)-g[0-9a-fx_h]+-[0-9a-f]+")

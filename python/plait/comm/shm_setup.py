@@ -1,8 +1,9 @@
 """Creating a group's shared-memory segment: the collective handshake of the shm backend.
 
 1. every rank checks that all ranks share a host (one /dev/shm);
-2. group rank 0 creates the segment (mode 0600, memory reserved) under a new unique
-   name and tells the others the name (or its error);
+2. group rank 0 removes segments left by creators that died during their own set-up
+   (:mod:`plait.comm.shm_reclaim`), creates the segment (mode 0600, memory reserved) under
+   a new unique name carrying its pid and tells the others the name (or its error);
 3. the others attach; every rank learns every rank's outcome;
 4. the name is unlinked at once (the rank whose attach completes the group already did;
    every rank repeats it, which is harmless), so nothing stays in /dev/shm after the
@@ -17,6 +18,7 @@ from typing import Optional
 from ..errors import CommError
 from .rendezvous import all_gather_text, describe_hosts, hosts_of_group
 from .shm_config import ShmConfig, segment_name
+from .shm_reclaim import reclaim_stale_segments
 from .torch_backend import TorchCommunicator
 
 
@@ -59,6 +61,8 @@ def open_group(comm: TorchCommunicator, config: ShmConfig):
     _C = shm_extension()
     where = comm.describe("shm setup")
     same_host_or_raise(comm, where)
+    if comm.rank == 0:
+        reclaim_stale_segments()
     mine = segment_name(comm.global_ranks) if comm.rank == 0 else ""
     name = mine
     group: Optional[object] = None
