@@ -1,6 +1,6 @@
-"""Rewrite the README's benchmark section from the result files in bench/results.
+"""Rewrite the benchmark page (docs/benchmarks.md) from the result files in bench/results.
 
-    python bench/report.py [--results DIR] [--readme PATH]
+    python bench/report.py [--results DIR] [--readme PATH]   (PATH: docs/benchmarks.md by default)
 
 Everything between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replaced by
 one section per benchmark name. For the newest result of each device it shows a line
@@ -86,7 +86,8 @@ def replace_section(text: str, body: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=HERE / "results", help="directory of result JSON files")
-    parser.add_argument("--readme", type=Path, default=HERE.parent / "README.md", help="README to rewrite")
+    parser.add_argument("--readme", type=Path, default=HERE.parent / "docs" / "benchmarks.md",
+                        help="the page to rewrite (its bench:start/bench:end section)")
     args = parser.parse_args(argv)
     readme = args.readme.resolve()
     body = render(load_results(args.results), readme.parent)
