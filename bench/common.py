@@ -144,3 +144,39 @@ def print_table(columns: Sequence[Any], rows: Sequence[Sequence[Any]]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
     for line in [columns, *rows]:
         print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+
+
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+class PeakResident:
+    """Peak resident memory increase of this process over a block (Linux), in bytes.
+
+        with PeakResident() as peak:
+            load()
+        peak.increase      # max RSS during the block minus RSS at its start
+
+    Writing "5" to /proc/self/clear_refs resets the high-water mark (VmHWM) to the
+    current RSS, so the peak is the block's own, not that of whatever ran before.
+    RSS counts file pages mapped at the time (a memory-mapped checkpoint) as well as
+    anonymous memory: both are what the rank holds.
+    """
+
+    def __enter__(self) -> "PeakResident":
+        Path("/proc/self/clear_refs").write_text("5")
+        self.start = _status_bytes("VmRSS")
+        self.peak = self.end = self.start
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak = _status_bytes("VmHWM")
+        self.end = _status_bytes("VmRSS")
+
+    @property
+    def increase(self) -> int:
+        return self.peak - self.start
