@@ -74,6 +74,8 @@ def test_from_pretrained_peak_memory_per_rank(checkpoint, pp, tp):
         assert r["held"] == share, f"rank {rank} holds {r['held']} bytes of parameters, expected {share}"
         bound = share + largest + SLACK
         mib = lambda b: f"{b / 2 ** 20:.0f} MiB"  # noqa: E731
+        print(f"pp={pp} tp={tp} rank {rank}: peak increase {mib(r['increase'])}, share {mib(share)}, "
+              f"largest tensor {mib(largest)}, whole model {mib(whole)}")
         assert share <= r["increase"] <= bound, (
             f"rank {rank} (pp={pp}, tp={tp}): peak resident increase {mib(r['increase'])} during from_pretrained, "
             f"allowed {mib(bound)} = its share {mib(share)} + largest tensor {mib(largest)} + slack {mib(SLACK)}; "
