@@ -150,7 +150,7 @@ def init_mesh(dp: "int | ParallelConfig" = 1, pp: int = 1, tp: int = 1, backend:
     ``init_mesh(config)`` takes a :class:`~plait.ParallelConfig` (its sizes; the mesh keeps it as
     ``mesh.config`` for ``parallelize`` and the engines); ``init_mesh(dp, pp, tp)`` makes a default one.
 
-    ``comm`` is the backend of the axes' :class:`~plait.comm.Communicator`\ s, which every layer,
+    ``comm`` is the backend of the axes' :class:`~plait.comm.Communicator` objects, which every layer,
     ``parallelize`` and the engines use: ``"torch"`` (the process groups themselves: gloo / NCCL),
     ``"shm"`` (plait's shared-memory collectives; CPU ranks of one host, much faster than gloo for
     the small messages of tensor parallelism) or ``"auto"`` (per tensor, see :mod:`plait.comm.auto`).
