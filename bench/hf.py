@@ -10,7 +10,8 @@ temporary directory):
 - ``plait tp=2 (shm)``: ``plait.from_pretrained`` on a mesh whose communicators are plait's
   shared-memory backend (``init_mesh(tp=2, comm="shm")``), one thread per rank;
 - ``transformers tp=2``: ``AutoModelForCausalLM.from_pretrained(dir, tp_plan="auto")`` under a
-  torchrun environment with gloo, one thread per rank.
+  torchrun environment with gloo, one thread per rank;
+- ``1 process, 1 thread``: for context (what one core does; not a target).
 
 Each contender times a forward+backward step (loss: mean next-token cross-entropy) and a
 forward (prefill) of ``--batch x --seq`` tokens, ``--warmup`` untimed then ``--reps`` timed;
@@ -218,6 +219,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
+COLORS = ["grey", "tab:blue", "tab:orange", "silver"]
 TARGETS = {"vs_transformers_tp": 0.85, "vs_one_process": 1.1, "memory_vs_whole": 0.6}
 
 
@@ -225,22 +227,23 @@ def run(directory: str, dims: LlamaDims, batch: int, seq: int, warmup: int, reps
     """Every contender on the checkpoint in ``directory``; medians, ratios and logits errors."""
     args = (directory, dims, batch, seq, warmup, reps)
     cores = os.cpu_count() or 1
-    runs = {
-        "1 process": run_ranks(one_process, 1, *args, threads_per_rank=cores, timeout=3600),
-        f"plait tp={tp} (shm)": run_ranks(plait_tp, tp, *args, timeout=3600),
-        f"transformers tp={tp}": run_ranks(transformers_tp, tp, *args, timeout=3600),
+    runs = {   # (threads per rank, results per rank)
+        "1 process": (cores, run_ranks(one_process, 1, *args, threads_per_rank=cores, timeout=3600)),
+        f"plait tp={tp} (shm)": (1, run_ranks(plait_tp, tp, *args, timeout=3600)),
+        f"transformers tp={tp}": (1, run_ranks(transformers_tp, tp, *args, timeout=3600)),
+        "1 process, 1 thread (context)": (1, run_ranks(one_process, 1, *args, timeout=3600)),
     }
-    reference = runs["1 process"][0]["logits"]
+    reference = runs["1 process"][1][0]["logits"]
     contenders = {}
-    for name, per_rank in runs.items():
+    for name, (threads, per_rank) in runs.items():
         contenders[name] = dict(
-            ranks=len(per_rank), threads_per_rank=cores if len(per_rank) == 1 else 1,
+            ranks=len(per_rank), threads_per_rank=threads,
             step_ms=statistics.median(_slowest(per_rank, "step_ms")),
             prefill_ms=statistics.median(_slowest(per_rank, "prefill_ms")),
             step_ms_all=_slowest(per_rank, "step_ms"), prefill_ms_all=_slowest(per_rank, "prefill_ms"),
             load_peak_mib=[r["load_peak"] / 2 ** 20 for r in per_rank],
             logits_rel_error=_relative_error(per_rank[0]["logits"], reference))
-    one, plait_, hf_tp = contenders.values()
+    one, plait_, hf_tp, _ = contenders.values()
     ratios = {
         "step_vs_transformers_tp": plait_["step_ms"] / hf_tp["step_ms"],
         "prefill_vs_transformers_tp": plait_["prefill_ms"] / hf_tp["prefill_ms"],
@@ -278,13 +281,12 @@ def plot(result: dict, path: Path) -> bool:
     names = list(result["contenders"])
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, label in zip(axes, ("step_ms", "prefill_ms"), ("forward+backward ms", "forward (prefill) ms")):
-        ax.bar(names, [result["contenders"][n][key] for n in names], color=["grey", "tab:blue", "tab:orange"])
+        ax.bar(names, [result["contenders"][n][key] for n in names], color=COLORS[:len(names)])
         ax.set_ylabel(label)
-        ax.tick_params(axis="x", labelrotation=15)
-    axes[2].bar(names, [max(result["contenders"][n]["load_peak_mib"]) for n in names],
-                color=["grey", "tab:blue", "tab:orange"])
+        ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+    axes[2].bar(names, [max(result["contenders"][n]["load_peak_mib"]) for n in names], color=COLORS[:len(names)])
     axes[2].set_ylabel("from_pretrained peak MiB per rank")
-    axes[2].tick_params(axis="x", labelrotation=15)
+    axes[2].tick_params(axis="x", labelrotation=20, labelsize=7)
     fig.suptitle("transformers Llama on CPU: median over repetitions")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
