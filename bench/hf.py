@@ -26,6 +26,7 @@ each measured in a fresh process (:class:`~plait.bench.common.PeakResident`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -230,9 +231,13 @@ def run(directory: str, dims: LlamaDims, batch: int, seq: int, warmup: int, reps
     runs = {   # (threads per rank, results per rank)
         "1 process": (cores, run_ranks(one_process, 1, *args, threads_per_rank=cores, timeout=3600)),
         f"plait tp={tp} (shm)": (1, run_ranks(plait_tp, tp, *args, timeout=3600)),
-        f"transformers tp={tp}": (1, run_ranks(transformers_tp, tp, *args, timeout=3600)),
-        "1 process, 1 thread (context)": (1, run_ranks(one_process, 1, *args, timeout=3600)),
     }
+    if importlib.util.find_spec("accelerate") is not None:   # transformers' tp_plan needs it
+        runs[f"transformers tp={tp}"] = (1, run_ranks(transformers_tp, tp, *args, timeout=3600))
+    else:
+        print(f"transformers tp={tp} skipped: transformers' tensor parallelism needs accelerate "
+              f"(pip install accelerate)", flush=True)
+    runs["1 process, 1 thread (context)"] = (1, run_ranks(one_process, 1, *args, timeout=3600))
     reference = runs["1 process"][1][0]["logits"]
     contenders = {}
     for name, (threads, per_rank) in runs.items():
@@ -243,15 +248,20 @@ def run(directory: str, dims: LlamaDims, batch: int, seq: int, warmup: int, reps
             step_ms_all=_slowest(per_rank, "step_ms"), prefill_ms_all=_slowest(per_rank, "prefill_ms"),
             load_peak_mib=[r["load_peak"] / 2 ** 20 for r in per_rank],
             logits_rel_error=_relative_error(per_rank[0]["logits"], reference))
-    one, plait_, hf_tp, _ = contenders.values()
+    one, plait_ = contenders["1 process"], contenders[f"plait tp={tp} (shm)"]
+    hf_tp = contenders.get(f"transformers tp={tp}")
     ratios = {
-        "step_vs_transformers_tp": plait_["step_ms"] / hf_tp["step_ms"],
-        "prefill_vs_transformers_tp": plait_["prefill_ms"] / hf_tp["prefill_ms"],
+        "step_vs_transformers_tp": plait_["step_ms"] / hf_tp["step_ms"] if hf_tp else None,
+        "prefill_vs_transformers_tp": plait_["prefill_ms"] / hf_tp["prefill_ms"] if hf_tp else None,
         "step_vs_one_process": plait_["step_ms"] / one["step_ms"],
         "prefill_vs_one_process": plait_["prefill_ms"] / one["prefill_ms"],
         "load_memory_vs_whole_model": max(plait_["load_peak_mib"]) / one["load_peak_mib"][0],
     }
     return dict(contenders=contenders, ratios=ratios, targets=TARGETS)
+
+
+def _round(value):
+    return "-" if value is None else round(value, 3)
 
 
 def table(result: dict) -> dict:
@@ -262,7 +272,7 @@ def table(result: dict) -> dict:
             for name, c in result["contenders"].items()]
     r, t = result["ratios"], result["targets"]
     rows += [["plait / transformers tp (step, prefill)", f"target <= {t['vs_transformers_tp']}",
-              round(r["step_vs_transformers_tp"], 3), round(r["prefill_vs_transformers_tp"], 3), "", ""],
+              _round(r["step_vs_transformers_tp"]), _round(r["prefill_vs_transformers_tp"]), "", ""],
              ["plait / 1 process (step, prefill)", f"target <= {t['vs_one_process']}",
               round(r["step_vs_one_process"], 3), round(r["prefill_vs_one_process"], 3), "", ""],
              ["plait load / whole model (memory)", f"target <= {t['memory_vs_whole']}", "", "",
