@@ -20,9 +20,10 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from plait.info import triton_version
 
@@ -137,6 +138,29 @@ def command_line(name: str, argv: Optional[Sequence[str]]) -> str:
     process's own arguments), as recorded in each result."""
     args = sys.argv[1:] if argv is None else argv
     return " ".join(["plait bench", name, *(shlex.quote(a) for a in args)])
+
+
+def wall_times_ms(fn: Callable[[], Any], warmup: int, iters: int, barrier: Optional[Callable[[], Any]] = None,
+                  sync: Optional[Callable[[], Any]] = None) -> list[float]:
+    """Milliseconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones.
+
+    ``barrier`` (untimed) lines ranks up before each timed call; ``sync`` waits for queued
+    device work before the clock starts and before it stops (CUDA).
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if barrier is not None:
+            barrier()
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def print_table(columns: Sequence[Any], rows: Sequence[Sequence[Any]]) -> None:

@@ -31,13 +31,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from plait.bench.common import PeakResident, command_line, print_table, write_result
+from plait.bench.common import PeakResident, command_line, print_table, wall_times_ms, write_result
 from plait.launch import run_ranks
 
 
@@ -105,20 +104,6 @@ def save_random_llama(directory, dims: LlamaDims, seed: int = 0) -> None:
 # --------------------------------------------------------------------------- timing
 
 
-def _times(fn, warmup: int, reps: int, barrier=None) -> list[float]:
-    """Milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` (``barrier`` lines ranks up first)."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        if barrier is not None:
-            barrier()
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
-
-
 def _inputs(dims: LlamaDims, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     return (torch.randint(0, dims.vocab, (batch, seq), generator=gen),
@@ -138,7 +123,7 @@ def _hf_timings(model, ids, targets, warmup: int, reps: int, barrier=None) -> di
 
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits
-    return dict(step_ms=_times(step, warmup, reps, barrier), prefill_ms=_times(prefill, warmup, reps, barrier),
+    return dict(step_ms=wall_times_ms(step, warmup, reps, barrier), prefill_ms=wall_times_ms(prefill, warmup, reps, barrier),
                 logits=logits.float())
 
 
@@ -202,8 +187,8 @@ def plait_tp(rank: int, world: int, directory: str, dims: LlamaDims, batch: int,
 
     logits = model.logits(ids)
     barrier = mesh.tp_comm.barrier
-    out = dict(load_peak=peak.increase, step_ms=_times(step, warmup, reps, barrier),
-               prefill_ms=_times(prefill, warmup, reps, barrier), logits=logits if rank == 0 else None)
+    out = dict(load_peak=peak.increase, step_ms=wall_times_ms(step, warmup, reps, barrier),
+               prefill_ms=wall_times_ms(prefill, warmup, reps, barrier), logits=logits if rank == 0 else None)
     plait.destroy_mesh()
     return out
 
