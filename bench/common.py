@@ -204,3 +204,7 @@ class PeakResident:
     @property
     def increase(self) -> int:
         return self.peak - self.start
+
+    def increase_so_far(self) -> int:
+        """The peak increase from the block's start until now (inside the block)."""
+        return _status_bytes("VmHWM") - self.start
