@@ -21,6 +21,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -165,8 +166,71 @@ def command_line(name: str, argv: Optional[Sequence[str]]) -> str:
     return " ".join(["plait bench", name, *(shlex.quote(a) for a in args)])
 
 
+def wall_times_ms(fn: Callable[[], Any], warmup: int, iters: int, barrier: Optional[Callable[[], Any]] = None,
+                  sync: Optional[Callable[[], Any]] = None) -> list[float]:
+    """Milliseconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones.
+
+    ``barrier`` (untimed) lines ranks up before each timed call; ``sync`` waits for queued
+    device work before the clock starts and before it stops (CUDA).
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if barrier is not None:
+            barrier()
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def print_table(columns: Sequence[Any], rows: Sequence[Sequence[Any]]) -> None:
     """Print ``rows`` under ``columns``, each column right-aligned to its widest cell."""
     widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
     for line in [columns, *rows]:
         print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+
+
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+class PeakResident:
+    """Peak resident memory increase of this process over a block (Linux), in bytes.
+
+        with PeakResident() as peak:
+            load()
+        peak.increase      # max RSS during the block minus RSS at its start
+
+    Writing "5" to /proc/self/clear_refs resets the high-water mark (VmHWM) to the
+    current RSS, so the peak is the block's own, not that of whatever ran before.
+    RSS counts file pages mapped at the time (a memory-mapped checkpoint) as well as
+    anonymous memory: both are what the rank holds.
+    """
+
+    def __enter__(self) -> "PeakResident":
+        Path("/proc/self/clear_refs").write_text("5")
+        self.start = _status_bytes("VmRSS")
+        self.peak = self.end = self.start
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak = _status_bytes("VmHWM")
+        self.end = _status_bytes("VmRSS")
+
+    @property
+    def increase(self) -> int:
+        return self.peak - self.start
+
+    def increase_so_far(self) -> int:
+        """The peak increase from the block's start until now (inside the block)."""
+        return _status_bytes("VmHWM") - self.start

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import plait
-from plait.bench.common import bench_parser, command_line, print_table, ranks, repeats, size, write_result
+from plait.bench.common import (bench_parser, command_line, print_table, ranks, repeats, size, wall_times_ms,
+                                write_result)
 from plait.launch import run_ranks
 
 
@@ -37,18 +37,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _steps(step, device, warmup: int, iters: int, barrier=None) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if barrier is not None:
-            barrier()
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return wall_times_ms(step, warmup, iters, barrier, sync=lambda: _sync(device))
 
 
 def _device_and_dtype(rank: int) -> tuple[torch.device, torch.dtype]:

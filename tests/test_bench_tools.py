@@ -96,3 +96,43 @@ def test_report_with_no_results(tmp_path: Path) -> None:
     readme.write_text(f"{report.START}\n{report.END}\n")
     report.main(["--results", str(tmp_path), "--readme", str(readme)])
     assert "No results yet" in readme.read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_resident_sees_a_transient_allocation() -> None:
+    import torch
+
+    with common.PeakResident() as peak:
+        block = torch.ones(64 << 20, dtype=torch.uint8)   # touched: 64 MiB resident
+        del block
+    assert peak.increase >= 60 << 20
+    assert peak.end < peak.peak
+
+
+def test_hf_bench_checkpoint_has_the_transformers_model_shapes() -> None:
+    pytest.importorskip("transformers")
+    import torch
+
+    from plait.bench.hf import LlamaDims
+    import transformers
+
+    dims = LlamaDims(layers=2, hidden=64, heads=8, kv_heads=2, ffn=96, vocab=101)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(dims.config())
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == dims.shapes()
+
+
+def test_hf_bench_table_without_transformers_tp() -> None:
+    from plait.bench.hf import table
+
+    row = dict(ranks=1, threads_per_rank=2, step_ms=100.0, prefill_ms=30.0, load_peak_mib=[600.0],
+               logits_rel_error=0.0)
+    result = {"contenders": {"1 process": row, "plait tp=2 (shm)": dict(row, ranks=2, step_ms=90.0,
+                                                                          load_peak_mib=[350.0, 351.0])},
+              "ratios": {"step_vs_transformers_tp": None, "prefill_vs_transformers_tp": None,
+                         "step_vs_one_process": 0.9, "prefill_vs_one_process": 1.0,
+                         "load_memory_vs_whole_model": 351 / 600},
+              "targets": {"vs_transformers_tp": 0.85, "vs_one_process": 1.1, "memory_vs_whole": 0.6}}
+    rows = table(result)["rows"]
+    assert rows[1][4] == "350 / 351"
+    assert rows[2][2] == "-" and rows[3][2] == 0.9 and rows[4][4] == 0.585

@@ -82,3 +82,38 @@ def test_hf_models_match_transformers(checkpoints, tmp_path, tp, pp):
             assert not r["missing"], f"{where}: no gradient gathered for {r['missing']}"
             assert r["grads"] < TOL, f"{where}: gradients differ by {r['grads']:.3g}"
             assert r["saved"] < TOL, f"{where}: the saved checkpoint's logits differ by {r['saved']:.3g}"
+
+
+def _shm_layout(rank: int, world: int, pp: int, tp: int, directory: str) -> dict:
+    import plait
+
+    torch.set_default_dtype(torch.float64)
+    mesh = plait.init_mesh(pp=pp, tp=tp, comm="shm")
+    backends = {axis: c.backend for axis, c in mesh.comms.items()}
+    model = plait.from_pretrained(directory, mesh, dtype=torch.float64)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    targets = torch.roll(ids, -1, dims=1)
+    want = load_reference(directory)(ids).logits
+    logits_err = relative_error(model.logits(ids), want)
+    loss = model.pipeline("1f1b", num_microbatches=1).train_step(ids, targets)
+    ref_loss = torch.nn.functional.cross_entropy(want.reshape(-1, VOCAB), targets.reshape(-1)).item()
+    plait.destroy_mesh()
+    return dict(backends=backends, logits=logits_err, loss=abs(float(loss) - ref_loss))
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_mesh_with_shm_communicators_runs_hf_models(checkpoints, tp, pp):
+    """init_mesh(comm="shm"): every axis communicates through plait's shm backend, with transformers' results."""
+    for rank, r in enumerate(run_ranks(_shm_layout, tp * pp, pp, tp, checkpoints["llama"], timeout=300)):
+        assert r["backends"] == {"dp": "shm", "pp": "shm", "tp": "shm"}, r["backends"]
+        assert r["logits"] < TOL, f"tp={tp} pp={pp} rank {rank}: logits differ by {r['logits']:.3g}"
+        assert r["loss"] < 1e-12, f"tp={tp} pp={pp} rank {rank}: loss differs by {r['loss']:.3g}"
+
+
+def test_init_mesh_rejects_unknown_comm_before_communicating():
+    import plait
+
+    with pytest.raises(ValueError, match="comm must be one of"):
+        plait.init_mesh(comm="gloo")
+    with pytest.raises(ValueError, match="comm='shm' runs CPU collectives"):
+        plait.init_mesh(comm="shm", backend="nccl")

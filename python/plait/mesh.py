@@ -149,12 +149,21 @@ def _check_same_config_everywhere(sizes: tuple[int, int, int], device: torch.dev
     check_agreement(job_fingerprint(sizes, backend), None, what="the job (plait.init_mesh)")
 
 
-def init_mesh(dp: "int | ParallelConfig" = 1, pp: int = 1, tp: int = 1, backend: Optional[str] = None
-              ) -> ParallelMesh:
+COMM_BACKENDS = ("torch", "shm", "auto")
+
+
+def init_mesh(dp: "int | ParallelConfig" = 1, pp: int = 1, tp: int = 1, backend: Optional[str] = None, *,
+              comm: str = "torch") -> ParallelMesh:
     """Create the (dp, pp, tp) mesh, initializing torch.distributed if needed.
 
     ``init_mesh(config)`` takes a :class:`~plait.ParallelConfig` (its sizes; the mesh keeps it as
     ``mesh.config`` for ``parallelize`` and the engines); ``init_mesh(dp, pp, tp)`` makes a default one.
+
+    ``comm`` is the backend of the axes' :class:`~plait.comm.Communicator` objects, which every layer,
+    ``parallelize`` and the engines use: ``"torch"`` (the process groups themselves: gloo / NCCL),
+    ``"shm"`` (plait's shared-memory collectives; CPU ranks of one host, much faster than gloo for
+    the small messages of tensor parallelism) or ``"auto"`` (per tensor, see :mod:`plait.comm.auto`).
+    Communicators other than ``"torch"`` are closed by :func:`destroy_mesh`.
 
     ``backend`` None picks NCCL when CUDA is available, else gloo. Under
     torchrun the process's CUDA device becomes ``cuda:LOCAL_RANK``. A single
@@ -174,6 +183,11 @@ def init_mesh(dp: "int | ParallelConfig" = 1, pp: int = 1, tp: int = 1, backend:
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or None (auto), got {backend!r}")
+    if comm not in COMM_BACKENDS:
+        raise ValueError(f"comm must be one of {COMM_BACKENDS}, got {comm!r}")
+    if comm == "shm" and backend == "nccl":
+        raise ValueError("comm='shm' runs CPU collectives, but this mesh is on CUDA (NCCL); use comm='auto' "
+                         "(shm for CPU tensors, ipc/NCCL for CUDA) or backend='gloo'")
     timeout = datetime.timedelta(seconds=default_timeout_s())
     if not dist.is_initialized():
         env_world = os.environ.get("WORLD_SIZE")
@@ -196,7 +210,7 @@ def init_mesh(dp: "int | ParallelConfig" = 1, pp: int = 1, tp: int = 1, backend:
         lines = mesh.axis_lines(axis)
         mine, _ = dist.new_subgroups_by_enumeration(lines, timeout=timeout, backend=backend)
         mesh.groups[axis] = mine
-        mesh.comms[axis] = Communicator.create("torch", mine, name=axis)
+        mesh.comms[axis] = Communicator.create(comm, mine, name=axis)
     mesh.device_mesh = _device_mesh(mesh)
     _CURRENT = mesh
     return mesh
@@ -224,8 +238,12 @@ def destroy_mesh(barrier: bool = True) -> None:
     peer's last transfer was still in flight would make that peer fail.
     """
     global _CURRENT
-    _CURRENT = None
+    mesh, _CURRENT = _CURRENT, None
     if dist.is_initialized():
         if barrier and dist.get_world_size() > 1:
             Communicator.create("torch", None, name="world").barrier()
+        for communicator in (mesh.comms.values() if mesh is not None else ()):
+            close = getattr(communicator, "close", None)
+            if communicator.backend != "torch" and close is not None:
+                close()
         dist.destroy_process_group()
