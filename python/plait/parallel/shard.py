@@ -11,13 +11,14 @@ not blocks:
 - **a padded vocabulary**: indices at or past the real size are padding rows (zeros).
 
 Sources (:class:`TensorSource`) read just those rows: :class:`StateDictSource` from
-tensors in memory, :class:`SafetensorsSource` from a checkpoint on disk through
-``safe_open(...).get_slice`` (each contiguous run of the index is one read), so a rank
-never holds more than its share plus one tensor's worth of a run.
+tensors in memory, :class:`SafetensorsSource` from a checkpoint on disk (each contiguous
+run of the index is one file read straight into the destination), so a rank never holds
+more than its share plus one tensor.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
@@ -167,71 +168,108 @@ class StateDictSource:
         return assemble(spec, full.shape[spec.dim], lambda a, b: _narrow_rows(full, spec.dim, a, b))
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int          # of its first byte, from the start of the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    """The tensors of one safetensors file (format: u64 header length, JSON header, data), checked."""
+    if not path.is_file():
+        raise ValueError(f"{path}: missing safetensors file named by the checkpoint index")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 2 <= length <= size - 8:
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            header = json.loads(f.read(length))
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            entries[name] = _Entry(path, dtype, shape, 8 + length + int(begin), int(end) - int(begin))
+            expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if entries[name].nbytes != expected or entries[name].offset + entries[name].nbytes > size:
+                raise ValueError(f"tensor {name!r} ({info['dtype']} {list(shape)}) lies past the end of the file "
+                                 f"or has the wrong size: the file is truncated or corrupt")
+        return entries
+    except ValueError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file (bad header: {err!r})") from None
+
+
 class SafetensorsSource:
     """A transformers checkpoint directory: ``model.safetensors`` or ``model.safetensors.index.json`` shards.
 
-    Reads only the requested rows of each tensor (``get_slice``). Each read opens the file
-    (a memory map) and closes it again, so the pages a read touched leave this process's
-    resident memory with it: a rank's peak stays near its own shard plus one tensor.
+    Reads only the requested rows of each tensor: a run of rows along dim 0 is one
+    contiguous byte range, read with plain file reads straight into the destination tensor
+    (no memory map, so nothing but the shard itself becomes resident); a split along another
+    dim reads that one tensor whole and keeps its columns. A rank's peak memory therefore stays
+    near its own shard plus one tensor.
     """
 
     def __init__(self, directory) -> None:
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         single = self.directory / "model.safetensors"
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                self.files = {str(name): self.directory / str(file) for name, file in weight_map.items()}
+                files = {str(name): self.directory / str(file) for name, file in weight_map.items()}
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise ValueError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map': "
                                  f"{err})") from None
         elif single.exists():
-            self.files = None
+            files = None
         else:
             raise ValueError(f"{self.directory}: no model.safetensors or model.safetensors.index.json; plait "
                              f"loads transformers checkpoints saved as safetensors")
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        for path in sorted({single} if self.files is None else set(self.files.values())):
-            with self._open(path) as handle:
-                for name in handle.keys():
-                    self._shapes[name] = tuple(handle.get_slice(name).get_shape())
-        if self.files is None:
-            self.files = {name: single for name in self._shapes}
-        missing = sorted(set(self.files) - set(self._shapes))
+        self.entries: dict[str, _Entry] = {}
+        for path in sorted({single} if files is None else set(files.values())):
+            self.entries.update(_read_header(path))
+        missing = sorted(set(files or ()) - set(self.entries))
         if missing:
             raise ValueError(f"{index}: names tensors its files do not hold, e.g. {missing[:3]}")
 
-    def _open(self, path: Path):
-        if not path.exists():
-            raise ValueError(f"{path}: missing safetensors file named by the checkpoint index")
-        try:
-            return self._safe_open(str(path), framework="pt", device="cpu")
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-
     def names(self) -> set[str]:
-        return set(self.files)
+        return set(self.entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        return self.entries[name].shape
+
+    def _rows(self, entry: _Entry, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0, read from the file into a new tensor."""
+        rest = entry.shape[1:]
+        out = torch.empty((stop - start, *rest), dtype=entry.dtype)
+        row_bytes = math.prod(rest) * out.element_size() if entry.shape else out.element_size()
+        target = memoryview(out.view(torch.uint8).numpy()).cast("B")   # out has >= 1 dim: shape (rows, *rest)
+        with open(entry.path, "rb") as f:
+            f.seek(entry.offset + start * row_bytes)
+            if f.readinto(target) != len(target):
+                raise ValueError(f"{entry.path}: tensor bytes end early; the file is truncated")
+        return out
 
     def read(self, spec: ShardSpec) -> torch.Tensor:
-        path = self.files[spec.name]
-        with self._open(path) as handle:
-            try:
-                if spec.dim is None:
-                    return handle.get_tensor(spec.name).clone()
-                sliced = handle.get_slice(spec.name)
-                size = sliced.get_shape()[spec.dim]
-                lead = (slice(None),) * spec.dim
-                return assemble(spec, size, lambda a, b: sliced[(*lead, slice(a, b))].clone())
-            except ValueError:
-                raise
-            except Exception as err:
-                raise ValueError(f"{path}: cannot read tensor {spec.name!r} ({err}); the file is truncated or "
-                                 f"corrupt") from None
-
+        entry = self.entries[spec.name]
+        if spec.dim is None or not entry.shape:
+            return self._rows(entry, 0, entry.shape[0]) if entry.shape else self._rows(entry, 0, 1).reshape(())
+        if spec.dim == 0:
+            return assemble(spec, entry.shape[0], lambda a, b: self._rows(entry, a, b))
+        full = self._rows(entry, 0, entry.shape[0])
+        return assemble(spec, entry.shape[spec.dim], lambda a, b: _narrow_rows(full, spec.dim, a, b).clone())
