@@ -130,7 +130,12 @@ def _fingerprint(job: TrainJob) -> dict:
 def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = None, *,
                show: Optional[bool] = None) -> Summary:
     """Run ``job`` on this rank (every rank calls it); see the module doc. ``show``: print progress and
-    the summary (default: on global rank 0)."""
+    the summary (default: on global rank 0).
+
+    torch.distributed is started (and shut down at the end) from the torchrun environment
+    unless the caller already started it; then the job only adds its mesh's groups to it, so
+    several jobs can run one after another in the same processes.
+    """
     import plait
 
     started = time.perf_counter()
@@ -147,14 +152,17 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
     if job.save:
         check_writable(job.save)
 
+    owns = not torch.distributed.is_initialized()   # else the caller's process group outlives the job
     mesh = plait.init_mesh(dp=job.dp, pp=job.pp, tp=job.tp)
     try:
         summary = _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, on_step,
                          show if show is not None else mesh.rank == 0, started)
     except BaseException:
-        plait.destroy_mesh(barrier=False)
+        if owns:
+            plait.destroy_mesh(barrier=False)
         raise
-    plait.destroy_mesh()
+    if owns:
+        plait.destroy_mesh()
     return summary
 
 

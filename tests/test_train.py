@@ -1,0 +1,144 @@
+"""plait train on a tiny transformers Llama and a token file made here, against a plain loop.
+
+The reference is written in this file with transformers and torch.optim.AdamW on the same
+sequences (sequence i = tokens[i*seq : i*seq+seq+1], step s takes sequences s*B .. s*B+B-1
+wrapping), in float64; every layout's losses must equal it to 1e-9 relative. To keep the
+suite fast, each run_ranks call runs several jobs one after another on the same ranks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hf_models import VOCAB, load_reference, save_tiny
+from plait.launch import RanksFailed, run_ranks
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+SEQ, BATCH, STEPS, LR = 8, 4, 4, 3e-3
+TOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_tiny("llama", root / "model")
+    tokens = np.random.default_rng(0).integers(0, VOCAB, 7 * SEQ + 1).astype(np.uint16)  # 7 sequences: wraps
+    tokens.tofile(root / "data.bin")
+    return {"model": str(root / "model"), "data": str(root / "data.bin"), "root": root}
+
+
+def job_dict(files, **overrides) -> dict:
+    base = dict(model=files["model"], data=files["data"], seq=SEQ, global_batch=BATCH, steps=STEPS, lr=LR,
+                dtype="float64", weight_decay=0.0, lr_schedule="constant", warmup=0, clip_grad=0.0)
+    base.update(overrides)
+    return base
+
+
+def reference_losses(files, steps=STEPS, clip=0.0, weight_decay=0.0, schedule="constant", warmup=0) -> list[float]:
+    """The plain single-process loop: transformers model, torch AdamW, the same sequences."""
+    from plait.train.optim import lr_factor
+
+    model = load_reference(files["model"])
+    tokens = np.fromfile(files["data"], dtype=np.uint16).astype(np.int64)
+    count = (len(tokens) - 1) // SEQ
+    params = list(model.parameters())
+    groups = ([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}] if weight_decay
+              else [{"params": params, "weight_decay": 0.0}])
+    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = LR * lr_factor(step, steps=steps, warmup=warmup, schedule=schedule, min_ratio=0.0)
+        rows = [tokens[(i % count) * SEQ:(i % count) * SEQ + SEQ + 1] for i in range(step * BATCH, (step + 1) * BATCH)]
+        batch = torch.from_numpy(np.stack(rows))
+        logits = model(batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _run_jobs(rank: int, world: int, jobs: list[dict]) -> list:
+    """Every job in turn on these ranks; a job's outcome is its losses or its error message."""
+    import torch.distributed as dist
+
+    from plait.train import TrainJob, train_rank
+
+    dist.init_process_group("gloo")
+    out = []
+    for spec in jobs:
+        try:
+            out.append([r.loss for r in train_rank(TrainJob.from_dict(spec), show=False).records])
+        except ValueError as err:
+            out.append(f"error: {err}")
+    dist.destroy_process_group()
+    return out
+
+
+def assert_close(got, want, what):
+    assert isinstance(got, list), f"{what}: {got}"
+    assert len(got) == len(want), f"{what}: {len(got)} losses, expected {len(want)}"
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert abs(g - w) <= TOL * abs(w), f"{what}: step {step + 1} loss {g!r} != reference {w!r}"
+
+
+def test_lr_schedule_values():
+    from plait.train.optim import lr_factor
+
+    f = lambda s, kind, warmup=2: lr_factor(s, steps=10, warmup=warmup, schedule=kind, min_ratio=0.1)  # noqa: E731
+    assert [f(s, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert f(2, "cosine") == pytest.approx(1.0) and f(9, "cosine") == pytest.approx(0.1)
+    assert f(2, "linear") == pytest.approx(1.0) and f(9, "linear") == pytest.approx(0.1)
+    assert f(5, "linear", warmup=0) == pytest.approx(0.1 + 0.9 * (1 - 5 / 9))
+
+
+def test_single_process_equals_plain_loop(files):
+    from plait.train import TrainJob, train_rank
+
+    want = reference_losses(files)
+    got = [r.loss for r in train_rank(TrainJob.from_dict(job_dict(files)), show=False).records]
+    assert_close(got, want, "(1,1,1)")
+
+
+def test_two_ranks_layouts_and_resume(files, tmp_path):
+    """dp 2; pp 2 with zb1p; ZeRO-1 at dp 2 with clipping and weight decay; and 2+2 resumed steps."""
+    want = reference_losses(files)
+    save = str(tmp_path / "ck")
+    jobs = [job_dict(files, dp=2, microbatches=2),
+            job_dict(files, pp=2, schedule="zb1p", microbatches=2),
+            job_dict(files, dp=2, zero=1, steps=2, save=save, save_every=1, keep=2),
+            job_dict(files, pp=2, microbatches=2, resume=save, save=str(tmp_path / "ck2")),   # another layout
+            job_dict(files, dp=2, zero=1, resume=save, save=save, keep=2)]                   # the same layout
+    results = run_ranks(_run_jobs, 2, jobs, timeout=400)
+    for rank, outcome in enumerate(results):
+        assert_close(outcome[0], want, f"rank {rank} (2,1,1)")
+        assert_close(outcome[1], want, f"rank {rank} (1,2,1) zb1p")
+        assert_close(outcome[2], want[:2], f"rank {rank} ZeRO-1 dp2, first 2 steps")
+        assert_close(outcome[3], want[2:], f"rank {rank} resumed on (1,2,1)")
+        assert_close(outcome[4], want[2:], f"rank {rank} resumed on the same layout")
+    kept = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert kept == ["step-00000002", "step-00000004"], kept   # saved 1, 2, then 4 (the end); keep=2
+
+
+def test_four_ranks_tp_pp_with_clipping_and_decay(files, tmp_path):
+    want = reference_losses(files, clip=0.05, weight_decay=0.1, schedule="cosine", warmup=1)
+    jobs = [job_dict(files, pp=2, tp=2, microbatches=2, schedule="1f1b", clip_grad=0.05, weight_decay=0.1,
+                     lr_schedule="cosine", warmup=1),
+            job_dict(files, dp=2, tp=2, zero=1, clip_grad=0.05, weight_decay=0.1, lr_schedule="cosine", warmup=1,
+                     recompute="full")]
+    results = run_ranks(_run_jobs, 4, jobs, timeout=400)
+    for rank, outcome in enumerate(results):
+        assert_close(outcome[0], want, f"rank {rank} (1,2,2) 1f1b")
+        assert_close(outcome[1], want, f"rank {rank} (2,1,2) ZeRO-1, recompute full")
