@@ -99,9 +99,10 @@ def test_lr_schedule_values():
 
     f = lambda s, kind, warmup=2: lr_factor(s, steps=10, warmup=warmup, schedule=kind, min_ratio=0.1)  # noqa: E731
     assert [f(s, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
-    assert f(2, "cosine") == pytest.approx(1.0) and f(9, "cosine") == pytest.approx(0.1)
-    assert f(2, "linear") == pytest.approx(1.0) and f(9, "linear") == pytest.approx(0.1)
-    assert f(5, "linear", warmup=0) == pytest.approx(0.1 + 0.9 * (1 - 5 / 9))
+    assert f(2, "cosine") == pytest.approx(1.0) and f(10, "cosine") == pytest.approx(0.1)
+    assert f(6, "cosine") == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert f(2, "linear") == pytest.approx(1.0) and f(10, "linear") == pytest.approx(0.1)
+    assert f(5, "linear", warmup=0) == pytest.approx(0.1 + 0.9 * (1 - 5 / 10))
 
 
 def test_single_process_equals_plain_loop(files):

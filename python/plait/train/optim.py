@@ -27,12 +27,13 @@ from ..dp.clip import clip_scale, global_norm
 
 def lr_factor(step: int, *, steps: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """The multiplier of the peak lr at 0-based ``step``: linear warmup over ``warmup`` steps (the
-    first step at ``1/warmup``), then ``schedule`` from 1 down to ``min_ratio`` at the last step."""
+    first step at ``1/warmup``), then ``schedule`` from 1 down towards ``min_ratio``, which it
+    reaches after the last step (so the last step still learns when ``min_ratio`` is 0)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    span = max(1, steps - 1 - warmup)
+    span = max(1, steps - warmup)
     progress = min(1.0, (step - warmup) / span)
     if schedule == "linear":
         return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
