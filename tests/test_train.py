@@ -143,3 +143,91 @@ def test_four_ranks_tp_pp_with_clipping_and_decay(files, tmp_path):
     for rank, outcome in enumerate(results):
         assert_close(outcome[0], want, f"rank {rank} (1,2,2) 1f1b")
         assert_close(outcome[1], want, f"rank {rank} (2,1,2) ZeRO-1, recompute full")
+
+
+def test_recompute_selective_and_nonfinite_stop(files):
+    from plait.train import TrainJob, train_rank
+    from plait.train.loop import NonFiniteError
+
+    want = reference_losses(files, steps=2)
+    got = [r.loss for r in train_rank(TrainJob.from_dict(job_dict(files, steps=2, recompute="selective")),
+                                      show=False).records]
+    assert_close(got, want, "recompute selective")
+    with pytest.raises(NonFiniteError, match=r"step \d+: the loss is"):
+        train_rank(TrainJob.from_dict(job_dict(files, steps=6, lr=1e30)), show=False)
+
+
+def _die_at_step_3(rank: int, world: int, spec: dict) -> list[float]:
+    from plait.train import TrainJob, train_rank
+
+    def on_step(record):
+        if rank == 1 and record.step == 3:
+            os._exit(9)
+
+    return [r.loss for r in train_rank(TrainJob.from_dict(spec), on_step, show=False).records]
+
+
+def test_killed_rank_ends_the_job_and_resume_reproduces(files, tmp_path):
+    from plait.train import TrainJob, train_rank
+
+    save = str(tmp_path / "ck")
+    spec = job_dict(files, dp=2, save=save, save_every=2)
+    start = time.monotonic()
+    with pytest.raises(RanksFailed, match=r"ranks \[1\] died"):
+        run_ranks(_die_at_step_3, 2, spec, timeout=300, env={"PLAIT_TIMEOUT_S": "20"})
+    assert time.monotonic() - start < 120
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step-00000002"]   # no half-written step 3
+    got = [r.loss for r in train_rank(TrainJob.from_dict(job_dict(files, save=save, resume="latest")),
+                                      show=False).records]
+    assert_close(got, reference_losses(files)[2:], "resumed after the killed rank")
+
+
+def test_bad_files_are_refused_before_training(files, tmp_path):
+    """Each a ValueError naming the file, raised before any communication; nothing is overwritten."""
+    from plait.train import TrainJob, train_rank
+
+    def refused(match, **overrides):
+        with pytest.raises(ValueError, match=match):
+            train_rank(TrainJob.from_dict(job_dict(files, **overrides)), show=False)
+
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    refused(r"empty\.bin: the token file is empty", data=str(empty))
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\x01\x00\x02")
+    refused(r"odd\.bin: 3 bytes is not a whole number of uint16", data=str(odd))
+    big = tmp_path / "big.u32"
+    np.array([1, 2, VOCAB + 5, 3] * 8, dtype=np.uint32).tofile(big)
+    refused(rf"big\.u32: token id {VOCAB + 5} at position 2 is not below the model's vocabulary size {VOCAB}",
+            data=str(big))
+
+    save = tmp_path / "ck"
+    train_rank(TrainJob.from_dict(job_dict(files, steps=1, save=str(save))), show=False)
+    good = save / "step-00000001"
+    before = {p: p.read_bytes() for p in good.rglob("*") if p.is_file()}
+
+    truncated = tmp_path / "truncated"
+    import shutil
+
+    shutil.copytree(good, truncated)
+    part = truncated / "optimizer" / "part-00000-of-00001.safetensors"
+    part.write_bytes(part.read_bytes()[:-64])
+    refused(r"part-00000-of-00001\.safetensors: not a readable safetensors file", resume=str(truncated))
+    (truncated / "train_state.json").write_text('{"step": 1, "form')
+    refused(r"train_state\.json: truncated or corrupt", resume=str(truncated))
+
+    other = tmp_path / "other"
+    save_tiny("llama_mqa", other / "model")
+    refused(r"a checkpoint of another model", model=str(other / "model"), resume=str(good))
+    refused(r"other data settings \(seq: checkpoint 8, job 4\)", seq=4, resume=str(good))
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    refused(r"a-file/ck: cannot write checkpoints there", save=str(blocker / "ck"))   # even root cannot
+
+    # an error while writing (here: the temporary directory's name is taken) keeps the last checkpoint
+    (save / ".tmp-step-00000002").write_text("")
+    refused(r"writing checkpoint .*step-00000002 failed .*the previous checkpoint .*step-00000001 is intact",
+            steps=2, save=str(save), resume="latest")
+    assert sorted(p.name for p in save.iterdir()) == [".tmp-step-00000002", "step-00000001"]
+    assert {p: p.read_bytes() for p in good.rglob("*") if p.is_file()} == before
