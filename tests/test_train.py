@@ -41,11 +41,12 @@ def job_dict(files, **overrides) -> dict:
     return base
 
 
-def reference_losses(files, steps=STEPS, clip=0.0, weight_decay=0.0, schedule="constant", warmup=0) -> list[float]:
+def reference_losses(files, steps=STEPS, clip=0.0, weight_decay=0.0, schedule="constant", warmup=0,
+                     model=None) -> list[float]:
     """The plain single-process loop: transformers model, torch AdamW, the same sequences."""
     from plait.train.optim import lr_factor
 
-    model = load_reference(files["model"])
+    model = model if model is not None else load_reference(files["model"])
     tokens = np.fromfile(files["data"], dtype=np.uint16).astype(np.int64)
     count = (len(tokens) - 1) // SEQ
     params = list(model.parameters())
@@ -231,3 +232,69 @@ def test_bad_files_are_refused_before_training(files, tmp_path):
             steps=2, save=str(save), resume="latest")
     assert sorted(p.name for p in save.iterdir()) == [".tmp-step-00000002", "step-00000001"]
     assert {p: p.read_bytes() for p in good.rglob("*") if p.is_file()} == before
+
+
+def test_batches_wrap_shuffle_and_dp_slices(files):
+    from plait.train.data import Batches, TokenFile
+
+    data = TokenFile(files["data"], SEQ, VOCAB)
+    assert len(data) == 7
+    plain = Batches(data, global_batch=4, dp=2)
+    assert plain.indices(1).tolist() == [4, 5, 6, 0]                 # wraps at the end of the file
+    ids, targets = plain.batch(1, dp_rank=1)                         # DP rank 1: rows 2..3 of the batch
+    tokens = np.fromfile(files["data"], dtype=np.uint16).astype(np.int64)
+    assert ids[0].tolist() == tokens[6 * SEQ:7 * SEQ].tolist() and targets[1].tolist() == tokens[1:SEQ + 1].tolist()
+    shuffled = Batches(data, global_batch=7, dp=1, shuffle=True, seed=3)
+    epochs = [shuffled.indices(s).tolist() for s in range(3)]
+    assert all(sorted(e) == list(range(7)) for e in epochs)          # each epoch sees each sequence once
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(7))
+    assert Batches(data, 7, 1, True, seed=3).indices(1).tolist() == epochs[1]   # a function of (seed, step)
+
+
+def test_data_prepare_tokenizes_with_eos_between_documents(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    from plait.cli import main
+
+    words = ["<eos>", "hello", "world", "plait", "trains"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(tmp_path / "tok"))
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.jsonl").write_text('{"text": "plait trains"}\n{"text": "world"}\n')
+    out = tmp_path / "data.bin"
+    assert main(["data", "prepare", "--tokenizer", str(tmp_path / "tok"), "--input", str(tmp_path / "a.txt"),
+                 str(tmp_path / "b.jsonl"), "--output", str(out)]) == 0
+    assert np.fromfile(out, dtype=np.uint16).tolist() == [1, 2, 0, 3, 4, 0, 2, 0]
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    assert main(["data", "prepare", "--tokenizer", str(tmp_path / "tok"), "--input", str(tmp_path / "bad.jsonl"),
+                 "--output", str(tmp_path / "x.bin")]) == 2
+    assert not (tmp_path / "x.bin").exists()
+
+
+def test_cli_from_config_with_job_file(files, tmp_path, capsys):
+    """plait train job.yaml --json, from a transformers config.json: the reference is the same init (seed)."""
+    import json
+
+    import transformers as T
+
+    from hf_models import tiny_config
+    from plait.cli import main
+
+    tiny_config("llama").to_json_file(str(tmp_path / "config.json"))
+    job = {k: v for k, v in job_dict(files, steps=2).items() if k != "model"}
+    job["config"] = str(tmp_path / "config.json")
+    (tmp_path / "job.yaml").write_text("\n".join(f"{k}: {v}" for k, v in job.items()))
+    assert main(["train", str(tmp_path / "job.yaml"), "--json", "--seed", "5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    torch.manual_seed(5)
+    model = T.AutoModelForCausalLM.from_config(tiny_config("llama")).to(torch.float64)
+    assert_close([line["loss"] for line in lines[:2]], reference_losses(files, steps=2, model=model), "--config")
+    assert set(lines[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s"} and lines[-1]["summary"]
+
+    (tmp_path / "typo.yaml").write_text(f"data: {files['data']}\nmodel: {files['model']}\nglobal_bacth: 4\n")
+    assert main(["train", str(tmp_path / "typo.yaml")]) == 2
+    assert "unknown setting 'global_bacth'; did you mean 'global_batch'?" in capsys.readouterr().err
+    assert main(["train", "--model", files["model"], "--data", files["data"], "--lr", "nan"]) == 2
+    assert "lr must be a finite number" in capsys.readouterr().err

@@ -108,7 +108,9 @@ def _build_model(job: TrainJob, config, mesh, checkpoint: Optional[Path]):
 
     torch.manual_seed(job.seed)
     model = _transformers().AutoModelForCausalLM.from_config(config).to(dtype)
-    return plait.parallelize(model, mesh, config=job.parallel)
+    from ..parallelize import parallelize
+
+    return parallelize(model, mesh, config=job.parallel)
 
 
 # --------------------------------------------------------------------------- the job
