@@ -29,9 +29,10 @@ TOL = 1e-9
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     save_tiny("llama", root / "model")
+    save_tiny("llama_mqa", root / "mqa", seed=1)    # one KV head (replicated over TP), tied embeddings
     tokens = np.random.default_rng(0).integers(0, VOCAB, 7 * SEQ + 1).astype(np.uint16)  # 7 sequences: wraps
     tokens.tofile(root / "data.bin")
-    return {"model": str(root / "model"), "data": str(root / "data.bin"), "root": root}
+    return {"model": str(root / "model"), "mqa": str(root / "mqa"), "data": str(root / "data.bin"), "root": root}
 
 
 def job_dict(files, **overrides) -> dict:
@@ -135,15 +136,24 @@ def test_two_ranks_layouts_and_resume(files, tmp_path):
 
 
 def test_four_ranks_tp_pp_with_clipping_and_decay(files, tmp_path):
+    """(1,2,2) 1f1b; ZeRO-1 at (2,1,2) with full recompute on a model whose one KV head is replicated
+    over TP (its rows count once in the clipping norm); the tied MQA model over (1,2,2), saved."""
+    opts = dict(clip_grad=0.05, weight_decay=0.1, lr_schedule="cosine", warmup=1)
     want = reference_losses(files, clip=0.05, weight_decay=0.1, schedule="cosine", warmup=1)
-    jobs = [job_dict(files, pp=2, tp=2, microbatches=2, schedule="1f1b", clip_grad=0.05, weight_decay=0.1,
-                     lr_schedule="cosine", warmup=1),
-            job_dict(files, dp=2, tp=2, zero=1, clip_grad=0.05, weight_decay=0.1, lr_schedule="cosine", warmup=1,
-                     recompute="full")]
-    results = run_ranks(_run_jobs, 4, jobs, timeout=400)
+    want_mqa = reference_losses(files, clip=0.05, weight_decay=0.1, schedule="cosine", warmup=1,
+                                model=load_reference(files["mqa"]))
+    jobs = [job_dict(files, pp=2, tp=2, microbatches=2, schedule="1f1b", **opts),
+            job_dict(files, model=files["mqa"], dp=2, tp=2, zero=1, recompute="full", **opts),
+            job_dict(files, model=files["mqa"], pp=2, tp=2, save=str(tmp_path / "ck"), **opts)]
+    results = run_ranks(_run_jobs, 4, jobs, timeout=600)
     for rank, outcome in enumerate(results):
         assert_close(outcome[0], want, f"rank {rank} (1,2,2) 1f1b")
-        assert_close(outcome[1], want, f"rank {rank} (2,1,2) ZeRO-1, recompute full")
+        assert_close(outcome[1], want_mqa, f"rank {rank} MQA (2,1,2) ZeRO-1, recompute full")
+        assert_close(outcome[2], want_mqa, f"rank {rank} MQA tied (1,2,2)")
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "ck" / "step-00000004" / "optimizer" / "part-00000-of-00002.safetensors"))
+    assert "model.embed_tokens.weight.exp_avg" in state and state["model.embed_tokens.weight.exp_avg"].shape[0] == VOCAB
 
 
 def test_recompute_selective_and_nonfinite_stop(files):

@@ -12,12 +12,14 @@
   :class:`~plait.dp.ShardedOptimizer` (ZeRO-1) per group.
 - The schedule (:func:`lr_factor`) runs through ``torch.optim.lr_scheduler.LambdaLR``.
 - The gradient norm is the one-process norm of the whole model: squares summed over
-  DP shards (ZeRO), TP and PP, a parameter replicated over TP counted on TP rank 0, a
-  head tied to an embedding on another pipeline rank counted once.
+  DP shards (ZeRO), TP and PP, a parameter replicated over TP counted on TP rank 0, KV-head
+  rows replicated over TP counted on the lowest rank holding them, a head tied to an
+  embedding on another pipeline rank counted once.
 """
 from __future__ import annotations
 
 import math
+from typing import Union
 import torch
 from torch import nn
 
@@ -71,12 +73,29 @@ class Optimizer:
         factor = lambda s: lr_factor(s + start_step, steps=job.steps, warmup=job.warmup,  # noqa: E731
                                      schedule=job.lr_schedule, min_ratio=job.min_lr / job.lr)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.torch_optimizers]
-        self._counted = {id(p): self._counted_in_norm(n) for n, p in named}
+        self._counted = {id(p): self._counted_in_norm(n, p) for n, p in named}
 
-    def _counted_in_norm(self, name: str) -> bool:
+    def _counted_in_norm(self, name: str, param: nn.Parameter) -> Union[bool, torch.Tensor]:
+        """True: every element of this rank's ``param`` counts in the global norm; False: none (another
+        rank counts it); a flat 0/1 mask: the elements of rows that no lower TP rank (and no earlier
+        row here) holds too, for KV heads replicated over TP."""
         if self.model.tied and self.mesh.pp > 1 and name == self.model.plan.head + ".weight":
             return False   # the embedding on the first pipeline rank is the same parameter
-        return self.mesh.tp_rank == 0 or self.model.spec_of(name).dim is not None
+        spec = self.model.spec_of(name)
+        if spec.dim is None:
+            return self.mesh.tp_rank == 0
+        if not spec.replicated:
+            return True
+        seen = {i for r in range(self.mesh.tp_rank) for i in self.model.spec_of(name, r).index}
+        keep = []
+        for i in spec.index:
+            keep.append(i not in seen)
+            seen.add(i)
+        dim = (1 - spec.dim) if spec.transpose else spec.dim
+        shape = [1] * param.dim()
+        shape[dim] = len(keep)
+        mask = torch.tensor(keep, dtype=torch.float64, device=param.device).view(shape)
+        return mask.expand(param.shape).reshape(-1)
 
     @property
     def lr(self) -> float:
@@ -93,26 +112,35 @@ class Optimizer:
         for reducer in self.reducers:
             reducer.finish()
 
-    def _pairs(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
-        if self.sharded:
-            return [(piece.tensor.grad, piece.param) for s in self.sharded for mine in s.pieces for piece in mine
-                    if piece.param is not None]
-        return [(p.grad, p) for p in self.params if p.grad is not None]
+    def _pieces(self) -> list[tuple[torch.Tensor, nn.Parameter, int]]:
+        """(gradient, its parameter, the gradient's first element within the flat parameter) on this rank."""
+        if not self.sharded:
+            return [(p.grad, p, 0) for p in self.params if p.grad is not None]
+        out = []
+        for s in self.sharded:
+            for bucket, mine in zip(s.buckets, s.pieces):
+                starts = {id(p): offset for p, offset in zip(bucket.params, bucket.offsets)}
+                out += [(piece.tensor.grad, piece.param, piece.lo - starts[id(piece.param)]) for piece in mine
+                        if piece.param is not None]
+        return out
 
     @torch.no_grad()
     def clip(self, max_norm: float) -> torch.Tensor:
         """The global gradient L2 norm (float64); with ``max_norm > 0`` gradients are scaled to at most it."""
-        pairs = self._pairs()
+        pieces = self._pieces()
         squares = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
-        for grad, param in pairs:
-            if self._counted[id(param)]:
+        for grad, param, start in pieces:
+            counted = self._counted[id(param)]
+            if counted is True:
                 squares += grad.double().square().sum()
+            elif counted is not False:
+                squares += (grad.double().reshape(-1).square() * counted[start:start + grad.numel()]).sum()
         comms = [c for c in ((self.mesh.dp_comm,) if self.sharded else ()) + (self.mesh.tp_comm, self.mesh.pp_comm)
                  if c.size > 1]
         norm = global_norm(squares, comms)
         if max_norm > 0:
             scale = clip_scale(norm, max_norm)
-            for grad, _ in pairs:
+            for grad, _, _ in pieces:
                 grad.mul_(scale.to(grad.dtype))
         return norm
 
