@@ -23,10 +23,10 @@ _LAZY_NAMES = {
     "init_mesh": "mesh", "current_mesh": "mesh", "destroy_mesh": "mesh", "ParallelMesh": "mesh",
     "ColumnParallelLinear": "tp", "RowParallelLinear": "tp", "VocabParallelEmbedding": "tp",
     "vocab_parallel_cross_entropy": "tp", "PipelineEngine": "pp",
-    "ParallelConfig": "config", "parallelize": "parallelize", "ParallelModel": "parallelize",
+    "ParallelConfig": "config", "parallelize": "parallel", "ParallelModel": "parallel",
     "from_pretrained": "models.hf", "save_pretrained": "models.hf",
 }
-_SUBMODULES = ("comm", "dp", "models", "plan", "pp", "tp", "launch", "mesh", "config", "parallelize", "plans")
+_SUBMODULES = ("comm", "dp", "models", "plan", "pp", "tp", "launch", "mesh", "config", "parallel", "plans")
 
 __all__ = [*_LAZY_NAMES, *_SUBMODULES, "CommError", "CommTimeoutError", "PlaitError", "__version__"]
 

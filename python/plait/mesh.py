@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import Communicator
+from .config import ParallelConfig
 from .errors import default_timeout_s
 from .launch import free_port
 
@@ -66,6 +67,7 @@ class ParallelMesh:
     groups: dict[str, dist.ProcessGroup] = field(repr=False)
     comms: dict[str, Communicator] = field(repr=False)
     device_mesh: object = field(repr=False, default=None)
+    config: Optional[ParallelConfig] = field(repr=False, default=None)   # the layout it was made from
 
     @property
     def world_size(self) -> int:
@@ -138,8 +140,12 @@ def _check_same_config_everywhere(sizes: tuple[int, int, int], device: torch.dev
         raise ValueError(f"ranks disagree on the mesh: {detail}; pass the same dp, pp, tp on every rank")
 
 
-def init_mesh(dp: int = 1, pp: int = 1, tp: int = 1, backend: Optional[str] = None) -> ParallelMesh:
+def init_mesh(dp: "int | ParallelConfig" = 1, pp: int = 1, tp: int = 1, backend: Optional[str] = None
+              ) -> ParallelMesh:
     """Create the (dp, pp, tp) mesh, initializing torch.distributed if needed.
+
+    ``init_mesh(config)`` takes a :class:`~plait.ParallelConfig` (its sizes; the mesh keeps it as
+    ``mesh.config`` for ``parallelize`` and the engines); ``init_mesh(dp, pp, tp)`` makes a default one.
 
     ``backend`` None picks NCCL when CUDA is available, else gloo. Under
     torchrun the process's CUDA device becomes ``cuda:LOCAL_RANK``. A single
@@ -147,7 +153,14 @@ def init_mesh(dp: int = 1, pp: int = 1, tp: int = 1, backend: Optional[str] = No
     ``dp*pp*tp`` differs from the world size or ranks disagree on the sizes.
     """
     global _CURRENT
-    _validate_sizes(dp, pp, tp)
+    if isinstance(dp, ParallelConfig):
+        config = dp
+        if (pp, tp) != (1, 1):
+            raise ValueError("pass either a ParallelConfig or dp, pp, tp sizes to init_mesh, not both")
+        dp, pp, tp = config.dp, config.pp, config.tp
+    else:
+        _validate_sizes(dp, pp, tp)
+        config = ParallelConfig(dp=dp, pp=pp, tp=tp)
     world = dp * pp * tp
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend not in ("nccl", "gloo"):
@@ -168,7 +181,8 @@ def init_mesh(dp: int = 1, pp: int = 1, tp: int = 1, backend: Optional[str] = No
     _check_same_config_everywhere((dp, pp, tp), device)
 
     rank = dist.get_rank()
-    mesh = ParallelMesh(dp=dp, pp=pp, tp=tp, backend=backend, device=device, rank=rank, groups={}, comms={})
+    mesh = ParallelMesh(dp=dp, pp=pp, tp=tp, backend=backend, device=device, rank=rank, groups={}, comms={},
+                        config=config)
     for axis in AXES:
         lines = mesh.axis_lines(axis)
         mine, _ = dist.new_subgroups_by_enumeration(lines, timeout=timeout, backend=backend)

@@ -1,9 +1,9 @@
-"""``plait.plans``: the plans plait ships and how one is chosen (an alias of plait.parallelize's).
+"""``plait.plans``: the plans plait ships and how one is chosen (an alias of plait.parallel's).
 
     plan = plait.plans.for_model(model)     # or plait.plans.llama_plan(), gpt2_plan(), Plan(...)
     print(plan); plan.to_json()
 """
-from .parallelize.families import PLANS, for_model, gpt2_plan, llama_plan, translate_hf_plan
-from .parallelize.plan import FAMILIES, STYLES, Plan
+from .parallel.families import PLANS, for_model, gpt2_plan, llama_plan, translate_hf_plan
+from .parallel.plan import FAMILIES, STYLES, Plan
 
 __all__ = ["Plan", "STYLES", "FAMILIES", "PLANS", "for_model", "llama_plan", "gpt2_plan", "translate_hf_plan"]

@@ -45,6 +45,12 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.hidden // self.num_heads
 
+    # The names plans and loaders read from any model's config (transformers' spelling).
+    num_attention_heads = property(lambda self: self.num_heads)
+    num_key_value_heads = property(lambda self: self.num_heads)
+    hidden_size = property(lambda self: self.hidden)
+    tie_word_embeddings = False
+
     def check_layout(self, tp: int, pp: int = 1, num_virtual: int = 1) -> None:
         """Raise ValueError, saying how to fix it, if the model cannot be split this way."""
         for what, value in (("num_heads", self.num_heads), ("ffn_hidden", self.ffn_hidden),

@@ -1,47 +1,75 @@
-"""The reference GPT as pipeline chunks, balanced by cost, initialized identically in every layout.
+"""The reference GPT: a plain model, parallelized like any other through ``plait.parallelize``.
 
-A model of ``L`` blocks is cut into ``num_chunks`` contiguous chunks (``pp`` x
-virtual stages); the first chunk also holds the embedding, the last the head.
-Chunk ``c`` lives on pipeline rank ``c % pp`` (looping placement), so rank
-``r`` holds chunks ``r, r + pp, r + 2pp, ...``. Parameter names are global
-(``blocks.7.mlp.fc1.weight``) whatever the layout, and every parameter is drawn
-from a generator seeded by (seed, name) and then sharded, so (dp, pp, tp) = (1,
-1, 1) and any other layout start from the very same model.
+:class:`GPT` has no parallel code; :func:`gpt_plan` is its plan (plain data), and
+:func:`build_stages` is ``parallelize`` applied to a GPT initialized from a seed. A model
+of ``L`` blocks is cut into ``pp`` x virtual-stage chunks balanced by cost (the first also
+holds the embedding, the last the head); chunk ``c`` lives on pipeline rank ``c % pp``.
+Parameter names are global (``blocks.7.mlp.fc1.weight``) whatever the layout, and every
+parameter is drawn from a generator seeded by (seed, name) before it is sharded, so (dp, pp,
+tp) = (1, 1, 1) and any other layout start from the very same model.
 """
 from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..comm import Communicator
+from ..config import ParallelConfig
+from ..parallel import Plan
+from ..parallel.stage import DecoderStage, balanced_partition
 from ..tp import vocab_parallel_cross_entropy
 from .config import GPTConfig
-from .layers import Block, Embedding, Head
+from .layers import Block, PositionEmbedding
+
+GPTStage = DecoderStage   # a GPT chunk is a DecoderStage of the "plait" family
 
 
-class GPTStage(nn.Module):
-    """One chunk: the embedding if first, blocks ``layers``, the head if last. Tensor in, tensor out."""
+class GPT(nn.Module):
+    """Token and position embeddings, ``num_layers`` pre-LN blocks, final LayerNorm, untied head.
 
-    def __init__(self, cfg: GPTConfig, comm: Communicator, layers: range, first: bool, last: bool) -> None:
+    ``forward(ids [batch, seq]) -> logits [batch, seq, vocab]``; inside, ``[seq, batch, hidden]``.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.cfg, self.comm, self.layers = cfg, comm, layers
-        self.embedding = Embedding(cfg, comm) if first else None
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, comm) for i in layers})
-        self.head = Head(cfg, comm) if last else None
+        self.config = cfg
+        self.embedding = nn.Module()
+        self.embedding.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden, dtype=cfg.dtype)
+        self.embedding.positions = PositionEmbedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = nn.Module()
+        self.head.ln = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps, dtype=cfg.dtype)
+        self.head.proj = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False, dtype=cfg.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embedding is not None:
-            x = self.embedding(x)
-        for block in self.blocks.values():
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding.tokens(ids.t()) + self.embedding.positions(ids.shape[1]).unsqueeze(1)
+        for block in self.blocks:
             x = block(x)
-        return self.head(x) if self.head is not None else x
+        return self.head.proj(self.head.ln(x)).transpose(0, 1)
 
-    def extra_repr(self) -> str:
-        return f"layers={self.layers.start}..{self.layers.stop - 1}, tp={self.comm.size}"
+    def plait_plan(self) -> Plan:
+        return gpt_plan()
+
+    def stage_costs(self) -> tuple[float, float, float]:
+        """Relative cost of one block, the embedding and the head (for the pipeline split)."""
+        embed, block, head = chunk_costs(self.config)
+        return block, embed, head
+
+
+def gpt_plan() -> Plan:
+    """The GPT's plan: whole heads per rank (QKV rows are head-interleaved), vocab-parallel table and head."""
+    return Plan(
+        name="plait-gpt", family="plait",
+        styles={"embedding.tokens": "vocab_embed", "head.proj": "vocab_head", "blocks.*.attn": "attention",
+                "blocks.*.attn.qkv": "colwise", "blocks.*.attn.out": "rowwise", "blocks.*.mlp.fc1": "colwise",
+                "blocks.*.mlp.fc2": "rowwise"},
+        embed="embedding.tokens", positions="embedding.positions", layers="blocks", norm="head.ln",
+        head="head.proj", tied=False)
 
 
 def chunk_costs(cfg: GPTConfig) -> tuple[float, float, float]:
@@ -53,30 +81,8 @@ def chunk_costs(cfg: GPTConfig) -> tuple[float, float, float]:
 
 def partition(cfg: GPTConfig, num_chunks: int) -> list[range]:
     """Contiguous block ranges, one per chunk, minimizing the costliest chunk (embedding and head counted)."""
-    layers = cfg.num_layers
-    if not 1 <= num_chunks <= layers:
-        raise ValueError(f"cannot cut {layers} layers into {num_chunks} chunks; need 1 <= chunks <= layers")
     embed, block, head = chunk_costs(cfg)
-
-    def cost(start: int, stop: int) -> float:
-        return (stop - start) * block + (embed if start == 0 else 0.0) + (head if stop == layers else 0.0)
-
-    # best[c][i]: minimal max-cost of cutting the first i layers into c chunks
-    inf = float("inf")
-    best = [[inf] * (layers + 1) for _ in range(num_chunks + 1)]
-    cut = [[0] * (layers + 1) for _ in range(num_chunks + 1)]
-    best[0][0] = 0.0
-    for c in range(1, num_chunks + 1):
-        for i in range(c, layers - (num_chunks - c) + 1):
-            for j in range(c - 1, i):
-                value = max(best[c - 1][j], cost(j, i))
-                if value < best[c][i]:
-                    best[c][i], cut[c][i] = value, j
-    bounds, i = [], layers
-    for c in range(num_chunks, 0, -1):
-        bounds.append(range(cut[c][i], i))
-        i = cut[c][i]
-    return bounds[::-1]
+    return balanced_partition(cfg.num_layers, num_chunks, block, embed, head)
 
 
 def _init_value(name: str, shape: torch.Size, cfg: GPTConfig, gen: torch.Generator) -> torch.Tensor:
@@ -107,32 +113,56 @@ def tp_shard(full, param: torch.Tensor, comm: Communicator):
 
 
 @torch.no_grad()
-def init_parameters(stage: GPTStage, seed: int) -> None:
-    """Set every parameter from (seed, global name), then keep this rank's TP shard."""
-    for name, param in stage.named_parameters():
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        full = _init_value(name, torch.Size(full_shape(param, stage.comm.size)), stage.cfg, gen)
-        param.copy_(tp_shard(full, param, stage.comm).to(param.dtype))
+def init_parameters(model: nn.Module, seed: int) -> None:
+    """Set every parameter of the whole (unsharded) model from (seed, global name)."""
+    cfg = model.config
+    for name, param in model.named_parameters():
+        # The positions' seed key keeps its name from before the GPT became a plain model
+        # ("embedding.positions"), so a seed still gives the same model as in earlier versions.
+        key = "embedding.positions" if name == "embedding.positions.weight" else name
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+        param.copy_(_init_value(name, param.shape, cfg, gen).to(param.dtype))
+
+
+@dataclass
+class StageMesh:
+    """The parts of a mesh that ``parallelize`` reads, for building stages over one TP communicator."""
+
+    tp_comm: Communicator
+    pp: int
+    pp_rank: int
+    device: torch.device
+    config: ParallelConfig
+
+    dp = property(lambda self: 1)
+    tp = property(lambda self: self.tp_comm.size)
+    tp_rank = property(lambda self: self.tp_comm.rank)
 
 
 def build_stages(cfg: GPTConfig, comm: Communicator, pp: int, pp_rank: int, num_virtual: int = 1,
-                 seed: int = 0) -> list[GPTStage]:
-    """This pipeline rank's chunks (looping placement), built over TP communicator ``comm`` and initialized."""
+                 seed: int = 0) -> list[DecoderStage]:
+    """This pipeline rank's chunks (looping placement) of a GPT initialized from ``seed``, tensor-parallel
+    over ``comm``: ``plait.parallelize`` with :func:`gpt_plan`."""
+    from ..parallel import parallelize
+
     cfg.check_layout(comm.size, pp, num_virtual)
     if not 0 <= pp_rank < pp:
         raise ValueError(f"pp_rank {pp_rank} is outside 0..{pp - 1}")
-    ranges = partition(cfg, pp * num_virtual)
-    stages = []
-    for chunk in range(pp_rank, pp * num_virtual, pp):
-        stage = GPTStage(cfg, comm, ranges[chunk], first=chunk == 0, last=chunk == len(ranges) - 1)
-        init_parameters(stage, seed)
-        stages.append(stage)
+    config = ParallelConfig(pp=pp, tp=comm.size, num_virtual=num_virtual,
+                            schedule="interleaved" if num_virtual > 1 else "1f1b",
+                            sequence_parallel=cfg.sequence_parallel)
+    model = GPT(cfg)
+    init_parameters(model, seed)
+    parallel = parallelize(model, StageMesh(comm, pp, pp_rank, torch.device("cpu"), config), config=config)
+    stages = list(parallel.stages)
+    for stage in stages:
+        stage.cfg, stage.comm = cfg, comm
     return stages
 
 
 def gpt_loss(logits: torch.Tensor, targets: torch.Tensor, comm: Communicator) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits ``[seq, batch, V/tp]``, targets ``[batch, seq]``."""
-    return vocab_parallel_cross_entropy(logits, targets.t(), comm)
+    """Mean next-token cross-entropy: logits ``[batch, seq, V/tp]``, targets ``[batch, seq]``."""
+    return vocab_parallel_cross_entropy(logits, targets, comm)
 
 
 def full_state_dict(stages: Sequence[GPTStage], grads: bool = False) -> dict[str, torch.Tensor]:

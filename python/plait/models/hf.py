@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..comm import Communicator
 from ..config import ParallelConfig
-from ..parallelize import ParallelModel, SafetensorsSource, parallelize
+from ..parallel import ParallelModel, SafetensorsSource, parallelize
 
 # Files beside the weights that a saved checkpoint should carry along (tokenizer, generation settings).
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

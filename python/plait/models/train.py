@@ -22,10 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..config import ParallelConfig
 from .config import GPTConfig
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")
-ZERO_STAGES = (0, 1)
 
 
 @dataclass
@@ -49,22 +47,16 @@ class TrainJob:
     clip_grad: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("dp", "pp", "tp", "num_virtual", "microbatches", "global_batch", "steps"):
+        for name in ("microbatches", "global_batch", "steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.zero, int) or isinstance(self.zero, bool) or self.zero not in ZERO_STAGES:
-            raise ValueError(f"zero must be one of {ZERO_STAGES} (0: off, 1: optimizer state sharded over DP), "
-                             f"got {self.zero!r}; ZeRO stages 2 and 3 are not implemented")
         if not (isinstance(self.clip_grad, (int, float)) and self.clip_grad >= 0):
             raise ValueError(f"clip_grad must be a number >= 0 (0: no clipping), got {self.clip_grad!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
-        if self.schedule == "interleaved" and self.num_virtual < 2:
-            raise ValueError(f"the interleaved schedule needs num_virtual >= 2 (--vpp), got {self.num_virtual}")
-        if self.schedule in ("gpipe", "1f1b") and self.num_virtual > 1:
-            raise ValueError(f"virtual stages (num_virtual={self.num_virtual}) need the interleaved or zb1p "
-                             f"schedule; {self.schedule!r} runs one stage per rank")
+        # the layout rules (sizes, schedule, virtual stages, ZeRO) have one owner
+        self.parallel = ParallelConfig(dp=self.dp, pp=self.pp, tp=self.tp, num_virtual=self.num_virtual,
+                                       schedule=self.schedule, sequence_parallel=self.model.sequence_parallel,
+                                       zero=self.zero)
         if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.bucket_mb, (int, float)) and not isinstance(self.bucket_mb, bool)

@@ -70,8 +70,9 @@ def closed_form_bubble(schedule: str, p: int, m: int, v: int = 1) -> Bubble:
     if schedule == "interleaved":
         warm = (p - 1) / v
         return Bubble(warm / (m + warm), min(m * v, v * p + p - 1), "closed-form", min(m * v, (v - 1) * p + 1))
-    if schedule == "zb1p":
-        return Bubble((p - 1) / (3 * m + p - 1), min(m, p), "closed-form", min(m, p))
+    if schedule == "zb1p":   # v virtual stages shrink the warm-up as in interleaved
+        warm = (p - 1) / v
+        return Bubble(warm / (3 * m + warm), min(m * v, v * p), "closed-form", min(m, p))
     raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
 
 

@@ -16,10 +16,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..config import SCHEDULE_ALIASES, SCHEDULES, ParallelConfig
 from .config import RECOMPUTE_MODES, HardwareSpec, JobSpec, ModelSpec
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")  # the names plait.pp uses
-SCHEDULE_ALIASES = {"zb-h1": "zb1p", "zbh1": "zb1p"}
 
 
 @dataclass(frozen=True)
@@ -40,16 +38,20 @@ class Layout:
     sequence_parallel: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("dp", "pp", "tp", "num_virtual", "microbatch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"layout: {name}={getattr(self, name)} must be >= 1")
-        object.__setattr__(self, "schedule", SCHEDULE_ALIASES.get(self.schedule, self.schedule))  # frozen
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"layout: unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
+        if not isinstance(self.microbatch_size, int) or self.microbatch_size < 1:
+            raise ValueError(f"layout: microbatch_size={self.microbatch_size!r} must be a positive int")
+        try:   # the layout rules (sizes, schedule, virtual stages) have one owner: ParallelConfig
+            config = self.parallel_config()
+        except ValueError as err:
+            raise ValueError(f"layout: {err}") from None
+        object.__setattr__(self, "schedule", config.schedule)  # frozen; canonical name (aliases resolved)
         if self.recompute is not None and self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"layout: unknown recompute {self.recompute!r}; use one of {RECOMPUTE_MODES}")
-        if self.schedule != "interleaved" and self.num_virtual != 1:
-            raise ValueError(f"layout: num_virtual={self.num_virtual} needs schedule='interleaved'")
+
+    def parallel_config(self) -> ParallelConfig:
+        """This layout as the ParallelConfig that init_mesh, parallelize and plait train take."""
+        return ParallelConfig(dp=self.dp, pp=self.pp, tp=self.tp, num_virtual=self.num_virtual,
+                              schedule=self.schedule, sequence_parallel=bool(self.sequence_parallel))
 
     @property
     def num_gpus(self) -> int:

@@ -22,10 +22,9 @@ generator works for fewer microbatches than stages (the bubble is then large).
 """
 from __future__ import annotations
 
+from ..config import SCHEDULES, ParallelConfig, canonical_schedule
 from .actions import Action, Kind
 from .schedule import Schedule
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")
 
 
 def _positive(name: str, value) -> int:
@@ -121,18 +120,14 @@ def zb1p(num_stages: int, num_microbatches: int, num_virtual: int = 1) -> Schedu
 def build_schedule(name: str, num_stages: int, num_microbatches: int, num_virtual: int = 1) -> Schedule:
     """The compute-only schedule ``name`` (one of :data:`SCHEDULES`) for ``num_stages`` pipeline
     ranks, ``num_microbatches`` microbatches and ``num_virtual`` stages per rank."""
-    if not isinstance(name, str) or name.lower() not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; use one of {list(SCHEDULES)}, or write your own "
-                         f"with plait.pp.parse_schedule")
-    name = name.lower()
+    try:
+        name = canonical_schedule(name)
+    except ValueError as err:
+        raise ValueError(f"{err}, or write your own with plait.pp.parse_schedule") from None
     p = _positive("num_stages", num_stages)
     m = _positive("num_microbatches", num_microbatches)
     v = _positive("num_virtual", num_virtual)
-    if name in ("gpipe", "1f1b") and v != 1:
-        raise ValueError(f"{name!r} runs one stage per rank, got num_virtual={v}; use 'interleaved' or "
-                         f"'zb1p' for several stages per rank")
-    if name == "interleaved" and v < 2:
-        raise ValueError(f"'interleaved' needs num_virtual >= 2 stages per rank, got {v}; use '1f1b' for one")
+    ParallelConfig(pp=p, num_virtual=v, schedule=name)   # the schedule/virtual-stage rules live there
     if name == "gpipe":
         return gpipe(p, m)
     if name == "1f1b":

@@ -3,7 +3,7 @@
 A :class:`Plan` maps module-name patterns (``fnmatch``, ``*`` matching one or more name
 parts such as a layer index) to **styles**, and names the decoder's pieces for the
 pipeline split. It prints, round-trips through JSON and is checked against a model
-(:func:`plait.parallelize.check_plan`) before anything is communicated.
+(:func:`plait.parallel.check_plan`) before anything is communicated.
 
 =================  ====================================================================
 style              what happens to the matched module

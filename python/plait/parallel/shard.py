@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -170,8 +170,9 @@ class StateDictSource:
 class SafetensorsSource:
     """A transformers checkpoint directory: ``model.safetensors`` or ``model.safetensors.index.json`` shards.
 
-    Reads only the requested rows of each tensor (``get_slice``); files are opened lazily
-    and kept open (memory-mapped, nothing resident until read).
+    Reads only the requested rows of each tensor (``get_slice``). Each read opens the file
+    (a memory map) and closes it again, so the pages a read touched leave this process's
+    resident memory with it: a rank's peak stays near its own shard plus one tensor.
     """
 
     def __init__(self, directory) -> None:
@@ -184,50 +185,53 @@ class SafetensorsSource:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as err:
+                self.files = {str(name): self.directory / str(file) for name, file in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise ValueError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map': "
                                  f"{err})") from None
-            self.files = {name: self.directory / file for name, file in weight_map.items()}
         elif single.exists():
             self.files = None
-            self._single = single
         else:
             raise ValueError(f"{self.directory}: no model.safetensors or model.safetensors.index.json; plait "
                              f"loads transformers checkpoints saved as safetensors")
-        self._open: dict[Path, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in sorted({single} if self.files is None else set(self.files.values())):
+            with self._open(path) as handle:
+                for name in handle.keys():
+                    self._shapes[name] = tuple(handle.get_slice(name).get_shape())
         if self.files is None:
-            self.files = {name: single for name in self._handle(single).keys()}
+            self.files = {name: single for name in self._shapes}
+        missing = sorted(set(self.files) - set(self._shapes))
+        if missing:
+            raise ValueError(f"{index}: names tensors its files do not hold, e.g. {missing[:3]}")
 
-    def _handle(self, path: Path):
-        if path not in self._open:
-            if not path.exists():
-                raise ValueError(f"{path}: missing safetensors file named by the checkpoint index")
-            try:
-                self._open[path] = self._safe_open(str(path), framework="pt", device="cpu")
-            except Exception as err:  # safetensors raises its own error types for corrupt headers
-                raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-        return self._open[path]
+    def _open(self, path: Path):
+        if not path.exists():
+            raise ValueError(f"{path}: missing safetensors file named by the checkpoint index")
+        try:
+            return self._safe_open(str(path), framework="pt", device="cpu")
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
     def names(self) -> set[str]:
         return set(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+        return self._shapes[name]
 
     def read(self, spec: ShardSpec) -> torch.Tensor:
-        handle = self._handle(self.files[spec.name])
-        try:
-            if spec.dim is None:
-                return handle.get_tensor(spec.name)
-            sliced = handle.get_slice(spec.name)
-            size = sliced.get_shape()[spec.dim]
-            lead = (slice(None),) * spec.dim
-            return assemble(spec, size, lambda a, b: sliced[(*lead, slice(a, b))])
-        except ValueError:
-            raise
-        except Exception as err:
-            raise ValueError(f"{self.files[spec.name]}: cannot read tensor {spec.name!r} ({err}); the file is "
-                             f"truncated or corrupt") from None
+        path = self.files[spec.name]
+        with self._open(path) as handle:
+            try:
+                if spec.dim is None:
+                    return handle.get_tensor(spec.name).clone()
+                sliced = handle.get_slice(spec.name)
+                size = sliced.get_shape()[spec.dim]
+                lead = (slice(None),) * spec.dim
+                return assemble(spec, size, lambda a, b: sliced[(*lead, slice(a, b))].clone())
+            except ValueError:
+                raise
+            except Exception as err:
+                raise ValueError(f"{path}: cannot read tensor {spec.name!r} ({err}); the file is truncated or "
+                                 f"corrupt") from None
 
-    def iter_names(self) -> Iterator[str]:
-        return iter(sorted(self.files))

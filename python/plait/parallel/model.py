@@ -12,6 +12,7 @@ replaced, so pass a copy to keep the original. Parameter names stay the model's 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -43,8 +44,10 @@ def resolve_plan(model: nn.Module, plan: Union[Plan, dict, str, None]) -> Plan:
 
 def _config_for(mesh, config: Optional[ParallelConfig], sequence_parallel: bool, overlap: str) -> ParallelConfig:
     if config is None:
-        return ParallelConfig(dp=mesh.dp, pp=mesh.pp, tp=mesh.tp, sequence_parallel=sequence_parallel,
-                              overlap=overlap)
+        base = getattr(mesh, "config", None) or ParallelConfig(dp=mesh.dp, pp=mesh.pp, tp=mesh.tp)
+        changes = {k: v for k, v in (("sequence_parallel", sequence_parallel), ("overlap", overlap))
+                   if v != getattr(ParallelConfig, k)}   # explicit arguments win over the mesh's config
+        return dataclasses.replace(base, **changes)
     if not isinstance(config, ParallelConfig):
         raise ValueError(f"config must be a plait.ParallelConfig, got {type(config).__name__}")
     if (config.dp, config.pp, config.tp) != (mesh.dp, mesh.pp, mesh.tp):
@@ -263,7 +266,7 @@ def parallelize(model: nn.Module, mesh, plan: Union[Plan, dict, str, None] = Non
         config: the :class:`~plait.ParallelConfig` (its dp/pp/tp must be the mesh's); None derives
             one from the mesh with ``sequence_parallel`` and ``overlap``.
         source: where parameters are read from (default: the model's own tensors); a
-            :class:`~plait.parallelize.shard.SafetensorsSource` for a model built on the meta device.
+            :class:`~plait.parallel.shard.SafetensorsSource` for a model built on the meta device.
         dtype: cast parameters to this dtype (default: keep each tensor's).
 
     Everything is checked on each rank before any communication.
@@ -283,12 +286,15 @@ def parallelize(model: nn.Module, mesh, plan: Union[Plan, dict, str, None] = Non
     chunks = list(range(mesh.pp_rank, config.num_chunks, mesh.pp))
     stages = build_stages(model, plan, config.num_chunks, chunks)
     rewriter = Rewriter(mesh.tp_comm, dims, _TiedSource(source, plan) if tied else source, dtype, mesh.device,
-                        config.overlap)
+                        config.overlap, config.sequence_parallel)
     for stage in stages:
+        stage.comm, stage.sequence_parallel = mesh.tp_comm, config.sequence_parallel
         _rewrite_stage(stage, styles, rewriter, dims, mesh.tp)
         _materialize_rest(stage, rewriter)
         _rebuild_meta_buffers(stage, getattr(model, "config", None))
         stage.to(mesh.device)
+        if config.sequence_parallel and mesh.tp > 1:
+            _sum_replicated_grads_over_tp(stage, mesh.tp_comm)
     _tie_on_this_rank(stages, tied)
     return ParallelModel(stages, mesh, config, plan, getattr(model, "config", None), dims, tied)
 
@@ -330,6 +336,26 @@ def _rewrite_stage(stage: DecoderStage, styles: dict[str, str], rewriter: Rewrit
         new.plait_specs_by_rank = [param_specs(name, module, style, dims, tp, r) for r in range(tp)]
         parent, _, leaf = name.rpartition(".")
         setattr(stage.get_submodule(parent) if parent else stage, leaf, new)
+
+
+class _SumOverTP:
+    """A gradient hook: the sum of a replicated parameter's gradient over the TP group (picklable, named)."""
+
+    def __init__(self, comm) -> None:
+        self.comm = comm
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(grad.clone())
+
+
+def _sum_replicated_grads_over_tp(stage: DecoderStage, comm) -> None:
+    """Under sequence parallelism each rank sees a sequence shard, so a parameter left whole on every rank
+    (norms, positions) gets a partial gradient: sum it over TP at each use (as Megatron does for norms)."""
+    for name, param in stage.named_parameters():
+        module_name = name.rpartition(".")[0]
+        owner = stage.get_submodule(module_name) if module_name else stage
+        if getattr(owner, "plait_specs_by_rank", None) is None:
+            param.register_hook(_SumOverTP(comm))
 
 
 def _materialize_rest(stage: DecoderStage, rewriter: Rewriter) -> None:

@@ -122,7 +122,13 @@ class DecoderStage(nn.Module):
     def layers(self) -> list[nn.Module]:
         return [self.get_submodule(p) for p in self.layer_paths]
 
+    # set by parallelize: the TP communicator and whether activations are sequence shards
+    comm = None
+    sequence_parallel = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plan.family == "plait":
+            return self._forward_seq_first(x)
         if self.first:
             if x.dim() != 2 or x.is_floating_point():
                 raise ValueError(f"the first pipeline stage takes token ids [batch, seq], got {x.dtype} "
@@ -140,6 +146,23 @@ class DecoderStage(nn.Module):
         if self.last:
             h = self.part("head")(self.part("norm")(h))
         return h
+
+    def _forward_seq_first(self, x: torch.Tensor) -> torch.Tensor:
+        """plait's GPT: ``[seq(/tp), batch, hidden]`` inside (sequence shards under SP), logits ``[batch, seq, V/tp]``."""
+        if self.first:
+            if x.dim() != 2 or x.is_floating_point():
+                raise ValueError(f"the first pipeline stage takes token ids [batch, seq], got {x.dtype} "
+                                 f"{list(x.shape)}")
+            h = self.part("embed")(x.t().contiguous())                 # [seq(/tp), batch, H]
+            positions = self.part("positions")(x.shape[1])             # [seq, H]
+            if self.sequence_parallel:
+                positions = positions.chunk(self.comm.size, dim=0)[self.comm.rank]
+            x = h + positions.unsqueeze(1)
+        for layer in self.layers():
+            x = layer(x)
+        if self.last:
+            x = self.part("head")(self.part("norm")(x)).transpose(0, 1)
+        return x
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if not self.layer_paths:
@@ -173,5 +196,6 @@ def build_stages(model: nn.Module, plan: Plan, num_chunks: int, chunks: Sequence
     """The stages of chunk numbers ``chunks`` of ``model`` cut into ``num_chunks`` balanced chunks."""
     stack = model.get_submodule(plan.layers)
     num_layers = len(stack)
-    ranges = balanced_partition(num_layers, num_chunks, *stage_costs(model, plan, num_layers))
+    costs = model.stage_costs() if hasattr(model, "stage_costs") else stage_costs(model, plan, num_layers)
+    ranges = balanced_partition(num_layers, num_chunks, *costs)
     return [DecoderStage(model, plan, ranges[c], first=c == 0, last=c == num_chunks - 1) for c in chunks]

@@ -2,7 +2,7 @@
 
 Everything here is rank-local and deterministic, so a bad plan or a shape that does not
 divide is a ValueError on every rank before any communication. Parameters are read from a
-:class:`~plait.parallelize.shard.TensorSource` (the model's own tensors, or a checkpoint on
+:class:`~plait.parallel.shard.TensorSource` (the model's own tensors, or a checkpoint on
 disk for a model built on the meta device), one TP slice at a time.
 """
 from __future__ import annotations
@@ -210,6 +210,7 @@ class Rewriter:
     dtype: Optional[torch.dtype]
     device: torch.device
     overlap: str = "auto"
+    sequence_parallel: bool = False
 
     def specs(self, name: str, module: nn.Module, style: str) -> dict[str, ShardSpec]:
         return param_specs(name, module, style, self.dims, self.comm.size, self.comm.rank)
@@ -217,11 +218,13 @@ class Rewriter:
     def build(self, name: str, module: nn.Module, style: str) -> nn.Module:
         tp, rank = self.comm.size, self.comm.rank
         specs = self.specs(name, module, style)
-        kw = dict(group=self.comm, dtype=self.dtype or _dtype_of(module), device="meta", overlap=self.overlap)
+        sp = self.sequence_parallel
+        kw = dict(group=self.comm, dtype=self.dtype or _dtype_of(module), device="meta", overlap=self.overlap,
+                  sequence_parallel=sp)
         if style == "vocab_embed":
             per, padded, _ = local_vocab(module.num_embeddings, tp, rank)
             new = VocabParallelEmbedding(padded, module.embedding_dim, self.comm, padding_idx=module.padding_idx,
-                                         dtype=kw["dtype"], device="meta")
+                                         sequence_parallel=sp, dtype=kw["dtype"], device="meta")
             new.num_embeddings = module.num_embeddings   # ids past the real vocabulary are rejected
             split = {"weight": 0}
         elif style == "rowwise":

@@ -1,9 +1,9 @@
-"""plait.parallelize: make any plain model data-, pipeline- and tensor-parallel from a plan.
+"""plait.parallel: make any plain model data-, pipeline- and tensor-parallel from a plan.
 
     model = plait.parallelize(plain_model, mesh, plan=None)   # -> plait.ParallelModel
 
-See :mod:`plait.parallelize.plan` for plans and styles, :mod:`plait.parallelize.stage` for
-the pipeline split, :mod:`plait.parallelize.model` for :class:`ParallelModel`.
+See :mod:`plait.parallel.plan` for plans and styles, :mod:`plait.parallel.stage` for
+the pipeline split, :mod:`plait.parallel.model` for :class:`ParallelModel`.
 """
 from .apply import check_plan
 from .families import PLANS, for_model, gpt2_plan, llama_plan, translate_hf_plan
