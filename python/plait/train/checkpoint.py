@@ -36,8 +36,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from ..parallelize import SafetensorsSource
-from ..parallelize.shard import ShardSpec
+from ..parallel import SafetensorsSource, ShardSpec
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_DIR = "optimizer"
@@ -105,11 +104,8 @@ def check_checkpoint(checkpoint: Path, shapes: dict[str, tuple[int, ...]], finge
     if state["shapes"] != expected:
         diff = _first_difference(state["shapes"], expected)
         raise ValueError(f"{checkpoint}: a checkpoint of another model ({diff})")
-    model = SafetensorsSource(checkpoint)
+    model = SafetensorsSource(checkpoint)    # opens every file: checks each header and the file's length
     optimizer = SafetensorsSource(checkpoint / OPTIMIZER_DIR)
-    for source, where in ((model, checkpoint), (optimizer, checkpoint / OPTIMIZER_DIR)):
-        for path in sorted(set(source.files.values())):
-            source._handle(path)   # opens and checks the header and the file's length
     for name, shape in expected.items():
         _check_tensor(model, checkpoint, name, shape)
         for key in state["optimizer_keys"]:

@@ -87,7 +87,7 @@ def model_config(job: TrainJob):
 def parameter_shapes(config) -> tuple[dict[str, tuple[int, ...]], Optional[str]]:
     """Every parameter's shape (built on the meta device) and the tied head's name, if tied."""
     from ..models.hf import build_on_meta
-    from ..parallelize.model import resolve_plan
+    from ..parallel.model import resolve_plan
 
     meta = build_on_meta(config)
     plan = resolve_plan(meta, None)
@@ -108,7 +108,7 @@ def _build_model(job: TrainJob, config, mesh, checkpoint: Optional[Path]):
 
     torch.manual_seed(job.seed)
     model = _transformers().AutoModelForCausalLM.from_config(config).to(dtype)
-    from ..parallelize import parallelize
+    from ..parallel import parallelize
 
     return parallelize(model, mesh, config=job.parallel)
 
@@ -155,7 +155,7 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
         check_writable(job.save)
 
     owns = not torch.distributed.is_initialized()   # else the caller's process group outlives the job
-    mesh = plait.init_mesh(dp=job.dp, pp=job.pp, tp=job.tp)
+    mesh = plait.init_mesh(job.parallel)
     try:
         summary = _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, on_step,
                          show if show is not None else mesh.rank == 0, started)
