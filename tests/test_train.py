@@ -116,7 +116,8 @@ def test_single_process_equals_plain_loop(files):
 
 
 def test_two_ranks_layouts_and_resume(files, tmp_path):
-    """dp 2; pp 2 with zb1p; ZeRO-1 at dp 2 with clipping and weight decay; and 2+2 resumed steps."""
+    """dp 2; pp 2 with zb1p; ZeRO-1 at dp 2; 2+2 resumed steps on the same and another layout; tied
+    embeddings across pipeline ranks with clipping."""
     want = reference_losses(files)
     save = str(tmp_path / "ck")
     jobs = [job_dict(files, dp=2, microbatches=2),
@@ -124,8 +125,12 @@ def test_two_ranks_layouts_and_resume(files, tmp_path):
             job_dict(files, dp=2, zero=1, steps=2, save=save, save_every=1, keep=2),
             job_dict(files, pp=2, microbatches=2, resume=save, save=str(tmp_path / "ck2")),   # another layout
             job_dict(files, dp=2, zero=1, resume=save, save=save, keep=2)]                   # the same layout
+    # embeddings tied across pipeline ranks: gradients summed over PP, the head counted once in the norm
+    jobs.append(job_dict(files, model=files["mqa"], pp=2, clip_grad=0.05, save=str(tmp_path / "tied"), steps=2))
+    want_tied = reference_losses(files, steps=2, clip=0.05, model=load_reference(files["mqa"]))
     results = run_ranks(_run_jobs, 2, jobs, timeout=400)
     for rank, outcome in enumerate(results):
+        assert_close(outcome[5], want_tied, f"rank {rank} tied embeddings over (1,2,1)")
         assert_close(outcome[0], want, f"rank {rank} (2,1,1)")
         assert_close(outcome[1], want, f"rank {rank} (1,2,1) zb1p")
         assert_close(outcome[2], want[:2], f"rank {rank} ZeRO-1 dp2, first 2 steps")
@@ -133,27 +138,25 @@ def test_two_ranks_layouts_and_resume(files, tmp_path):
         assert_close(outcome[4], want[2:], f"rank {rank} resumed on the same layout")
     kept = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert kept == ["step-00000002", "step-00000004"], kept   # saved 1, 2, then 4 (the end); keep=2
+    from safetensors.torch import load_file
+
+    names = load_file(str(tmp_path / "tied" / "step-00000002" / "optimizer" / "part-00000-of-00002.safetensors"))
+    assert names["model.embed_tokens.weight.exp_avg"].shape[0] == VOCAB   # the tied head is stored once, as this
 
 
 def test_four_ranks_tp_pp_with_clipping_and_decay(files, tmp_path):
     """(1,2,2) 1f1b; ZeRO-1 at (2,1,2) with full recompute on a model whose one KV head is replicated
-    over TP (its rows count once in the clipping norm); the tied MQA model over (1,2,2), saved."""
+    over TP (its rows count once in the clipping norm)."""
     opts = dict(clip_grad=0.05, weight_decay=0.1, lr_schedule="cosine", warmup=1)
     want = reference_losses(files, clip=0.05, weight_decay=0.1, schedule="cosine", warmup=1)
     want_mqa = reference_losses(files, clip=0.05, weight_decay=0.1, schedule="cosine", warmup=1,
                                 model=load_reference(files["mqa"]))
     jobs = [job_dict(files, pp=2, tp=2, microbatches=2, schedule="1f1b", **opts),
-            job_dict(files, model=files["mqa"], dp=2, tp=2, zero=1, recompute="full", **opts),
-            job_dict(files, model=files["mqa"], pp=2, tp=2, save=str(tmp_path / "ck"), **opts)]
+            job_dict(files, model=files["mqa"], dp=2, tp=2, zero=1, recompute="full", **opts)]
     results = run_ranks(_run_jobs, 4, jobs, timeout=600)
     for rank, outcome in enumerate(results):
         assert_close(outcome[0], want, f"rank {rank} (1,2,2) 1f1b")
         assert_close(outcome[1], want_mqa, f"rank {rank} MQA (2,1,2) ZeRO-1, recompute full")
-        assert_close(outcome[2], want_mqa, f"rank {rank} MQA tied (1,2,2)")
-    from safetensors.torch import load_file
-
-    state = load_file(str(tmp_path / "ck" / "step-00000004" / "optimizer" / "part-00000-of-00002.safetensors"))
-    assert "model.embed_tokens.weight.exp_avg" in state and state["model.embed_tokens.weight.exp_avg"].shape[0] == VOCAB
 
 
 def test_recompute_selective_and_nonfinite_stop(files):
