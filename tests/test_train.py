@@ -159,7 +159,7 @@ def test_four_ranks_tp_pp_with_clipping_and_decay(files, tmp_path):
         assert_close(outcome[1], want_mqa, f"rank {rank} MQA (2,1,2) ZeRO-1, recompute full")
 
 
-def test_recompute_selective_and_nonfinite_stop(files):
+def test_recompute_selective_mixed_bf16_and_nonfinite_stop(files):
     from plait.train import TrainJob, train_rank
     from plait.train.loop import NonFiniteError
 
@@ -167,6 +167,9 @@ def test_recompute_selective_and_nonfinite_stop(files):
     got = [r.loss for r in train_rank(TrainJob.from_dict(job_dict(files, steps=2, recompute="selective")),
                                       show=False).records]
     assert_close(got, want, "recompute selective")
+    mixed = [r.loss for r in train_rank(TrainJob.from_dict(job_dict(files, steps=2, dtype="float32", mixed="bf16")),
+                                        show=False).records]
+    assert mixed != got and all(abs(m - w) < 2e-2 * w for m, w in zip(mixed, want)), (mixed, want)  # bf16 GEMMs
     with pytest.raises(NonFiniteError, match=r"step \d+: the loss is"):
         train_rank(TrainJob.from_dict(job_dict(files, steps=6, lr=1e30)), show=False)
 

@@ -66,7 +66,8 @@ def check_input(module: str, x: torch.Tensor, features: int, weight: torch.Tenso
     if x.dim() == 0 or x.shape[-1] != features:
         raise ValueError(f"{module}: input shape {list(x.shape)} does not end in {features} features; "
                          f"inputs are [..., {features}]")
-    if x.dtype != weight.dtype:
+    autocast = torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and weight.is_floating_point()
+    if x.dtype != weight.dtype and not autocast:   # under autocast the GEMM casts both operands
         raise ValueError(f"{module}: input dtype {x.dtype} differs from the weight dtype {weight.dtype}; "
                          f"cast one of them (x.to({weight.dtype}) or layer.to({x.dtype}))")
     if x.device != weight.device:
