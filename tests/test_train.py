@@ -314,3 +314,20 @@ def test_cli_from_config_with_job_file(files, tmp_path, capsys):
     assert "unknown setting 'global_bacth'; did you mean 'global_batch'?" in capsys.readouterr().err
     assert main(["train", "--model", files["model"], "--data", files["data"], "--lr", "nan"]) == 2
     assert "lr must be a finite number" in capsys.readouterr().err
+
+
+def test_plan_emit_feeds_plait_train(files, tmp_path, capsys):
+    """The planner's choice becomes a run: plait plan --emit job.yaml, then plait train job.yaml."""
+    import json
+
+    from plait.cli import main
+
+    job = tmp_path / "job.yaml"
+    assert main(["plan", "--layers", "4", "--hidden", "32", "--heads", "4", "--ffn", "48", "--seq", str(SEQ),
+                 "--vocab", str(VOCAB), "--gpus", "1", "--global-batch", str(BATCH), "--dp", "1", "--pp", "1",
+                 "--tp", "1", "--emit", str(job)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(job), "--model", files["model"], "--data", files["data"], "--steps", "1",
+                 "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert lines[-1]["summary"] and lines[-1]["layout"] == "dp1 pp1 tp1 1f1b zero1" and math.isfinite(lines[0]["loss"])
