@@ -5,6 +5,8 @@
 #   make test      build, then pytest (PYTEST_ARGS adds arguments)
 #   make demo      build, then examples/demo.py
 #   make bench     build, then the benchmarks and the README's results table
+#   make gpu-check on one CUDA GPU: build, GPU tests, compute-sanitizer, GPU benchmarks, a summary
+#                  (scripts/gpu_check.py; without a GPU one line, exit 0; DRY_RUN=1 lists the stages)
 #   make clean     remove build outputs; make distclean also removes .venv
 #
 # When $(PYTHON) can already import torch (a GPU machine with a system CUDA torch), the
@@ -37,10 +39,17 @@ EXTRAS := transformers:transformers safetensors:safetensors tokenizers:tokenizer
   uvicorn:uvicorn prometheus_client:prometheus-client httpx:httpx tqdm:tqdm yaml:pyyaml
 SETUPTOOLS_OK := import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)
 DEPS_STAMP := $(VENV)/.deps.stamp
+# --system-site-packages reaches the *base* interpreter's packages, not those of a venv that
+# $(PYTHON) itself runs in (the GPU machine's python3 is /opt/torch/.venv/bin/python3): a .pth
+# file puts that venv's site-packages on the new venv's path.
+PARENT_VENV_PTH := parent=$$($(PYTHON) -c "import site, sys; sys.prefix != sys.base_prefix and \
+  print('\n'.join(site.getsitepackages()))"); \
+  if [ -n "$$parent" ]; then echo "   $(PYTHON) runs in a venv: its packages reach $(VENV) through parent-venv.pth"; \
+  echo "$$parent" > "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/parent-venv.pth"; fi
 BUILD_STAMP := $(VENV)/.build.stamp
 CSRC_FILES := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test demo bench clean distclean
+.PHONY: venv build test demo bench gpu-check clean distclean
 
 venv: $(DEPS_STAMP)
 
@@ -51,6 +60,7 @@ $(VPY):
 	  $(PYTHON) -m venv --system-site-packages $(VENV) 2>/dev/null || { \
 	    echo "   no ensurepip: creating the venv without pip (the system pip serves it)"; \
 	    rm -rf $(VENV); $(PYTHON) -m venv --system-site-packages --without-pip $(VENV); }; \
+	  $(PARENT_VENV_PTH); \
 	else \
 	  $(PYTHON) -m venv $(VENV); \
 	fi
@@ -114,6 +124,11 @@ bench: build
 	else echo ">> plait bench gemm, comm_gpu: skipped (need a CUDA GPU)"; fi
 	@echo ">> bench/report.py"
 	@$(VPY) bench/report.py
+
+# Runs with $(PYTHON) itself (standard library only); its build stage calls `make build`.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@$(PYTHON) scripts/gpu_check.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(GPU_CHECK_ARGS)
 
 clean:
 	@echo ">> removing build outputs"

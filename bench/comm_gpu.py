@@ -19,13 +19,12 @@ bench/results/comm_gpu-*.json (needs a CUDA GPU; exits with a message otherwise)
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
 import torch
 
-from plait.bench.common import command_line, write_result
+from plait.bench.common import bench_parser, command_line, positive_int, ranks, repeats, size, write_result
 from plait.launch import run_ranks
 
 
@@ -136,13 +135,13 @@ def gemm_beside_comm_rank(rank: int, world: int, shape: tuple[int, int, int], wa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="GPU: IPC all-reduce sweep and GEMM throughput beside the comm kernel")
-    parser.add_argument("--world", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--min-kb", type=int, default=1)
-    parser.add_argument("--max-mb", type=int, default=64)
-    parser.add_argument("--gemm", type=int, nargs=3, default=[8192, 8192, 8192], metavar=("M", "N", "K"))
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=20)
+    parser = bench_parser("comm_gpu", "GPU: IPC all-reduce sweep and GEMM throughput beside the comm kernel")
+    parser.add_argument("--world", type=ranks(), nargs="+", default=[2, 4])
+    parser.add_argument("--min-kb", type=size(), default=1)
+    parser.add_argument("--max-mb", type=positive_int(1 << 14), default=64)
+    parser.add_argument("--gemm", type=size(), nargs=3, default=[8192, 8192, 8192], metavar=("M", "N", "K"))
+    parser.add_argument("--warmup", type=repeats(0), default=5)
+    parser.add_argument("--iters", type=repeats(), default=20)
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -13,6 +13,7 @@ checkout (an installed package). Nothing recorded names the host.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -22,11 +23,36 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from plait.argtypes import fraction, non_negative_int, positive_float, positive_int  # noqa: F401 (for benchmarks)
 from plait.info import triton_version
 
 FALLBACK_RESULTS_DIR = "plait-bench-results"
+# Caps on benchmark arguments: beyond them a typo, not a benchmark (one host, minutes of run time).
+MAX_RANKS = 64
+MAX_SIZE = 1 << 20          # hidden sizes, tokens, rows, GEMM dims
+MAX_REPEATS = 100_000       # warm-up and timed iterations, steps
+
+
+def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of benchmark `name`, named as users run it (``plait bench NAME``)."""
+    return argparse.ArgumentParser(prog=f"plait bench {name}", description=description)
+
+
+def ranks() -> Callable[[str], int]:
+    """Type of a rank-count option: 1 .. MAX_RANKS local processes."""
+    return positive_int(MAX_RANKS)
+
+
+def size() -> Callable[[str], int]:
+    """Type of a size option (hidden, tokens, rows, GEMM dims): 1 .. MAX_SIZE."""
+    return positive_int(MAX_SIZE)
+
+
+def repeats(minimum: int = 1) -> Callable[[str], int]:
+    """Type of an iteration count: `minimum` (0 for warm-up) .. MAX_REPEATS."""
+    return positive_int(MAX_REPEATS) if minimum >= 1 else non_negative_int(MAX_REPEATS)
 
 
 def cpu_model() -> str:

@@ -1,6 +1,7 @@
 """Fused linear kernels vs cuBLAS, eager PyTorch and torch.compile on Llama-3 TP-shard shapes.
 
     python bench/gemm.py [--models 8b 70b] [--tp 1 2 4 8] [--tokens 2048 8192 16384] [--plot]
+    python bench/gemm.py --shard 8b:2 70b:8 --tokens 4096 16384     # chosen (model, TP) pairs only
     plait bench gemm ...
 
 Shapes: the MLP GEMMs of Llama-3 8B (hidden 4096, FFN 14336) and 70B (8192,
@@ -20,7 +21,6 @@ the script itself). JSON to bench/results/, a PNG with ``--plot``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from plait.bench.common import bench_parser, ranks, repeats, size
 
 MODELS = {"8b": (4096, 14336), "70b": (8192, 28672)}
 
@@ -52,15 +53,24 @@ def _timer(device: torch.device, fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def shapes(models: list[str], tps: list[int], tokens: list[int]) -> list[dict]:
+def shapes(shards: list[tuple[str, int]], tokens: list[int]) -> list[dict]:
+    """The up- and down-projection GEMMs of each (model, TP) shard at each token count."""
     out = []
-    for model in models:
+    for model, tp in shards:
         hidden, ffn = MODELS[model]
-        for tp in tps:
-            for t in tokens:
-                out.append(dict(model=model, tp=tp, tokens=t, gemm="up", m=t, n=ffn // tp, k=hidden))
-                out.append(dict(model=model, tp=tp, tokens=t, gemm="down", m=t, n=hidden, k=ffn // tp))
+        for t in tokens:
+            out.append(dict(model=model, tp=tp, tokens=t, gemm="up", m=t, n=ffn // tp, k=hidden))
+            out.append(dict(model=model, tp=tp, tokens=t, gemm="down", m=t, n=hidden, k=ffn // tp))
     return out
+
+
+def parse_shard(text: str) -> tuple[str, int]:
+    """'70b:8' -> ("70b", 8), for --shard."""
+    model, _, tp = text.partition(":")
+    if model not in MODELS or not tp.isdigit() or int(tp) < 1 or MODELS[model][1] % int(tp):
+        raise argparse.ArgumentTypeError(f"{text!r}: write MODEL:TP with MODEL one of {', '.join(MODELS)} and TP "
+                                         f"a divisor of the model's FFN size")
+    return model, int(tp)
 
 
 def run_shape(shape: dict, device: torch.device, dtype: torch.dtype, warmup: int, reps: int,
@@ -135,12 +145,14 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="fused linear kernels vs cuBLAS / eager / torch.compile")
+    parser = bench_parser("gemm", "fused linear kernels vs cuBLAS / eager / torch.compile")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["8b", "70b"])
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 16384])
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--tp", type=ranks(), nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--shard", type=parse_shard, nargs="+", metavar="MODEL:TP",
+                        help="only these (model, TP) pairs, e.g. 8b:2 70b:8 (instead of --models x --tp)")
+    parser.add_argument("--tokens", type=size(), nargs="+", default=[2048, 8192, 16384])
+    parser.add_argument("--warmup", type=repeats(0), default=5)
+    parser.add_argument("--reps", type=repeats(), default=20)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to the JSON")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (checks the script)")
@@ -156,7 +168,7 @@ def main(argv=None) -> int:
         return 2
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
-        todo = shapes(args.models, args.tp, args.tokens)
+        todo = shapes(args.shard or [(m, tp) for m in args.models for tp in args.tp], args.tokens)
     rows = []
     for i, shape in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {shape['model']} tp={shape['tp']} {shape['gemm']} "

@@ -32,7 +32,6 @@ beside it (when matplotlib is installed).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import plait
-from plait.bench.common import command_line, print_table, write_result
+from plait.bench.common import bench_parser, command_line, positive_int, print_table, ranks, repeats, size, write_result
 from plait.launch import run_ranks
 from plait.pp import build_schedule, gantt_png, measured_bubble
 
@@ -227,17 +226,17 @@ def bench_rank(rank: int, world: int, cfg: dict) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="plait PipelineEngine vs torch.distributed.pipelining")
-    parser.add_argument("--world", type=int, default=4, help="pipeline ranks")
-    parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=64, help="rows per microbatch")
-    parser.add_argument("--blocks", type=int, default=8, help="MLP blocks in the model (divisible by world*2)")
+    parser = bench_parser("pipeline", "plait PipelineEngine vs torch.distributed.pipelining")
+    parser.add_argument("--world", type=ranks(), default=4, help="pipeline ranks")
+    parser.add_argument("--microbatches", type=positive_int(4096), default=8)
+    parser.add_argument("--hidden", type=size(), default=256)
+    parser.add_argument("--rows", type=size(), default=64, help="rows per microbatch")
+    parser.add_argument("--blocks", type=positive_int(4096), default=8, help="MLP blocks in the model (divisible by world*2)")
     parser.add_argument("--schedules", nargs="+", default=[f"{n}/{v}" for n, v, _ in CONFIGS],
                         help="subset of " + " ".join(f"{n}/{v}" for n, v, _ in CONFIGS))
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--timeline-steps", type=int, default=3, help="steps whose bubbles are averaged")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=repeats(0), default=2)
+    parser.add_argument("--timeline-steps", type=repeats(), default=3, help="steps whose bubbles are averaged")
+    parser.add_argument("--iters", type=repeats(), default=5)
     parser.add_argument("--no-gloo", dest="gloo", action="store_false",
                         help="CPU: do not also time plait over gloo (torch.distributed) transfers")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON or PNG")

@@ -34,13 +34,12 @@ stated with confidence, so memory error is a check of bookkeeping against the pa
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from typing import Any
 
-from plait.bench.common import command_line, print_table, write_result
+from plait.bench.common import bench_parser, command_line, print_table, write_result
 from plait.plan import JobSpec, Layout, estimate, hardware, model_preset, search
 from plait.plan.memory import GB, model_state_bytes
 
@@ -162,7 +161,7 @@ def plan_latency_s() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="plait.plan predictions vs published training runs")
+    parser = bench_parser("plan_validation", "plait.plan predictions vs published training runs")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     parser.add_argument("--no-rank", action="store_true", help="skip the full searches behind the split rank")
     args = parser.parse_args(argv)

@@ -25,14 +25,15 @@ bigger model for memory does not replace the throughput table).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
 import sys
+from argparse import ArgumentTypeError
 
 import torch
 
+from plait.bench.common import MAX_RANKS, bench_parser, positive_float, positive_int, ranks, repeats, size
 from plait.launch import run_ranks
 
 
@@ -85,32 +86,41 @@ def _zero_savings(rows: list[dict]) -> list[dict]:
     return pairs
 
 
+def _layout(text: str) -> tuple[int, int, int]:
+    """A ``dp,pp,tp`` triple of rank counts (argparse type of ``--layouts``)."""
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise ArgumentTypeError(f"expected dp,pp,tp (three numbers, e.g. 2,1,2), got {text!r}")
+    dp, pp, tp = (ranks()(part) for part in parts)
+    if dp * pp * tp > MAX_RANKS:
+        raise ArgumentTypeError(f"dp*pp*tp = {dp * pp * tp} processes; at most {MAX_RANKS} on one host")
+    return dp, pp, tp
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="GPT training throughput per layout")
-    parser.add_argument("--layouts", nargs="+", default=["1,1,1", "2,1,1", "1,2,1", "1,1,2", "2,2,2"],
+    parser = bench_parser("train", "GPT training throughput per layout")
+    parser.add_argument("--layouts", nargs="+", type=_layout,
+                        default=[(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)],
                         help="dp,pp,tp triples")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--global-batch", type=int, default=16)
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--bucket-mb", type=float, default=25.0, help="DP gradient bucket size")
+    parser.add_argument("--steps", type=repeats(), default=6)
+    parser.add_argument("--layers", type=positive_int(4096), default=8)
+    parser.add_argument("--hidden", type=size(), default=128)
+    parser.add_argument("--seq", type=size(), default=64)
+    parser.add_argument("--global-batch", type=size(), default=16)
+    parser.add_argument("--microbatches", type=positive_int(4096), default=4)
+    parser.add_argument("--bucket-mb", type=positive_float(1 << 20), default=25.0, help="DP gradient bucket size")
     parser.add_argument("--no-zero", action="store_true", help="skip the ZeRO-1 rows")
     parser.add_argument("--zero-only", action="store_true",
                         help="only ZeRO-1 off vs on (overlap on) per layout with dp > 1; saved as train_zero")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     if args.zero_only and args.no_zero:
-        raise SystemExit("--zero-only and --no-zero exclude each other")
+        parser.error("--zero-only and --no-zero exclude each other")
     model = dict(vocab_size=512, num_layers=args.layers, hidden=args.hidden, num_heads=4, seq_len=args.seq)
     run = dict(microbatches=args.microbatches, global_batch=args.global_batch, steps=args.steps, seed=0,
                bucket_mb=args.bucket_mb)
     rows = []
-    for text in args.layouts:
-        layout = tuple(int(v) for v in text.split(","))
-        if len(layout) != 3:
-            raise SystemExit(f"--layouts takes dp,pp,tp triples, got {text!r}")
+    for layout in args.layouts:
         variants = [(True, 0)] + ([(False, 0)] if layout[0] > 1 else [])  # (dp_overlap, zero)
         if layout[0] > 1 and not args.no_zero:
             variants.append((True, 1))

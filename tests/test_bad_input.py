@@ -21,6 +21,10 @@ def bad_inputs(rank: int, world: int) -> int:
     Col, Row = plait.ColumnParallelLinear, plait.RowParallelLinear
     cases = [
         (lambda: Col(8, 6), "out_features=6", "multiple of 4"),
+        (lambda: Col(0, 8), "in_features must be a whole number >= 1, got 0"),
+        (lambda: Row(8, -4), "out_features must be a whole number >= 1, got -4"),
+        (lambda: Row(8.0, 8), "in_features must be a whole number >= 1, got 8.0"),
+        (lambda: plait.VocabParallelEmbedding(-8, 4), "num_embeddings must be a whole number >= 1"),
         (lambda: Row(6, 8), "in_features=6"),
         (lambda: plait.VocabParallelEmbedding(10, 4), "vocab_size=10"),
         (lambda: Col(8, 8, overlap="sometimes"), "unknown overlap"),
@@ -58,4 +62,4 @@ def bad_inputs(rank: int, world: int) -> int:
 
 
 def test_bad_input_is_rejected_without_hanging():
-    assert run_ranks(bad_inputs, 4) == [24] * 4
+    assert run_ranks(bad_inputs, 4) == [28] * 4

@@ -106,7 +106,7 @@ def test_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert data["hardware"]["gpu"]["name"] == "a100-80gb" and data["hardware"]["num_gpus"] == 16
     path.write_text(json.dumps({"model": "llama3-8b", "job": {"global_batch": 8, "zero": 1}}))
     code, _, err = _run(capsys, "plan", "--config", str(path), "--gpus", "8")
-    assert code == 2 and "unknown field(s) ['zero']" in err
+    assert code == 2 and "job: unknown field 'zero'; did you mean 'zero_stage'?" in err
 
 
 def test_yaml_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

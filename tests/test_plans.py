@@ -111,3 +111,32 @@ def _bad_plan_on_ranks(rank: int, world: int) -> str:
 def test_parallelize_rejects_before_communicating():
     messages = run_ranks(_bad_plan_on_ranks, 2, timeout=120)
     assert all("num_attention_heads=3 is not divisible by tp=2" in m for m in messages)
+
+
+def test_import_plait_does_not_import_the_optional_extras():
+    import subprocess
+    import sys
+
+    code = ("import sys, plait; plait.parallelize; plait.plans.for_model; plait.ParallelConfig; "
+            "bad = [m for m in ('transformers', 'safetensors', 'tokenizers', 'fastapi', 'uvicorn') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+def _different_models_on_ranks(rank: int, world: int) -> str:
+    import plait
+
+    mesh = plait.init_mesh(tp=world)
+    model = _model("llama", intermediate_size=48 if rank == 0 else 64)
+    try:
+        with pytest.raises(ValueError) as info:
+            plait.parallelize(model, mesh)
+        return str(info.value)
+    finally:
+        plait.destroy_mesh()
+
+
+def test_ranks_with_different_models_fail_alike():
+    messages = run_ranks(_different_models_on_ranks, 2, timeout=120)
+    assert all("ranks disagree on plait.parallelize" in m and "rank 1" in m for m in messages), messages

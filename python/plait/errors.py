@@ -6,9 +6,18 @@ operation, so a hung job turns into a readable error on every surviving rank.
 """
 from __future__ import annotations
 
+import math
 import os
 
 DEFAULT_TIMEOUT_S = 300.0
+
+
+def check_timeout(value: object, what: str = "timeout_s") -> float:
+    """`value` as a timeout in seconds: a finite number > 0, else ValueError (0, negatives, nan and
+    inf are refused, never read as "no timeout" or "now")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what}={value!r} must be a finite number of seconds > 0")
+    return float(value)
 
 
 def default_timeout_s() -> float:
@@ -23,9 +32,7 @@ def default_timeout_s() -> float:
         value = float(raw)
     except ValueError as exc:
         raise ValueError(f"PLAIT_TIMEOUT_S={raw!r} is not a number of seconds") from exc
-    if value <= 0:
-        raise ValueError(f"PLAIT_TIMEOUT_S={raw!r} must be positive")
-    return value
+    return check_timeout(value, f"PLAIT_TIMEOUT_S={raw!r}: the timeout")
 
 
 class PlaitError(RuntimeError):

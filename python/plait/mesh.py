@@ -130,14 +130,23 @@ class ParallelMesh:
         return moved.reshape(-1, moved.shape[-1]).tolist()
 
 
+def job_fingerprint(sizes: tuple[int, int, int], backend: str) -> dict[str, object]:
+    """What every rank of a job must have in common: the mesh, the engine, the versions, the timeout."""
+    import plait
+    from .comm.agree import check_calls_enabled
+
+    return {"(dp, pp, tp)": tuple(sizes), "backend": backend, "torch": torch.__version__,
+            "plait": plait.__version__, "PLAIT_TIMEOUT_S": default_timeout_s(),
+            "PLAIT_CHECK_CALLS": check_calls_enabled(backend)}
+
+
 def _check_same_config_everywhere(sizes: tuple[int, int, int], device: torch.device) -> None:
-    """All ranks must ask for the same mesh; a mismatch is a ValueError on every rank."""
-    mine = torch.tensor(sizes, dtype=torch.int64, device=device)
-    world = Communicator.create("torch", None, name="world")
-    rows = [tuple(row) for row in world.all_gather(mine.unsqueeze(0), dim=0).tolist()]
-    if any(row != rows[0] for row in rows):
-        detail = ", ".join(f"rank {r}: (dp, pp, tp)={row}" for r, row in enumerate(rows))
-        raise ValueError(f"ranks disagree on the mesh: {detail}; pass the same dp, pp, tp on every rank")
+    """All ranks must ask for the same mesh, with the same engine, versions and timeout: a
+    mismatch is a ValueError on every rank, raised by the first collective of the job."""
+    from .comm.agree import check_agreement
+
+    backend = str(dist.get_backend())
+    check_agreement(job_fingerprint(sizes, backend), None, what="the job (plait.init_mesh)")
 
 
 def init_mesh(dp: "int | ParallelConfig" = 1, pp: int = 1, tp: int = 1, backend: Optional[str] = None

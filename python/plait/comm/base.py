@@ -24,7 +24,7 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 
-from ..errors import default_timeout_s
+from ..errors import check_timeout, default_timeout_s
 
 REDUCE_OPS = ("sum", "max", "min", "avg")
 
@@ -71,7 +71,7 @@ class Communicator(abc.ABC):
 
     def __init__(self, name: str, timeout_s: Optional[float] = None) -> None:
         self.name = name
-        self._timeout_s = timeout_s
+        self._timeout_s = None if timeout_s is None else check_timeout(timeout_s)
 
     # ------------------------------------------------------------------ factory
     @staticmethod
@@ -80,8 +80,11 @@ class Communicator(abc.ABC):
         """Make a communicator of ``backend`` over ``group`` (a ProcessGroup; None is WORLD).
 
         ``name`` labels the group in error messages (default: the backend's own
-        description of the group). ``timeout_s`` overrides ``PLAIT_TIMEOUT_S``.
+        description of the group). ``timeout_s`` overrides ``PLAIT_TIMEOUT_S``; it must be
+        a finite number of seconds > 0 (checked before anything is set up).
         """
+        if timeout_s is not None:
+            check_timeout(timeout_s)
         if isinstance(group, Communicator):
             return group
         try:

@@ -9,6 +9,17 @@ CUDA (NCCL): ``Work.wait()`` only makes the *current stream* wait, which keeps
 compute and communication overlapped; the bound is the process group's own
 timeout, which :func:`plait.init_mesh` sets from ``PLAIT_TIMEOUT_S`` and which
 NCCL's watchdog enforces.
+
+Mismatched calls: when ranks call a collective with different sizes, gloo kills the
+process (SIGABRT, "Received data size doesn't match expected size") and NCCL hangs or
+mixes data. With ``PLAIT_CHECK_CALLS=1`` every collective (all_reduce, all_gather,
+reduce_scatter, broadcast) is preceded by an all-gather of a fixed-size signature of the
+call (operation, dtype, shape, reduce op, dim or source); when the ranks differ, every
+rank raises :class:`~plait.errors.CommError` naming each rank's call instead. The check
+costs one small collective per call (about 1 ms on gloo, see ``plait bench check_calls``),
+so it is off by default (``PLAIT_CHECK_CALLS=0`` or unset; the defaults per engine are
+:data:`plait.comm.agree.CHECK_CALLS_DEFAULT`). Every rank must use the same setting:
+:func:`plait.init_mesh` checks that they do.
 """
 from __future__ import annotations
 
@@ -18,8 +29,9 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import CommError, CommTimeoutError
-from .base import Communicator, DoneHandle, Handle
+from ..errors import CommError, CommTimeoutError, check_timeout
+from .agree import call_signature, calls_disagree, check_calls_enabled
+from .base import REDUCE_OPS, Communicator, DoneHandle, Handle
 
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -49,7 +61,7 @@ class TorchHandle(Handle):
     def wait(self, timeout_s: Optional[float] = None) -> Optional[torch.Tensor]:
         if self._done:
             return self._result
-        limit = timeout_s if timeout_s is not None else self._comm.timeout_s
+        limit = check_timeout(timeout_s) if timeout_s is not None else self._comm.timeout_s
         try:
             if self._on_cuda:
                 self._work.wait()
@@ -84,6 +96,7 @@ class TorchCommunicator(Communicator):
         self._rank = dist.get_rank(self.group)
         super().__init__(name or f"ranks{self._ranks}", timeout_s)
         self._native_reduce_scatter = True
+        self.check_calls = check_calls_enabled(dist.get_backend(self.group))
 
     @property
     def rank(self) -> int:
@@ -107,11 +120,26 @@ class TorchCommunicator(Communicator):
         handle = TorchHandle(work, finish, self, op, tensor.is_cuda)
         return handle if async_op else handle.wait()
 
+    def _check_call(self, op: str, tensor: torch.Tensor, reduce_op: str | None = None, where: int = -1) -> None:
+        """With ``check_calls``: all ranks compare their call first; CommError on every rank if they differ."""
+        if not self.check_calls or self.size == 1:
+            return
+        mine = call_signature(op, tensor, REDUCE_OPS.index(reduce_op) if reduce_op else -1, where)
+        rows = torch.empty(self.size * mine.numel(), dtype=mine.dtype, device=mine.device)
+        self._issue(f"check of {self._label(op, tensor)}", mine,
+                    lambda: _all_gather_tensor(rows, mine, group=self.group, async_op=True), lambda: None, False)
+        detail = calls_disagree(rows.view(self.size, -1).tolist(), REDUCE_OPS)
+        if detail is not None:
+            raise CommError(f"{self.describe(self._label(op, tensor))}: the ranks called different collectives "
+                            f"({detail}); every rank must make the same call (PLAIT_CHECK_CALLS=1 caught it "
+                            f"before any data moved)")
+
     # -------------------------------------------------------------- collectives
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False):
         self._check_op(op)
         if self.size == 1:
             return DoneHandle(tensor) if async_op else tensor
+        self._check_call("all_reduce", tensor, op)
         torch_op = _TORCH_OPS["sum" if op == "avg" else op]
 
         def finish() -> torch.Tensor:
@@ -127,6 +155,7 @@ class TorchCommunicator(Communicator):
         dim = self._tensor_dim(tensor, dim, "all_gather")
         if self.size == 1:
             return DoneHandle(tensor) if async_op else tensor
+        self._check_call("all_gather", tensor, where=dim)
         src = tensor.contiguous()
         # Gathered along dim 0 (every backend's native layout), then moved if needed.
         out = torch.empty((self.size * src.shape[0], *src.shape[1:]), dtype=src.dtype, device=src.device)
@@ -146,6 +175,7 @@ class TorchCommunicator(Communicator):
         self._check_divisible(tensor, dim, "reduce_scatter")
         if self.size == 1:
             return DoneHandle(tensor) if async_op else tensor
+        self._check_call("reduce_scatter", tensor, op, dim)
         # Each rank's block must be contiguous and blocks concatenated along dim 0.
         blocks = tensor.contiguous() if dim == 0 else torch.cat(tensor.chunk(self.size, dim=dim), dim=0)
         block_shape = list(tensor.shape)
@@ -180,6 +210,7 @@ class TorchCommunicator(Communicator):
         self._check_peer(src, "src")
         if self.size == 1:
             return DoneHandle(tensor) if async_op else tensor
+        self._check_call("broadcast", tensor, where=src)
         return self._issue(self._label("broadcast", tensor), tensor,
                            lambda: dist.broadcast(tensor, src=self._ranks[src], group=self.group, async_op=True),
                            lambda: tensor, async_op)

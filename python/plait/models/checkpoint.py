@@ -86,13 +86,37 @@ def save_checkpoint(path, stages: Sequence[GPTStage], mesh,
 
 
 def read_meta(path) -> dict:
-    """The checkpoint's metadata; ValueError if it is not a plait GPT checkpoint."""
+    """The checkpoint's metadata; ValueError naming meta.json when it is missing, empty, truncated,
+    not JSON, or not a plait GPT checkpoint's (format, config, layout, params)."""
     meta_file = Path(path) / "meta.json"
     if not meta_file.exists():
         raise ValueError(f"{path} is not a plait checkpoint: no meta.json")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        text = meta_file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{meta_file}: cannot read it ({exc})") from None
+    if not text.strip():
+        raise ValueError(f"{meta_file}: the file is empty (an interrupted save?)")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_file}: not valid JSON, truncated or damaged ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_file}: unknown checkpoint format {found!r}, expected {FORMAT!r}")
+    layout, params = meta.get("layout"), meta.get("params")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{meta_file}: 'config' must be a mapping of the model's settings")
+    if not isinstance(layout, dict) or not all(isinstance(layout.get(a), int) and layout[a] >= 1
+                                               for a in ("dp", "pp", "tp")):
+        raise ValueError(f"{meta_file}: 'layout' must give dp, pp and tp as whole numbers >= 1, got {layout!r}")
+    if not isinstance(params, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("shape"), list) and isinstance(info.get("pp_rank"), int)
+            and 0 <= info["pp_rank"] < layout["pp"] and info.get("split") in (None, 0, 1) for info in params.values()):
+        raise ValueError(f"{meta_file}: 'params' must map each name to its shape, split (null, 0 or 1) and "
+                         f"pp_rank (0 .. {layout['pp'] - 1})")
+    if not isinstance(meta.get("step", 0), int):
+        raise ValueError(f"{meta_file}: 'step' must be a whole number, got {meta.get('step')!r}")
     return meta
 
 
@@ -114,10 +138,28 @@ class _ShardReader:
         self.path, self.meta, self._files = path, meta, {}
 
     def _file(self, pp_rank: int, tp_rank: int) -> dict:
+        """The shard file of (pp_rank, tp_rank); ValueError naming it when it is missing, unreadable,
+        truncated, not a shard file, or lacks a parameter meta.json puts there."""
         key = (pp_rank, tp_rank)
         if key not in self._files:
-            self._files[key] = torch.load(self.path / f"shard-pp{pp_rank}-tp{tp_rank}.pt", map_location="cpu",
-                                          weights_only=True)
+            file = self.path / f"shard-pp{pp_rank}-tp{tp_rank}.pt"
+            if not file.is_file():
+                raise ValueError(f"{file}: missing; the checkpoint in {self.path} is incomplete")
+            try:
+                shard = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
+                raise ValueError(f"{file}: cannot read this shard, truncated or damaged "
+                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+            expected = [name for name, info in self.meta["params"].items()
+                        if info["pp_rank"] == pp_rank and (tp_rank == 0 or info["split"] is not None)]
+            if not isinstance(shard, dict):
+                raise ValueError(f"{file}: not a plait checkpoint shard (holds a {type(shard).__name__})")
+            for name in expected:
+                entry = shard.get(name)
+                if not (isinstance(entry, dict) and torch.is_tensor(entry.get("param"))
+                        and isinstance(entry.get("state"), dict)):
+                    raise ValueError(f"{file}: no valid entry for parameter {name!r}, which meta.json places here")
+            self._files[key] = shard
         return self._files[key]
 
     def full(self, name: str, field: Optional[str] = None):

@@ -219,12 +219,13 @@ class Rewriter:
         tp, rank = self.comm.size, self.comm.rank
         specs = self.specs(name, module, style)
         sp = self.sequence_parallel
+        # check_ranks=False: parallelize checks once, for the whole model, that the ranks agree
         kw = dict(group=self.comm, dtype=self.dtype or _dtype_of(module), device="meta", overlap=self.overlap,
-                  sequence_parallel=sp)
+                  sequence_parallel=sp, check_ranks=False)
         if style == "vocab_embed":
             per, padded, _ = local_vocab(module.num_embeddings, tp, rank)
             new = VocabParallelEmbedding(padded, module.embedding_dim, self.comm, padding_idx=module.padding_idx,
-                                         sequence_parallel=sp, dtype=kw["dtype"], device="meta")
+                                         sequence_parallel=sp, dtype=kw["dtype"], device="meta", check_ranks=False)
             new.num_embeddings = module.num_embeddings   # ids past the real vocabulary are rejected
             split = {"weight": 0}
         elif style == "rowwise":

@@ -281,6 +281,7 @@ def parallelize(model: nn.Module, mesh, plan: Union[Plan, dict, str, None] = Non
     stack = model.get_submodule(plan.layers)
     config.check_model(num_layers=len(stack), num_heads=dims.num_heads)
     tied = _tied(model, plan)
+    _check_ranks_agree(mesh, model, plan, config, dims, dtype)
     if source is None:
         source = StateDictSource(dict(model.state_dict(keep_vars=True)))
     chunks = list(range(mesh.pp_rank, config.num_chunks, mesh.pp))
@@ -297,6 +298,19 @@ def parallelize(model: nn.Module, mesh, plan: Union[Plan, dict, str, None] = Non
             _sum_replicated_grads_over_tp(stage, mesh.tp_comm)
     _tie_on_this_rank(stages, tied)
     return ParallelModel(stages, mesh, config, plan, getattr(model, "config", None), dims, tied)
+
+
+def _check_ranks_agree(mesh, model: nn.Module, plan: Plan, config: ParallelConfig, dims: ModelDims, dtype) -> None:
+    """One fingerprint exchange per mesh axis (before any other collective): every rank must be
+    parallelizing the same model with the same plan and layout."""
+    from ..comm.agree import check_agreement
+
+    params = [(name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()]
+    fields = {"model": type(model).__name__, "dims": dims, "plan": plan.to_json(), "config": config.to_dict(),
+              "dtype": str(dtype), "parameters": params}
+    comms = getattr(mesh, "comms", None) or {"tp": mesh.tp_comm}
+    for axis, comm in comms.items():
+        check_agreement(fields, comm, what=f"plait.parallelize (the {axis} axis)")
 
 
 def _tie_on_this_rank(stages: list[DecoderStage], tied: bool) -> None:

@@ -6,8 +6,9 @@
     plait plan --model llama3-8b --gpu h100 --gpus 8 --mode inference --batch 64 --prompt-len 2048 --output-len 256
     plait plan --config job.json [--json] [--plot plan.png]
 
-Bad input (unknown preset, impossible layout, a model larger than the cluster) prints one
-line starting "plait plan: error:" and exits with status 2.
+Bad input (an option out of range, unknown preset, impossible layout, a model larger than
+the cluster, a bad config file) prints one line starting "plait plan: error:" (or argparse's
+usage line) and exits with status 2.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
+from ..argtypes import fraction, positive_float, positive_int
 from .config import JobSpec, ModelSpec, hardware_from, load_specs, model_from
 from .estimate import Estimate, estimate
 from .layout import SCHEDULE_ALIASES, SCHEDULES, Layout
@@ -32,42 +34,57 @@ JOB_FLAGS = {"mode": "mode", "global_batch": "global_batch", "precision": "preci
 LAYOUT_FLAGS = ("dp", "pp", "tp", "vpp", "microbatch_size", "schedule")
 
 
+# Caps on sizes: larger values are typos, and would only make the search slow or overflow.
+MAX_GPUS = 1 << 30
+MAX_DIM = 1 << 24          # layers, hidden, heads, FFN, vocabulary, sequence
+MAX_BATCH = 1 << 30
+MAX_GPUS_PER_NODE = 4096
+MAX_VIRTUAL = 1024
+MAX_TOP = 100_000
+
+
 def setup(parser: argparse.ArgumentParser) -> None:
     """Add ``plait plan``'s arguments to `parser` (see the module docstring)."""
+    dim, gpus = positive_int(MAX_DIM), positive_int(MAX_GPUS)
     g = parser.add_argument_group("model (a preset, explicit dimensions, or a preset with overrides)")
     g.add_argument("--model", help="preset: llama3-8b, llama3-70b, llama3-405b, gpt3-175b, gpt-1.7b ... gpt-1t")
-    for flag, kind in (("layers", int), ("hidden", int), ("heads", int), ("kv-heads", int), ("ffn", int),
-                       ("vocab", int), ("seq", int)):
-        g.add_argument(f"--{flag}", type=kind)
+    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab", "seq"):
+        g.add_argument(f"--{flag}", type=dim, metavar="N")
     g.add_argument("--mlp", choices=["gelu", "swiglu"])
     g.add_argument("--config", help="JSON (or YAML with PyYAML) file with model/hardware/job sections")
     g = parser.add_argument_group("hardware")
     g.add_argument("--gpu", help="preset: a100-40gb, a100-80gb (a100), h100, h200 (default h100)")
-    g.add_argument("--gpus", type=int, help="number of GPUs")
-    g.add_argument("--gpus-per-node", type=int)
+    g.add_argument("--gpus", type=gpus, metavar="N", help="number of GPUs")
+    g.add_argument("--gpus-per-node", type=positive_int(MAX_GPUS_PER_NODE), metavar="N")
     g.add_argument("--measured", help="bench result file or directory with measured GEMM efficiencies")
     g = parser.add_argument_group("job")
     g.add_argument("--mode", choices=["train", "inference"])
-    g.add_argument("--global-batch", type=int, help="sequences per optimizer step (training)")
+    g.add_argument("--global-batch", type=positive_int(MAX_BATCH), metavar="N",
+                   help="sequences per optimizer step (training)")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp8"])
     g.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (default 1)")
     g.add_argument("--recompute", choices=["auto", "none", "selective", "full"])
     g.add_argument("--sp", choices=["auto", "on", "off"], default="auto", help="sequence parallelism")
     g.add_argument("--no-flash", action="store_true", help="attention keeps its s x s scores (no flash attention)")
-    g.add_argument("--tp-overlap", type=float, help="fraction of TP communication hidden (0..1)")
+    g.add_argument("--tp-overlap", type=fraction(), metavar="F", help="fraction of TP communication hidden (0..1)")
     g.add_argument("--no-dp-overlap", action="store_true", help="gradient reduction after the backward pass")
-    g.add_argument("--memory-margin", type=float, help="fraction of GPU memory kept free (default 0.1)")
-    g.add_argument("--batch", type=int, help="concurrent requests (inference)")
-    g.add_argument("--prompt-len", type=int)
-    g.add_argument("--output-len", type=int)
-    g.add_argument("--latency-target-ms", type=float, help="time-per-output-token bound (inference)")
+    g.add_argument("--memory-margin", type=fraction(allow_one=False), metavar="F",
+                   help="fraction of GPU memory kept free, in [0, 1) (default 0.1)")
+    g.add_argument("--batch", type=positive_int(MAX_BATCH), metavar="N", help="concurrent requests (inference)")
+    g.add_argument("--prompt-len", type=dim, metavar="N")
+    g.add_argument("--output-len", type=dim, metavar="N")
+    g.add_argument("--latency-target-ms", type=positive_float(1e9), metavar="MS",
+                   help="time-per-output-token bound (inference)")
     g = parser.add_argument_group("fixed layout (estimate it instead of searching)")
-    for flag in ("dp", "pp", "tp", "vpp", "microbatch-size"):
-        g.add_argument(f"--{flag}", type=int)
+    for flag in ("dp", "pp", "tp"):
+        g.add_argument(f"--{flag}", type=gpus, metavar="N")
+    g.add_argument("--vpp", type=positive_int(MAX_VIRTUAL), metavar="V")
+    g.add_argument("--microbatch-size", type=positive_int(MAX_BATCH), metavar="N")
     g.add_argument("--schedule", choices=[*SCHEDULES, *SCHEDULE_ALIASES])
     g = parser.add_argument_group("output")
     g.add_argument("--objective", choices=OBJECTIVES, default="throughput")
-    g.add_argument("--top", type=int, default=10, help="rows of the ranked table (default 10)")
+    g.add_argument("--top", type=positive_int(MAX_TOP), default=10, metavar="N",
+                   help="rows of the ranked table (default 10)")
     g.add_argument("--allow-uneven", action="store_true", help="allow layers not divisible by pp*v")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.add_argument("--plot", nargs="?", const="plait-plan.png", help="write a PNG of the top layouts' breakdowns")
@@ -96,10 +113,10 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, JobSpec]:
         if args.gpus is None and cluster is None:
             raise ValueError("give the number of GPUs with --gpus")
         cluster = hardware_from(args.gpu or (cluster.gpu.name if cluster else "h100"),
-                                args.gpus or cluster.num_gpus)
-    elif args.gpus:
+                                args.gpus if args.gpus is not None else cluster.num_gpus)
+    elif args.gpus is not None:
         cluster = replace(cluster, num_gpus=args.gpus)
-    if args.gpus_per_node:
+    if args.gpus_per_node is not None:
         cluster = replace(cluster, gpus_per_node=args.gpus_per_node)
     if args.measured:
         from .compute import load_measured_efficiencies
@@ -122,13 +139,13 @@ def fixed_layout(args: argparse.Namespace, num_gpus: int) -> Layout | None:
     """The layout the flags fix, or None when none of --dp/--pp/--tp/... is given (search)."""
     if all(getattr(args, f) is None for f in LAYOUT_FLAGS):
         return None
-    tp, pp, v = args.tp or 1, args.pp or 1, args.vpp or 1
+    tp, pp, v = (1 if value is None else value for value in (args.tp, args.pp, args.vpp))
     if args.dp is None and num_gpus % (tp * pp):
         raise ValueError(f"tp*pp = {tp * pp} does not divide the {num_gpus} GPUs; choose tp and pp whose "
                          f"product divides it (or give --dp)")
-    dp = args.dp or num_gpus // (tp * pp)
+    dp = num_gpus // (tp * pp) if args.dp is None else args.dp
     schedule = args.schedule or ("interleaved" if v > 1 else "1f1b")
-    return Layout(dp, pp, tp, v, args.microbatch_size or 1, schedule)
+    return Layout(dp, pp, tp, v, 1 if args.microbatch_size is None else args.microbatch_size, schedule)
 
 
 def _row(rank: int, e: Estimate) -> list[str]:
@@ -177,23 +194,23 @@ def _report(model: ModelSpec, cluster: Any, job: JobSpec) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``plait plan``; 0 on success, 2 on bad input, 1 when only the requested plot failed."""
-    try:
-        model, cluster, job = build_inputs(args)
-        layout = fixed_layout(args, cluster.num_gpus)
-        if layout is not None:
-            result: Plan | Estimate = estimate(model=model, cluster=cluster, job=job, layout=layout,
-                                               allow_uneven=args.allow_uneven)
-        else:
-            progress = _Progress()
-            try:
-                result = search(model=model, cluster=cluster, job=job, objective=args.objective,
-                                allow_uneven=args.allow_uneven, progress=progress)
-            finally:
-                progress.finish()
-    except (ValueError, OSError) as exc:
-        print(f"plait plan: error: {exc}", file=sys.stderr)
-        return 2
+    """Run ``plait plan``; 0 on success, 1 when only the requested plot failed.
+
+    Bad input raises ValueError/OSError, which :func:`plait.cli.main` prints as one line
+    with exit status 2.
+    """
+    model, cluster, job = build_inputs(args)
+    layout = fixed_layout(args, cluster.num_gpus)
+    if layout is not None:
+        result: Plan | Estimate = estimate(model=model, cluster=cluster, job=job, layout=layout,
+                                           allow_uneven=args.allow_uneven)
+    else:
+        progress = _Progress()
+        try:
+            result = search(model=model, cluster=cluster, job=job, objective=args.objective,
+                            allow_uneven=args.allow_uneven, progress=progress)
+        finally:
+            progress.finish()
     estimates = [result] if isinstance(result, Estimate) else result.estimates[: args.top]
     if args.emit:
         from plait.train.emit import job_settings, write_job_file

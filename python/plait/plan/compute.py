@@ -127,6 +127,30 @@ def _nearest_measured(measured: tuple[tuple[int, int, int, float], ...], m: int,
     return min(measured, key=distance)[3]
 
 
+def _number(value: object, whole: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value > 0 and (not whole or float(value).is_integer())
+
+
+def _measured_row(file: Path, row: object, gpu: GPUSpec, precision: str) -> tuple[int, int, int, float]:
+    """(m, n, k, efficiency) of one measurement; ValueError naming the file and what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{file}: a gemm_efficiency entry must be a mapping, got {row!r}")
+    missing = [key for key in ("m", "n", "k") if key not in row]
+    if missing or not ("efficiency" in row or "tflops" in row):
+        raise ValueError(f"{file}: gemm_efficiency entry {row} lacks {missing or ['efficiency or tflops']}")
+    if not all(_number(row[key], whole=True) for key in ("m", "n", "k")):
+        raise ValueError(f"{file}: m, n, k of {row} must be positive whole numbers")
+    value = row["efficiency"] if "efficiency" in row else row["tflops"]
+    if not _number(value):
+        raise ValueError(f"{file}: the efficiency or tflops of {row} must be a positive number")
+    eff = value if "efficiency" in row else value / gpu.peak(precision)
+    if not 0 < eff <= 1:
+        raise ValueError(f"{file}: efficiency {eff:.3f} of {row} is not in (0, 1]")
+    return int(row["m"]), int(row["n"]), int(row["k"]), float(eff)
+
+
 def load_measured_efficiencies(path: str | Path, gpu: GPUSpec, precision: str = "bf16"
                                ) -> tuple[tuple[int, int, int, float], ...]:
     """GEMM efficiencies from bench result files (a file, or every *.json in a directory).
@@ -143,12 +167,13 @@ def load_measured_efficiencies(path: str | Path, gpu: GPUSpec, precision: str = 
             document = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{file}: cannot read measured efficiencies ({exc})") from exc
+        except UnicodeDecodeError:
+            raise ValueError(f"{file}: not a JSON bench result (not text)") from None
         results = document.get("results", document) if isinstance(document, dict) else {}
-        for row in results.get("gemm_efficiency", []) if isinstance(results, dict) else []:
-            eff = row["efficiency"] if "efficiency" in row else row["tflops"] / gpu.peak(precision)
-            if not 0 < eff <= 1:
-                raise ValueError(f"{file}: efficiency {eff:.3f} of {row} is not in (0, 1]")
-            rows.append((int(row["m"]), int(row["n"]), int(row["k"]), float(eff)))
+        measured = results.get("gemm_efficiency", []) if isinstance(results, dict) else []
+        if not isinstance(measured, list):
+            raise ValueError(f"{file}: 'gemm_efficiency' must be a list of {{m, n, k, efficiency or tflops}}")
+        rows += [_measured_row(file, row, gpu, precision) for row in measured]
     if not rows:
         raise ValueError(f"{path}: no 'gemm_efficiency' measurements found (see "
                          f"plait.plan.compute.load_measured_efficiencies for the format)")

@@ -11,8 +11,12 @@ TFLOP/s (1e12), latency in seconds.
 """
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass, field, fields, replace
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -218,30 +222,95 @@ class JobSpec:
 
 def _read_mapping(path: Path) -> dict[str, Any]:
     """A JSON file, or YAML when the name ends in .yaml/.yml (needs PyYAML)."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected JSON or YAML)") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty; expected a mapping with model/hardware/job sections")
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as exc:
             raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); "
                              f"or write the same content as JSON") from exc
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping with model/hardware/job sections")
+        raise ValueError(f"{path}: expected a mapping with model/hardware/job sections, got {type(data).__name__}")
     return data
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    return cls(**values)
+def unknown_keys(given: Any, known: Any, where: str, kind: str = "field") -> None:
+    """ValueError naming the first key of `given` not in `known`, with the closest known name."""
+    known = sorted(known)
+    for key in sorted(map(str, given)):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise ValueError(f"{where}: unknown {kind} {key!r}; {hint}")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether `value` (from JSON/YAML) fits the annotation `hint` of a spec field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1])
+                                               for k, v in value.items())
+    return True  # fields read elsewhere (HardwareSpec.gpu, measured)
+
+
+def _type_name(hint: Any) -> str:
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+             type(None): "null"}
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    return names.get(hint, "a mapping" if typing.get_origin(hint) is dict else str(hint))
+
+
+def check_fields(cls: type, values: Any, where: str, complete: bool = False) -> dict[str, Any]:
+    """`values` as keyword arguments for the dataclass `cls`, checked field by field.
+
+    ValueError for a section that is not a mapping, an unknown key (naming the closest field),
+    a value of the wrong type (``"32"`` where a number is meant, a bool for a count, nan) or,
+    with `complete`, a field without a default that is missing.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of fields, got {type(values).__name__} {values!r}")
+    hints = typing.get_type_hints(cls)
+    unknown_keys(values, [f.name for f in fields(cls)], where)
+    missing = [f.name for f in fields(cls) if complete and f.name not in values
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (or name a preset)")
+    for name, value in values.items():
+        if not _type_ok(value, hints[name]):
+            raise ValueError(f"{where}: {name} must be {_type_name(hints[name])}, got {value!r}")
+    return dict(values)
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    return cls(**check_fields(cls, values, where, complete=True))
 
 
 def model_from(value: str | dict[str, Any]) -> ModelSpec:
@@ -250,10 +319,14 @@ def model_from(value: str | dict[str, Any]) -> ModelSpec:
 
     if isinstance(value, str):
         return model_preset(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"model: expected a preset name or a mapping of fields, got {value!r}")
     values = dict(value)
     preset = values.pop("preset", None)
     if preset is not None:
-        return replace(model_preset(preset), **values)
+        if not isinstance(preset, str):
+            raise ValueError(f"model: preset must be a preset name, got {preset!r}")
+        return replace(model_preset(preset), **check_fields(ModelSpec, values, "model"))
     values.setdefault("name", "custom")
     return _build(ModelSpec, values, "model")
 
@@ -266,24 +339,41 @@ def hardware_from(value: str | dict[str, Any], num_gpus: int | None = None) -> H
         if num_gpus is None:
             raise ValueError("hardware: give the number of GPUs with the GPU preset")
         return hardware(value, num_gpus)
+    if not isinstance(value, dict):
+        raise ValueError(f"hardware: expected a GPU preset name or a mapping of fields, got {value!r}")
     values = dict(value)
     gpus = values.pop("gpus", values.pop("num_gpus", num_gpus))
     if gpus is None:
         raise ValueError("hardware: set gpus (the number of GPUs)")
-    gpu = values.pop("preset", None) or values.pop("gpu", None)
+    if not _type_ok(gpus, int):
+        raise ValueError(f"hardware: gpus must be a whole number, got {gpus!r}")
+    preset, gpu = values.pop("preset", None), values.pop("gpu", None)
+    if preset is not None and gpu is not None:
+        raise ValueError("hardware: set gpu or preset, not both")
+    gpu = preset if preset is not None else gpu
     if gpu is None:
         raise ValueError("hardware: set gpu (a preset name such as 'h100', or its fields)")
-    base = hardware(gpu, gpus) if isinstance(gpu, str) else HardwareSpec(_build(GPUSpec, gpu, "gpu"), gpus)
+    link_fields = {f.name for f in fields(HardwareSpec)} - {"gpu", "num_gpus", "measured"}
+    unknown_keys(values, link_fields, "hardware")
+    values = check_fields(HardwareSpec, values, "hardware")
+    if isinstance(gpu, str):
+        base = hardware(gpu, gpus)
+    else:
+        base = HardwareSpec(_build(GPUSpec, gpu, "hardware.gpu"), gpus)
     return replace(base, **values) if values else base
 
 
 def load_specs(path: str | Path) -> tuple[ModelSpec | None, HardwareSpec | None, JobSpec | None]:
-    """Read model, hardware and job sections from a JSON or YAML file; a missing section is None."""
+    """Read model, hardware and job sections from a JSON or YAML file; a missing section is None.
+
+    Every problem is a ValueError that starts with the file's name.
+    """
     data = _read_mapping(Path(path))
-    unknown = sorted(set(data) - {"model", "hardware", "job"})
-    if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; use model, hardware, job")
-    model = model_from(data["model"]) if "model" in data else None
-    cluster = hardware_from(data["hardware"]) if "hardware" in data else None
-    job = _build(JobSpec, data["job"], "job") if "job" in data else None
+    try:
+        unknown_keys(data, ("model", "hardware", "job"), "top level", "section")
+        model = model_from(data["model"]) if "model" in data else None
+        cluster = hardware_from(data["hardware"]) if "hardware" in data else None
+        job = _build(JobSpec, data["job"], "job") if "job" in data else None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return model, cluster, job

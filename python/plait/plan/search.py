@@ -49,8 +49,33 @@ class Plan:
                 "layouts": [e.as_dict() for e in self.estimates[:top]]}
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+MAX_CANDIDATES = 200_000  # layouts one search may estimate (about 30 s on one core)
+
+
+def _prime_factors(n: int) -> dict[int, int]:
+    """{prime: exponent} of n >= 1, by trial division up to sqrt(n) (fast for n < 2**40)."""
+    factors: dict[int, int] = {}
+    p = 2
+    while p * p <= n:
+        while n % p == 0:
+            factors[p] = factors.get(p, 0) + 1
+            n //= p
+        p += 1 if p == 2 else 2
+    if n > 1:
+        factors[n] = factors.get(n, 0) + 1
+    return factors
+
+
+def divisors(n: int, limit: int | None = None) -> list[int]:
+    """The divisors of n >= 1 up to `limit` (default n), ascending, built from n's factorization:
+    a number of GPUs such as 10**9 has 100 divisors, not 10**9 candidates to try one by one."""
+    if n < 1:
+        raise ValueError(f"divisors: n={n} must be >= 1")
+    limit = n if limit is None else limit
+    found = [1]
+    for prime, exponent in _prime_factors(n).items():
+        found = [d * prime ** e for d in found for e in range(exponent + 1) if d * prime ** e <= limit]
+    return sorted(d for d in found if d <= limit)
 
 
 def _tp_ok(model: ModelSpec, tp: int) -> bool:
@@ -79,29 +104,42 @@ def recompute_modes(job: JobSpec) -> tuple[str, ...]:
     return ("none", "full") if job.flash_attention else RECOMPUTE_MODES
 
 
-def candidate_layouts(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, allow_uneven: bool = False,
-                      max_microbatch_size: int = 16) -> list[Layout]:
-    """Every layout the rules allow (see the module docstring), recomputation included."""
+def _candidates(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, allow_uneven: bool,
+                max_microbatch_size: int) -> Iterator[Layout]:
     n = cluster.num_gpus
     recomputes = recompute_modes(job)
-    out = []
-    for tp in _divisors(n):
-        if tp > cluster.gpus_per_node or not _tp_ok(model, tp):
+    for tp in divisors(n, cluster.gpus_per_node):
+        if not _tp_ok(model, tp):
             continue
-        for pp in _divisors(n // tp):
-            if pp > model.num_layers or (model.num_layers % pp and not allow_uneven):
+        for pp in divisors(n // tp, model.num_layers):
+            if model.num_layers % pp and not allow_uneven:
                 continue
             dp = n // (tp * pp)
             if not job.training:
                 if job.batch % dp == 0:
-                    out.append(Layout(dp, pp, tp))
+                    yield Layout(dp, pp, tp)
                 continue
             if job.global_batch % dp:
                 continue
             per_replica = job.global_batch // dp
-            for mbs in (d for d in _divisors(per_replica) if d <= max_microbatch_size):
+            for mbs in (d for d in range(1, min(per_replica, max_microbatch_size) + 1) if per_replica % d == 0):
                 for schedule, v in _schedules(model, pp, per_replica // mbs):
-                    out += [Layout(dp, pp, tp, v, mbs, schedule, r) for r in recomputes]
+                    yield from (Layout(dp, pp, tp, v, mbs, schedule, r) for r in recomputes)
+
+
+def candidate_layouts(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, allow_uneven: bool = False,
+                      max_microbatch_size: int = 16, limit: int = MAX_CANDIDATES) -> list[Layout]:
+    """Every layout the rules allow (see the module docstring), recomputation included.
+
+    Raises ValueError when there are more than `limit`, so that no input makes a search unbounded.
+    """
+    out = []
+    for layout in _candidates(model, cluster, job, allow_uneven, max_microbatch_size):
+        if len(out) == limit:
+            raise ValueError(f"more than {limit:,} layouts of {model.name} on {cluster.num_gpus} GPUs to search; "
+                             f"give a layout (--tp, --pp, ...) to estimate it instead, fix --recompute, or use "
+                             f"fewer GPUs")
+        out.append(layout)
     return out
 
 

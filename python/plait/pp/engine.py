@@ -41,6 +41,7 @@ Every wait is bounded (``PLAIT_TIMEOUT_S``): a dead or stuck peer becomes a
 """
 from __future__ import annotations
 
+import hashlib
 import weakref
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from ..comm import Communicator
+from ..comm.agree import check_agreement
 from ..errors import PlaitError
 from .p2p import Meta, MetaCache, Transport, decode_signature, encode_signature, signature_length
 from .runner import ActivationMemory, StepRunner
@@ -112,7 +114,8 @@ class PipelineEngine:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(output, target), got {loss_fn!r}")
-        self.schedule = self._resolve(schedule, mesh.pp, num_microbatches, num_virtual or len(modules))
+        self.schedule = self._resolve(schedule, mesh.pp, num_microbatches,
+                                      len(modules) if num_virtual is None else num_virtual)
         self.mesh, self.rank = mesh, mesh.pp_rank
         mine = self.schedule.stages_of(self.rank)
         if len(mine) != len(modules):
@@ -125,6 +128,7 @@ class PipelineEngine:
         self.first_rank, self.last_rank = self.schedule.placement[0], self.schedule.placement[-1]
         self.program = self.schedule.lower().actions[self.rank]
         self.eval_program = self.schedule.forward_only().lower().actions[self.rank]
+        self._check_ranks_agree(mesh, modules)
         comm = default_p2p_comm(mesh) if comm is None else comm
         if not isinstance(comm, Communicator) or comm.size != mesh.pp or comm.rank != mesh.pp_rank:
             raise ValueError(f"comm must be a plait Communicator over this rank's PP group (size {mesh.pp}, "
@@ -135,6 +139,17 @@ class PipelineEngine:
         self._memory = ActivationMemory([p for m in modules for p in m.parameters()]) if track_memory else None
         self.peak_activations = 0
         self.last_output_microbatches: Optional[list[torch.Tensor]] = None
+
+    def _check_ranks_agree(self, mesh, modules: list[nn.Module]) -> None:
+        """Every pipeline rank must run the same schedule on stages of one dtype (a collective over
+        the PP group, before the engine's first transfer): else a ValueError on every rank."""
+        dtypes = sorted({str(p.dtype) for m in modules for p in m.parameters() if p.is_floating_point()})
+        text = self.schedule.to_text()
+        check_agreement({"schedule": f"{self.schedule.name} ({hashlib.sha256(text.encode()).hexdigest()[:12]})",
+                         "num_microbatches": self.num_microbatches, "placement": tuple(self.schedule.placement),
+                         "loss_reduction": self.loss_reduction, "device": mesh.device.type,
+                         "parameter dtype": ", ".join(dtypes) or None},
+                        mesh.pp_comm, what="the PipelineEngine", optional=("parameter dtype",))
 
     @staticmethod
     def _resolve(schedule, pp: int, num_microbatches, num_virtual: int) -> Schedule:

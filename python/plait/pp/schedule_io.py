@@ -36,8 +36,12 @@ def parse_schedule(text: str, num_microbatches: Optional[int] = None,
     """Parse the text/CSV form above into a compute-only or lowered :class:`Schedule`.
 
     Arguments override the directives in the text. The result is not validated yet:
-    call ``.validate()`` to check it (the engine does).
+    call ``.validate()`` to check it (the engine does). Text that is not a schedule is a
+    ValueError saying which line is wrong.
     """
+    if not isinstance(text, str):
+        raise ValueError(f"parse_schedule takes the schedule's text (a str), got {type(text).__name__}; "
+                         f"to read a file use load_schedule(path)")
     rows: dict[int, list[Action]] = {}
     next_rank = 0
     found: dict[str, object] = {}
@@ -77,5 +81,17 @@ def parse_schedule(text: str, num_microbatches: Optional[int] = None,
 
 
 def load_schedule(path: Union[str, Path], **kwargs) -> Schedule:
-    """Read a schedule file (text or CSV, same rules); ``kwargs`` as for :func:`parse_schedule`."""
-    return parse_schedule(Path(path).read_text(), **kwargs)
+    """Read a schedule file (text or CSV, same rules); ``kwargs`` as for :func:`parse_schedule`.
+
+    A missing, unreadable, binary or malformed file is a ValueError that names the file.
+    """
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a schedule file (not text)") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the schedule file ({exc.strerror or exc})") from None
+    try:
+        return parse_schedule(text, **kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..comm.agree import check_agreement
 from .activations import apply_activation, check_activation, linear_activation
 from .common import check_input, check_overlap, divide, init_full_linear, resolve_comm, resolve_overlap
 from .mappings import (copy_to_tp_region, gather_from_sequence_region, gather_from_tp_region,
@@ -51,14 +52,24 @@ from .fused import check_fused, column_linear_fused, row_linear_fused
 from .overlap import column_linear_overlapped, num_chunks, row_linear_overlapped
 
 
+def check_sizes(module: str, **sizes: object) -> None:
+    """ValueError naming the first of `sizes` that is not a whole number >= 1 (torch would fail later,
+    less clearly, or build an empty layer)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{module}: {name} must be a whole number >= 1, got {value!r}")
+
+
 class _ParallelLinear(nn.Module):
     """What both layers share: the group, the overlap mode, parameters drawn like nn.Linear."""
 
     split_dim: int  # dim of the full weight that is sharded: 0 for column, 1 for row
 
     def __init__(self, in_features: int, out_features: int, bias: bool, sequence_parallel: bool,
-                 overlap: str, group, overlap_chunks: int, dtype, device) -> None:
+                 overlap: str, group, overlap_chunks: int, dtype, device, check_ranks: bool,
+                 options: dict) -> None:
         super().__init__()
+        check_sizes(type(self).__name__, in_features=in_features, out_features=out_features)
         if not isinstance(overlap_chunks, int) or overlap_chunks < 1:
             raise ValueError(f"overlap_chunks must be a positive int, got {overlap_chunks!r}")
         self.in_features, self.out_features = in_features, out_features
@@ -67,6 +78,13 @@ class _ParallelLinear(nn.Module):
         self.overlap_chunks = overlap_chunks
         self.comm = resolve_comm(group)
         self.tp_size, self.tp_rank = self.comm.size, self.comm.rank
+        if check_ranks:
+            # Before the checks that depend on the sizes: ranks given different sizes learn so together.
+            check_agreement({"in_features": in_features, "out_features": out_features, "bias": bool(bias),
+                             "dtype": dtype or torch.get_default_dtype(),
+                             "device": torch.device(device or "cpu").type,
+                             "sequence_parallel": self.sequence_parallel, "overlap": overlap, **options},
+                            self.comm, what=type(self).__name__)
         full_features = out_features if self.split_dim == 0 else in_features
         per_rank = divide(full_features, self.tp_size,
                           "out_features" if self.split_dim == 0 else "in_features")
@@ -122,6 +140,10 @@ class ColumnParallelLinear(_ParallelLinear):
     takes a sequence shard ``[S/tp, ..., K]`` and all-gathers it (overlapped
     chunk by chunk with the GEMM when ``overlap`` is "chunked" or "auto").
     ``group``: a ProcessGroup, a Communicator, or None (the mesh's TP axis, else WORLD).
+    ``check_ranks`` (default True): on construction, check that every rank of the group
+    builds the same layer (sizes, dtype, options) with one small all-gather, so a mismatch
+    is a ValueError on every rank instead of a crash in the first forward; turn it off when
+    building many layers and checking the whole model once.
     """
 
     split_dim = 0
@@ -129,14 +151,15 @@ class ColumnParallelLinear(_ParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  sequence_parallel: bool = False, activation: Optional[str] = None, overlap: str = "auto",
                  group=None, *, overlap_chunks: int = 4, dtype: Optional[torch.dtype] = None,
-                 device=None) -> None:
+                 device=None, check_ranks: bool = True) -> None:
         self.activation = check_activation(activation)
         if gather_output and sequence_parallel:
             raise ValueError("gather_output=True cannot be combined with sequence_parallel=True: the "
                              "output is already full-sequence; follow with a RowParallelLinear instead")
         self.gather_output = bool(gather_output)
         super().__init__(in_features, out_features, bias, sequence_parallel, overlap, group,
-                         overlap_chunks, dtype, device)
+                         overlap_chunks, dtype, device, check_ranks,
+                         {"gather_output": self.gather_output, "activation": self.activation})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input("ColumnParallelLinear", x, self.in_features, self.weight)
@@ -170,19 +193,21 @@ class RowParallelLinear(_ParallelLinear):
     is this rank's feature block ``[..., K/tp]``; otherwise the full input is split
     here. The partial products are all-reduced, or reduce-scattered along the
     sequence (dim 0) with ``sequence_parallel=True``; the bias is added once, after.
+    ``check_ranks`` as for :class:`ColumnParallelLinear`.
     """
 
     split_dim = 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
                  sequence_parallel: bool = False, overlap: str = "auto", group=None, *,
-                 overlap_chunks: int = 4, dtype: Optional[torch.dtype] = None, device=None) -> None:
+                 overlap_chunks: int = 4, dtype: Optional[torch.dtype] = None, device=None,
+                 check_ranks: bool = True) -> None:
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel=True needs input_is_parallel=True (the input must be "
                              "the feature shard a ColumnParallelLinear produced)")
         self.input_is_parallel = bool(input_is_parallel)
         super().__init__(in_features, out_features, bias, sequence_parallel, overlap, group,
-                         overlap_chunks, dtype, device)
+                         overlap_chunks, dtype, device, check_ranks, {"input_is_parallel": self.input_is_parallel})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.weight.shape[1] if self.input_is_parallel else self.in_features

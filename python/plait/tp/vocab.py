@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import Communicator
+from ..comm.agree import check_agreement
 from .common import divide, resolve_comm
+from .layers import check_sizes
 from .mappings import reduce_from_tp_region, reduce_scatter_to_sequence_region
 
 
@@ -50,19 +52,28 @@ class VocabParallelEmbedding(nn.Module):
     Each rank looks up the ids it owns, writes zeros for the rest, and the
     partial results are all-reduced (reduce-scattered along dim 0, the sequence,
     with ``sequence_parallel=True``). Initialized like ``nn.Embedding`` (N(0, 1))
-    from the full table, so the same seed gives the same table.
+    from the full table, so the same seed gives the same table. ``check_ranks`` (default
+    True): check on construction that every rank builds the same table (sizes, dtype);
+    see :class:`~plait.tp.layers.ColumnParallelLinear`.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group=None, *,
                  sequence_parallel: bool = False, padding_idx: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device=None) -> None:
+                 dtype: Optional[torch.dtype] = None, device=None, check_ranks: bool = True) -> None:
         super().__init__()
+        check_sizes("VocabParallelEmbedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         if padding_idx is not None and not 0 <= padding_idx < num_embeddings:
             raise ValueError(f"padding_idx={padding_idx} must lie in [0, {num_embeddings})")
         self.padding_idx = padding_idx   # as nn.Embedding: that row gets no gradient
         self.sequence_parallel = bool(sequence_parallel)
         self.comm = resolve_comm(group)
+        if check_ranks:
+            check_agreement({"num_embeddings": num_embeddings, "embedding_dim": embedding_dim,
+                             "dtype": dtype or torch.get_default_dtype(),
+                             "device": torch.device(device or "cpu").type,
+                             "sequence_parallel": self.sequence_parallel, "padding_idx": padding_idx},
+                            self.comm, what="VocabParallelEmbedding")
         self.vocab_start, self.vocab_end = _vocab_range(num_embeddings, self.comm)
         full = torch.empty(num_embeddings, embedding_dim, dtype=dtype, device=device)
         nn.init.normal_(full)
