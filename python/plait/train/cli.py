@@ -7,14 +7,13 @@
 ``plait train`` starts ``dp * pp * tp`` local processes (:func:`plait.launch.run_ranks`)
 unless it runs under torchrun (RANK and WORLD_SIZE set), where each process is one rank;
 a one-rank job runs in this process. Flags are generated from :class:`~plait.train.job.TrainJob`,
-so a flag and a job-file key are always the same setting. Errors are one line and exit code 2;
-a rank that fails or dies makes the job exit 1 naming the rank.
+so a flag and a job-file key are always the same setting. Errors (bad settings or files, a
+rank that fails or dies, named) reach plait's command-line handler: one line, exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import MISSING, fields
 
 from .job import TrainJob, read_job_file
@@ -54,41 +53,18 @@ def _rank_main(rank: int, world: int, job: TrainJob) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..launch import RanksFailed, run_ranks
+    """Run the job; errors (bad settings, a failed or dead rank) go to plait's command-line handler."""
+    from ..launch import run_ranks
 
-    try:
-        job = job_from_args(args)
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ or job.world_size == 1:
-            from .loop import train_rank
+    job = job_from_args(args)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ or job.world_size == 1:
+        from .loop import train_rank
 
-            train_rank(job)
-        else:
-            threads = max(1, (os.cpu_count() or 1) // job.world_size)
-            run_ranks(_rank_main, job.world_size, job, timeout=float("inf"), threads_per_rank=threads)
-    except ValueError as err:
-        print(f"plait train: error: {err}", file=sys.stderr)
-        return 2
-    except RanksFailed as err:
-        print(f"plait train: {_first_lines(err)}", file=sys.stderr)
-        return 1
+        train_rank(job)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // job.world_size)
+        run_ranks(_rank_main, job.world_size, job, timeout=float("inf"), threads_per_rank=threads)
     return 0
-
-
-def _first_lines(err: Exception) -> str:
-    """A rank failure as its summary line plus each failed rank's last traceback line (the error)."""
-    lines = str(err).splitlines()
-    out = [lines[0]]
-    for i, line in enumerate(lines):
-        if line.startswith("--- rank"):
-            block = []
-            for follow in lines[i + 1:]:
-                if follow.startswith("--- rank"):
-                    break
-                if follow.strip():
-                    block.append(follow)
-            if block:
-                out.append(f"{line.strip('- ')}: {block[-1].strip()}")
-    return "\n".join(out)
 
 
 def setup_data(parser: argparse.ArgumentParser) -> None:
@@ -107,10 +83,6 @@ def setup_data(parser: argparse.ArgumentParser) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from .prepare import prepare
 
-    try:
-        count = prepare(args.tokenizer, args.input, args.output, args.data_dtype)
-    except ValueError as err:
-        print(f"plait data prepare: error: {err}", file=sys.stderr)
-        return 2
+    count = prepare(args.tokenizer, args.input, args.output, args.data_dtype)
     print(f"wrote {count} tokens to {args.output}")
     return 0
