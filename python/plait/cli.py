@@ -3,6 +3,8 @@
     plait info [--json]          versions, devices, plait._C's build, usable comm backends
     plait bench NAME [ARGS...]   run benchmark plait.bench.NAME with ARGS (no NAME: list them)
     plait plan [ARGS...]         search (or estimate) a parallel layout: plait.plan.cli
+    plait train [JOB] [ARGS...]  a training job: plait.train.cli
+    plait data prepare ...       tokenize text into a token file: plait.train.cli
 
 Subcommands are entries of ``SUBCOMMANDS``: name -> (one-line help, setup function).
 A setup function adds its arguments to the parser it is given and sets ``run`` to a
@@ -85,10 +87,24 @@ def _setup_plan(parser: argparse.ArgumentParser) -> None:
     setup(parser)
 
 
+def _setup_train(parser: argparse.ArgumentParser) -> None:
+    from plait.train.cli import setup_train
+
+    setup_train(parser)
+
+
+def _setup_data(parser: argparse.ArgumentParser) -> None:
+    from plait.train.cli import setup_data
+
+    setup_data(parser)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "info": ("show versions, devices, the compiled extension and usable backends", _setup_info),
     "bench": ("run a benchmark: plait bench NAME [ARGS...]", _setup_bench),
     "plan": ("choose dp/pp/tp, microbatches and schedule for a model on a cluster", _setup_plan),
+    "train": ("train a model: plait train job.yaml | --model DIR --data FILE ...", _setup_train),
+    "data": ("prepare training data: plait data prepare --tokenizer DIR --input FILES --output FILE", _setup_data),
 }
 
 

@@ -204,19 +204,11 @@ class ParallelModel(nn.Module):
         without it, each pipeline rank gets its own stages'). Tied heads are left out.
         """
         out = {}
-        tp = self.mesh.tp_comm
         for name, param in self.named_model_parameters():
             value = param.detach()
             if grads:
                 value = param.grad if param.grad is not None else torch.zeros_like(param)
-            spec = self.spec_of(name)
-            if spec.transpose:
-                value = value.t()
-            if spec.dim is None:
-                out[name] = value.clone()
-                continue
-            parts = tp.all_gather(value.contiguous(), dim=spec.dim).chunk(tp.size, dim=spec.dim)
-            out[name] = _assemble_full(self, name, parts, spec.dim)
+            out[name] = self.gather_full(name, value)
         if everywhere and self.mesh.pp > 1:
             gathered = [None] * self.mesh.pp
             dist.all_gather_object(gathered, out, group=self.mesh.pp_group)
@@ -224,6 +216,18 @@ class ParallelModel(nn.Module):
         if self.tied:
             out.pop(self.plan.head + ".weight", None)
         return out
+
+    @torch.no_grad()
+    def gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor, in the stored layout, of ``local``: this TP rank's shard of something shaped
+        like parameter ``name`` (the parameter, its gradient, its optimizer state). A TP collective."""
+        spec = self.spec_of(name)
+        value = local.t() if spec.transpose else local
+        if spec.dim is None:
+            return value.clone()
+        tp = self.mesh.tp_comm
+        parts = tp.all_gather(value.contiguous(), dim=spec.dim).chunk(tp.size, dim=spec.dim)
+        return _assemble_full(self, name, parts, spec.dim)
 
 
 def _local_rows(model: ParallelModel) -> tuple[int, int, int]:

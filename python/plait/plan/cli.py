@@ -88,6 +88,7 @@ def setup(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-uneven", action="store_true", help="allow layers not divisible by pp*v")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.add_argument("--plot", nargs="?", const="plait-plan.png", help="write a PNG of the top layouts' breakdowns")
+    g.add_argument("--emit", metavar="JOB_FILE", help="write the chosen layout as a plait train job file (YAML)")
     parser.set_defaults(run=run)
 
 
@@ -211,6 +212,17 @@ def run(args: argparse.Namespace) -> int:
         finally:
             progress.finish()
     estimates = [result] if isinstance(result, Estimate) else result.estimates[: args.top]
+    if args.emit:
+        from plait.train.emit import job_settings, write_job_file
+
+        try:
+            if not job.training:
+                raise ValueError("--emit writes a training job; plan with --mode train")
+            settings, notes = job_settings(estimates[0], job, model.seq_len)
+            write_job_file(args.emit, settings, notes, source=model.name)
+        except ValueError as exc:
+            print(f"plait plan: error: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         body = {"estimate": result.as_dict()} if isinstance(result, Estimate) else {"plan": result.as_dict(args.top)}
         print(json.dumps({**_report(model, cluster, job), **body}, indent=2))

@@ -59,6 +59,16 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def _under_autocast(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (devices autocast does not know never are)."""
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:
+        return False
+
+
 def check_input(module: str, x: torch.Tensor, features: int, weight: torch.Tensor) -> None:
     """Reject an input whose last dim, dtype or device does not fit ``weight``, before any collective."""
     if not isinstance(x, torch.Tensor):
@@ -66,7 +76,7 @@ def check_input(module: str, x: torch.Tensor, features: int, weight: torch.Tenso
     if x.dim() == 0 or x.shape[-1] != features:
         raise ValueError(f"{module}: input shape {list(x.shape)} does not end in {features} features; "
                          f"inputs are [..., {features}]")
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not _under_autocast(x, weight):   # autocast's GEMM casts both operands
         raise ValueError(f"{module}: input dtype {x.dtype} differs from the weight dtype {weight.dtype}; "
                          f"cast one of them (x.to({weight.dtype}) or layer.to({x.dtype}))")
     if x.device != weight.device:
