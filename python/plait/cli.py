@@ -69,10 +69,17 @@ def _setup_plan(parser: argparse.ArgumentParser) -> None:
     setup(parser)
 
 
+def _setup_generate(parser: argparse.ArgumentParser) -> None:
+    from plait.serve.generate import setup
+
+    setup(parser)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "info": ("show versions, devices, the compiled extension and usable backends", _setup_info),
     "bench": ("run a benchmark: plait bench NAME [ARGS...]", _setup_bench),
     "plan": ("choose dp/pp/tp, microbatches and schedule for a model on a cluster", _setup_plan),
+    "generate": ("generate text from a transformers model on a TP x PP layout", _setup_generate),
 }
 
 
