@@ -54,6 +54,16 @@ class Event:
     ttft_s: Optional[float] = None
 
 
+def check_prompt(prompt: list[int], max_len: int, vocab_size: Optional[int]) -> None:
+    """ValueError for a prompt that can never run: empty, ids outside the vocabulary, longer than the context."""
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one token")
+    if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+    if len(prompt) > max_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, more than the context of {max_len}")
+
+
 class Scheduler:
     """See the module docstring. ``max_len`` is the cache length; ``eos`` the end-of-sequence ids."""
 
@@ -68,18 +78,9 @@ class Scheduler:
         self.running: dict[str, Request] = {}
 
     # ----------------------------------------------------------------- intake
-    def check(self, prompt: list[int], params: SamplingParams) -> None:
-        """ValueError for a request that can never run (checked before it is queued)."""
-        if not prompt:
-            raise ValueError("the prompt is empty; give at least one token")
-        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if len(prompt) > self.max_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens, more than the context of {self.max_len}")
-
     def submit(self, request: Request) -> None:
         """Queue ``request``; ValueError if it can never run, QueueFull if the queue is at its bound."""
-        self.check(request.prompt, request.params)
+        check_prompt(request.prompt, self.max_len, self.vocab_size)
         if len(self.waiting) >= self.max_queue + len(self.slots.free):
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
         if request.params.seed is None:
