@@ -9,6 +9,7 @@ accepting, lets in-flight requests finish, stops every rank and exits 0.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def _seconds(text: str) -> float:
     if not 0 < value < 1e7:
         raise argparse.ArgumentTypeError(f"expected seconds in (0, 1e7), got {text}")
     return value
+
+
+def _terminate_startup(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def setup(parser: argparse.ArgumentParser) -> None:
@@ -82,11 +87,18 @@ def run(args: argparse.Namespace) -> int:
     served = ServedModel(args.served_model_name or Path(args.model).resolve().name, tokenizer,
                          args.max_len or limit, config.vocab_size, args.request_timeout)
     router = Router(job, args.dp)
+    signal.signal(signal.SIGTERM, _terminate_startup)
     try:
         router.start(args.startup_timeout)
     except RuntimeError as err:
         print(f"plait serve: error: {err}", file=sys.stderr)
         return 1
+    except SystemExit:
+        router.close(timeout_s=5)
+        return 0
+    # uvicorn catches SIGTERM, shuts down gracefully, then re-raises the signal to the handler it found: make
+    # that one a no-op so a drained server exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         app = create_app(router, served)
         print(f"plait serve: {served.name} on http://{args.host}:{args.port} (dp={args.dp} pp={args.pp} "
