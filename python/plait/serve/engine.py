@@ -62,12 +62,14 @@ class Engine:
         tokenizer: decodes text and stop strings (None: token ids only).
         eos: end-of-sequence ids (default: the model's generation config).
         record: keep every token each rank received (``worker.received``), for checks.
+        tp_backend: communicator of the TP layers during decode ("auto": shm on CPU; "torch": keep gloo/NCCL).
     """
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: Optional[int] = None,
-                 tokenizer=None, eos: Optional[Iterable[int]] = None, record: bool = False) -> None:
+                 tokenizer=None, eos: Optional[Iterable[int]] = None, record: bool = False,
+                 tp_backend: str = "auto") -> None:
         self.model = model
-        self.worker = Worker(model, max_batch, max_len, record)
+        self.worker = Worker(model, max_batch, max_len, record, tp_backend)
         self.is_leader = model.mesh.rank == self.worker.leader
         if eos is None:
             eos = eos_ids(model.model_config, getattr(model, "source_dir", None))

@@ -10,6 +10,11 @@ last stage          gathers the vocab-parallel logits over TP
 sampler             the first TP rank of the last stage: picks one token per row
 every rank          receives those tokens (a broadcast from the sampler)
 ==================  ==============================================================
+
+Decode sends a few kilobytes per all-reduce, so the TP layers are moved to the ``auto``
+communicator (plait's shared-memory backend on one CPU host) unless ``tp_backend="torch"``;
+the model is then for inference only. Step messages go over the torch (gloo) world, where an
+idle rank waits without spinning.
 """
 from __future__ import annotations
 
@@ -50,10 +55,18 @@ def context_length(model_config) -> int:
     raise ValueError("the model config names no context length (max_position_embeddings); pass max_len")
 
 
+def use_comm(stage, old, new) -> None:
+    """Point every TP module of ``stage`` that talks over ``old`` at ``new`` (e.g. shm instead of gloo)."""
+    for module in stage.modules():
+        if getattr(module, "comm", None) is old:
+            module.comm = new
+
+
 class Worker:
     """This rank's part of a replica: its stage, its KV cache, and the step protocol (see module docstring)."""
 
-    def __init__(self, model, max_batch: int, max_len: Optional[int] = None, record: bool = False) -> None:
+    def __init__(self, model, max_batch: int, max_len: Optional[int] = None, record: bool = False,
+                 tp_backend: str = "auto") -> None:
         if len(model.stages) != 1:
             raise ValueError(f"serving needs one pipeline stage per rank (num_virtual=1), this rank has "
                              f"{len(model.stages)}")
@@ -71,6 +84,10 @@ class Worker:
         self.dtype = model.dtype
         self.cache = KVCache(len(stage.layer_paths), max_batch, local_kv_heads(model), max_len,
                              model.dims.head_dim, self.dtype, self.mesh.device)
+        self.tp_comm = self.mesh.tp_comm
+        if tp_backend != "torch" and self.mesh.tp > 1:      # collective over the TP group
+            self.tp_comm = Communicator.create(tp_backend, self.mesh.tp_group, name="tp")
+            use_comm(stage, self.mesh.tp_comm, self.tp_comm)
         self.runner = StageRunner(stage, model.plan.family, self.cache, sliding_window(model.model_config))
         self.world = Communicator.create("torch", None, name="serve")
         self.sampler = self.mesh.rank_of(self.mesh.dp_rank, self.mesh.pp - 1, 0)
@@ -118,7 +135,7 @@ class Worker:
             mesh.pp_comm.send(y, dst=mesh.pp_rank + 1)
         tokens = torch.zeros(batch.tokens.shape[0], dtype=torch.int64)
         if mesh.is_last_stage:
-            logits = mesh.tp_comm.all_gather(y.contiguous(), dim=-1)[..., :self.model.dims.vocab_size]
+            logits = self.tp_comm.all_gather(y.contiguous(), dim=-1)[..., :self.model.dims.vocab_size]
             if mesh.rank == self.sampler:
                 tokens = self._sample(logits.cpu(), batch)
         self.world.broadcast(tokens, src=self.sampler)
