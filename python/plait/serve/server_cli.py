@@ -13,24 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .options import add_model_options, nonnegative_int, positive_int
-
-
-def _port(text: str) -> int:
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
-    if not 0 < value < 1e7:
-        raise argparse.ArgumentTypeError(f"expected seconds in (0, 1e7), got {text}")
-    return value
+from .options import add_model_options, nonnegative_int, port, positive_int, seconds
 
 
 def _terminate_startup(signum, frame) -> None:
@@ -41,14 +24,14 @@ def setup(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument("--dp", type=positive_int, default=1, help="replicas, each a tp x pp group (default 1)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--max-batch", type=positive_int, default=8,
                         help="requests decoded together per replica (KV cache slots, default 8)")
     parser.add_argument("--max-queue", type=nonnegative_int, default=64,
                         help="requests waiting per replica beyond the batch; more get 503 (default 64)")
-    parser.add_argument("--request-timeout", type=_seconds, default=600.0,
+    parser.add_argument("--request-timeout", type=seconds, default=600.0,
                         help="deadline of each request in seconds (default 600)")
-    parser.add_argument("--startup-timeout", type=_seconds, default=600.0,
+    parser.add_argument("--startup-timeout", type=seconds, default=600.0,
                         help="seconds the replicas may take to load the model (default 600)")
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: the "
                                                                   "directory's name)")
