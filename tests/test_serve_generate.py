@@ -68,3 +68,15 @@ def _main_exit_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exit_:      # argparse's own refusals
         return exit_.code
+
+
+def test_generate_under_torchrun(model_dir):
+    """Under torchrun each process is one rank; only rank 0 prints."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "plait",
+                          "generate", "--model", model_dir, "--tp", "2", "--prompt-ids", "2,5,7,9",
+                          "--max-new-tokens", "6", "--dtype", "float64", "--json"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    assert json.loads(lines[0])["token_ids"] == reference_greedy(model_dir, [2, 5, 7, 9], 6)
