@@ -49,6 +49,7 @@ def test_generate_text_prompt_on_tp2_matches_transformers(model_dir):
     (["--prompt-ids", "1", "--top-p", "1.5"], "(0, 1]"),
     (["--prompt-ids", "1", "--tp", "0"], "positive integer"),
     (["--prompt-ids", "1", "--tp", "3"], "not divisible by tp=3"),
+    (["--prompt-ids", "1", "--max-len", "65"], "exceeds the model's context of 64"),
 ])
 def test_generate_refuses_bad_input(model_dir, args, message, capsys):
     assert _main_exit_code(["generate", "--model", model_dir, *args]) == 2

@@ -79,7 +79,10 @@ def prepare(args: argparse.Namespace) -> dict:
     vocab = config.vocab_size
     if any(not 0 <= t < vocab for t in ids):
         raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-    context = min(context_length(config), args.max_len or context_length(config))
+    context = context_length(config)
+    if args.max_len is not None and args.max_len > context:
+        raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {context}")
+    context = args.max_len or context
     if len(ids) > context:
         raise ValueError(f"the prompt has {len(ids)} tokens, more than the context of {context}")
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
