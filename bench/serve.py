@@ -198,7 +198,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     path = write_result("serve", {"shape": shape, "table": {"columns": COLUMNS, "rows": rows}},
                         command_line("serve", argv))
     print(f"wrote {path}")
+    if plot(rows, path.with_suffix(".png")):
+        print(f"wrote {path.with_suffix('.png')}")
+    else:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
     return 0
+
+
+def plot(rows: list[list], path) -> bool:
+    """Time per output token (p50) and output tokens/s per contender, one panel per client count;
+    False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    clients = sorted({row[3] for row in rows})
+    fig, axes = plt.subplots(2, len(clients), figsize=(4.5 * len(clients), 6), squeeze=False)
+    for col, count in enumerate(clients):
+        mine = [row for row in rows if row[3] == count]
+        labels = [f"{row[0].replace('transformers generate', 'HF')}\ntp={row[1]} dp={row[2]}" for row in mine]
+        for ax, index, title in ((axes[0][col], 6, "time per output token p50 (ms)"),
+                                 (axes[1][col], 8, "output tokens / s")):
+            ax.bar(range(len(mine)), [row[index] for row in mine])
+            ax.set_xticks(range(len(mine)), labels, fontsize=7)
+            ax.set_title(f"{title}, {count} clients", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 COLUMNS = ["contender", "tp", "dp", "clients", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99",
