@@ -144,3 +144,11 @@ def print_table(columns: Sequence[Any], rows: Sequence[Sequence[Any]]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
     for line in [columns, *rows]:
         print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+
+
+def save_plot(plot, rows: Any, path: Path) -> None:
+    """``plot(rows, path)`` (a function returning False without matplotlib), and say what came of it."""
+    if plot(rows, path):
+        print(f"wrote {path}")
+    else:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")

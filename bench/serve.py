@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from plait.bench.common import command_line, print_table, write_result
+from plait.bench.common import command_line, print_table, save_plot, write_result
 from plait.launch import run_ranks
 
 
@@ -198,10 +198,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     path = write_result("serve", {"shape": shape, "table": {"columns": COLUMNS, "rows": rows}},
                         command_line("serve", argv))
     print(f"wrote {path}")
-    if plot(rows, path.with_suffix(".png")):
-        print(f"wrote {path.with_suffix('.png')}")
-    else:
-        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    save_plot(plot, rows, path.with_suffix(".png"))
     return 0
 
 
