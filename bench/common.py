@@ -234,3 +234,11 @@ class PeakResident:
     def increase_so_far(self) -> int:
         """The peak increase from the block's start until now (inside the block)."""
         return _status_bytes("VmHWM") - self.start
+
+
+def save_plot(plot, rows: Any, path: Path) -> None:
+    """``plot(rows, path)`` (a function returning False without matplotlib), and say what came of it."""
+    if plot(rows, path):
+        print(f"wrote {path}")
+    else:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")

@@ -99,12 +99,26 @@ def _setup_data(parser: argparse.ArgumentParser) -> None:
     setup_data(parser)
 
 
+def _setup_generate(parser: argparse.ArgumentParser) -> None:
+    from plait.serve.generate import setup
+
+    setup(parser)
+
+
+def _setup_serve(parser: argparse.ArgumentParser) -> None:
+    from plait.serve.server_cli import setup
+
+    setup(parser)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "info": ("show versions, devices, the compiled extension and usable backends", _setup_info),
     "bench": ("run a benchmark: plait bench NAME [ARGS...]", _setup_bench),
     "plan": ("choose dp/pp/tp, microbatches and schedule for a model on a cluster", _setup_plan),
     "train": ("train a model: plait train job.yaml | --model DIR --data FILE ...", _setup_train),
     "data": ("prepare training data: plait data prepare --tokenizer DIR --input FILES --output FILE", _setup_data),
+    "generate": ("generate text from a transformers model on a TP x PP layout", _setup_generate),
+    "serve": ("serve a transformers model over HTTP (OpenAI-compatible) on DP x PP x TP", _setup_serve),
 }
 
 

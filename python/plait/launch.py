@@ -60,13 +60,10 @@ def _worker(rank: int, world_size: int, port: int, env: dict, threads: int, fn: 
         os._exit(0)
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
-              env: dict | None = None, threads_per_rank: int = 1) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local ranks; return results by rank.
-
-    ``env`` adds environment variables for the ranks; ``threads_per_rank`` sets
-    torch's intra-op threads in each (1 by default: ranks share the cores).
-    """
+def start_ranks(fn: Callable, world_size: int, *args: Any, env: dict | None = None, threads_per_rank: int = 1,
+                daemon: bool = True) -> tuple[list, Any]:
+    """Start ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks with their own rendezvous port and
+    return at once: (the processes by rank, the queue each rank puts ``(rank, "ok"|"error", payload)`` on)."""
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     ctx = mp.get_context("spawn")
@@ -74,10 +71,21 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
     port = free_port()
     child_env = {"OMP_NUM_THREADS": str(threads_per_rank), **(env or {})}
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, child_env, threads_per_rank, fn, args, results),
-                         daemon=True)
+                         daemon=daemon)
              for r in range(world_size)]
     for proc in procs:
         proc.start()
+    return procs, results
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
+              env: dict | None = None, threads_per_rank: int = 1) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local ranks; return results by rank.
+
+    ``env`` adds environment variables for the ranks; ``threads_per_rank`` sets
+    torch's intra-op threads in each (1 by default: ranks share the cores).
+    """
+    procs, results = start_ranks(fn, world_size, *args, env=env, threads_per_rank=threads_per_rank)
     outcome: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout
     try:

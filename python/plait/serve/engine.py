@@ -1,0 +1,172 @@
+"""The inference engine of one replica: every rank runs :meth:`Engine.run`; the leader schedules.
+
+    mesh = plait.init_mesh(pp=2, tp=2)
+    model = plait.from_pretrained(directory, mesh, dtype=torch.float32)
+    engine = plait.serve.Engine(model, max_batch=8, tokenizer=load_tokenizer(directory))
+    done = engine.generate([[1, 2, 3], [4, 5]], [SamplingParams(max_tokens=8)] * 2)   # on every rank
+
+The leader (first TP rank of the first pipeline stage) owns the :class:`Scheduler`; each
+iteration it takes new commands from a :class:`Source` (a list for ``generate``, queues for
+the server), prefills what it admitted, decodes one token for every running request, and
+hands the events back to the source. The other ranks follow the step messages. When the
+leader is idle it sends a heartbeat every second, so no follower's wait runs into the
+collective timeout.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Protocol, Sequence
+
+import torch.distributed as dist
+
+from .batch import IDLE, STOP
+from .sampling import SamplingParams
+from .scheduler import Event, QueueFull, Request, Scheduler
+from .text import eos_ids
+from .worker import Worker
+
+HEARTBEAT_S = 1.0
+
+
+class Source(Protocol):
+    """Where the leader's commands come from and its events go."""
+
+    def poll(self, block: bool) -> list[tuple]:
+        """New commands: ``("submit", Request)``, ``("cancel", rid)`` or ``("stop",)`` (drain, then stop)."""
+
+    def emit(self, events: list[Event]) -> None:
+        """Progress of requests (tokens, text, ends)."""
+
+
+@dataclass
+class Completion:
+    """A finished request: its generated ids (the EOS included, as transformers returns it) and text."""
+
+    rid: str
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+
+class Engine:
+    """This rank's part of a replica; see the module docstring.
+
+    Args:
+        model: this rank's :class:`~plait.ParallelModel` (one stage per rank, dp=1 inside the replica).
+        max_batch: cache slots, the most requests decoded together.
+        max_queue: the most requests waiting for a slot; more are refused (:class:`QueueFull`).
+        max_len: positions per slot (default: the model's context).
+        tokenizer: decodes text and stop strings (None: token ids only).
+        eos: end-of-sequence ids (default: the model's generation config).
+        record: keep every token each rank received (``worker.received``), for checks.
+        tp_backend: communicator of the TP layers during decode ("auto": shm on CPU; "torch": keep gloo/NCCL).
+    """
+
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: Optional[int] = None,
+                 tokenizer=None, eos: Optional[Iterable[int]] = None, record: bool = False,
+                 tp_backend: str = "auto") -> None:
+        self.model = model
+        self.worker = Worker(model, max_batch, max_len, record, tp_backend)
+        self.is_leader = model.mesh.rank == self.worker.leader
+        if eos is None:
+            eos = eos_ids(model.model_config, getattr(model, "source_dir", None))
+        self.scheduler = Scheduler(max_batch, max_queue, self.worker.max_len, eos, tokenizer,
+                                   model.dims.vocab_size)
+
+    def run(self, source: Optional[Source]) -> None:
+        """Serve commands from ``source`` (leader) or follow the leader (other ranks) until a drained stop."""
+        if not self.is_leader:
+            self.worker.follow()
+            return
+        scheduler, stopping, last_message = self.scheduler, False, time.monotonic()
+        while True:
+            for command in source.poll(block=not scheduler.busy):
+                if command[0] == "submit":
+                    source.emit(self._submit(command[1], refuse=stopping))
+                elif command[0] == "cancel":
+                    source.emit(scheduler.cancel(command[1]))
+                elif command[0] == "stop":
+                    stopping = True
+            source.emit(scheduler.expire())
+            if stopping and not scheduler.busy:
+                self.worker.send_control(STOP)
+                return
+            ran = False
+            for build in (scheduler.prefill_batch, scheduler.decode_batch):
+                planned = build()
+                if planned is not None:
+                    batch, requests = planned
+                    source.emit(scheduler.complete(requests, self.worker.step(batch)))
+                    ran = True
+            now = time.monotonic()
+            if ran:
+                last_message = now
+            elif now - last_message > HEARTBEAT_S:
+                self.worker.send_control(IDLE)
+                last_message = now
+
+    def _submit(self, request: Request, refuse: bool) -> list[Event]:
+        if refuse:
+            return [Event(request.rid, None, "", "error", error="the server is shutting down")]
+        try:
+            self.scheduler.submit(request)
+        except QueueFull as err:
+            return [Event(request.rid, None, "", "error", error=f"queue full: {err}")]
+        except ValueError as err:
+            return [Event(request.rid, None, "", "error", error=str(err))]
+        return []
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 arrivals: Optional[Sequence[int]] = None) -> list[Completion]:
+        """Generate for every prompt (a collective; the leader's arguments count) and return the completions
+        on every rank. ``arrivals[i]`` is the iteration at which request ``i`` is submitted (default 0): later
+        requests join a batch that is already running."""
+        source = None
+        if self.is_leader:
+            source = _ListSource(prompts, params, arrivals)
+        self.run(source)
+        out = [source.completions() if source else None]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(out, src=self.worker.leader)
+        return out[0]
+
+
+class _ListSource:
+    """Submits a fixed list of requests, request ``i`` at iteration ``arrivals[i]``; collects completions."""
+
+    def __init__(self, prompts, params, arrivals) -> None:
+        if len(prompts) != len(params):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
+        arrivals = list(arrivals) if arrivals is not None else [0] * len(prompts)
+        self.pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+        self.prompts, self.params, self.arrivals = prompts, params, arrivals
+        self.iteration = 0
+        self.done: dict[str, Completion] = {str(i): Completion(str(i), len(p)) for i, p in enumerate(prompts)}
+        self.stopped = False
+
+    def poll(self, block: bool) -> list[tuple]:
+        commands = []
+        while self.pending and (self.arrivals[self.pending[0]] <= self.iteration or block):
+            i = self.pending.pop(0)
+            commands.append(("submit", Request(str(i), list(self.prompts[i]), self.params[i])))
+            block = False
+        self.iteration += 1
+        if not self.pending and not self.stopped:
+            self.stopped = True
+            commands.append(("stop",))
+        return commands
+
+    def emit(self, events: list[Event]) -> None:
+        for event in events:
+            done = self.done[event.rid]
+            if event.token is not None:
+                done.token_ids.append(event.token)
+            done.text += event.text
+            if event.finish_reason is not None:
+                done.finish_reason, done.error = event.finish_reason, event.error
+
+    def completions(self) -> list[Completion]:
+        return [self.done[str(i)] for i in range(len(self.prompts))]

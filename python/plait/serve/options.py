@@ -1,0 +1,54 @@
+"""Typed, range-checked command-line options shared by ``plait generate`` and ``plait serve``.
+
+Each check runs in the parser, so a bad value is one line from argparse (exit code 2)
+before any process starts.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, then refuse it unless ``ok``; ``what`` says what is allowed."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "a positive integer")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+nonnegative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+probability = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+port = checked(int, lambda v: 1 <= v <= 65535, "a port in [1, 65535]")
+seconds = checked(float, lambda v: 0 < v < 1e7, "seconds in (0, 1e7)")
+
+
+def model_dir(text: str) -> str:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a directory (a local transformers model directory)")
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no config.json; is this a transformers model directory?")
+    return str(path)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --tp, --pp, --dtype, --max-len."""
+    parser.add_argument("--model", required=True, type=model_dir, help="transformers model directory")
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks (default 1)")
+    parser.add_argument("--pp", type=positive_int, default=1, help="pipeline stages (default 1)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    parser.add_argument("--max-len", type=positive_int, default=None,
+                        help="positions per request in the KV cache (default: the model's context)")

@@ -1,0 +1,187 @@
+"""Continuous batching on the leader rank: a bounded waiting queue, cache slots, stop rules, events.
+
+Every engine iteration the scheduler admits waiting requests into free cache slots (they
+are prefilled together, each from position 0), then decodes one token for every running
+request, each at its own position. A request leaves the batch the step it finishes
+(EOS, a stop string, ``max_tokens``, the context, its deadline or a cancel) and its slot
+is free for the next waiting request.
+"""
+from __future__ import annotations
+
+import collections
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from .batch import StepBatch
+from .kv_cache import SlotPool
+from .sampling import MAX_SEED, SamplingParams
+from .text import TextStream
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; try again later."""
+
+
+@dataclass
+class Request:
+    """One generation request and its progress."""
+
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    deadline: Optional[float] = None          # time.monotonic() bound
+    generated: list[int] = field(default_factory=list)
+    slot: Optional[int] = None
+    finish_reason: Optional[str] = None
+    stream: Optional[TextStream] = None
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: Optional[float] = None
+
+
+@dataclass
+class Event:
+    """Progress of a request: a new token (with the text it settles), or its end."""
+
+    rid: str
+    token: Optional[int]
+    text: str
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: Optional[float] = None
+
+
+def check_prompt(prompt: list[int], max_len: int, vocab_size: Optional[int]) -> None:
+    """ValueError for a prompt that can never run: empty, ids outside the vocabulary, longer than the context."""
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one token")
+    if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+    if len(prompt) > max_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, more than the context of {max_len}")
+
+
+class Scheduler:
+    """See the module docstring. ``max_len`` is the cache length; ``eos`` the end-of-sequence ids."""
+
+    def __init__(self, max_batch: int, max_queue: int, max_len: int, eos: Iterable[int] = (), tokenizer=None,
+                 vocab_size: Optional[int] = None) -> None:
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        self.slots = SlotPool(max_batch)
+        self.max_queue, self.max_len, self.eos = max_queue, max_len, frozenset(eos)
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: dict[str, Request] = {}
+
+    # ----------------------------------------------------------------- intake
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; ValueError if it can never run, QueueFull if the queue is at its bound."""
+        check_prompt(request.prompt, self.max_len, self.vocab_size)
+        if len(self.waiting) >= self.max_queue + len(self.slots.free):
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
+        if request.params.seed is None:
+            request.params.seed = random.randrange(MAX_SEED)
+        request.stream = TextStream(self.tokenizer, request.params.stop)
+        self.waiting.append(request)
+
+    def cancel(self, rid: str, reason: str = "cancelled") -> list[Event]:
+        for request in list(self.waiting):
+            if request.rid == rid:
+                self.waiting.remove(request)
+                return [self._end(request, reason)]
+        if rid in self.running:
+            return [self._end(self.running[rid], reason)]
+        return []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def outstanding_tokens(self) -> int:
+        """Tokens still to generate for every queued and running request (the router's load measure)."""
+        return sum(r.params.max_tokens - len(r.generated) for r in (*self.waiting, *self.running.values()))
+
+    # ----------------------------------------------------------------- steps
+    def expire(self, now: Optional[float] = None) -> list[Event]:
+        """End every request past its deadline."""
+        now = time.monotonic() if now is None else now
+        late = [r for r in (*self.waiting, *self.running.values()) if r.deadline is not None and now > r.deadline]
+        events = []
+        for request in late:
+            if request in self.waiting:
+                self.waiting.remove(request)
+            events.append(self._end(request, "deadline", error="the request passed its deadline"))
+        return events
+
+    def prefill_batch(self) -> Optional[tuple[StepBatch, list[Request]]]:
+        """Admit waiting requests into free slots; the step that reads their prompts."""
+        admitted = []
+        while self.waiting and self.slots.free:
+            request = self.waiting.popleft()
+            request.slot = self.slots.take()
+            self.running[request.rid] = request
+            admitted.append(request)
+        if not admitted:
+            return None
+        return StepBatch.build([self._row(r, r.prompt, 0) for r in admitted]), admitted
+
+    def decode_batch(self) -> Optional[tuple[StepBatch, list[Request]]]:
+        """One new token for every running request, each at its own position."""
+        rows = [r for r in self.running.values() if r.generated]
+        if not rows:
+            return None
+        batch = StepBatch.build([self._row(r, r.generated[-1:], len(r.prompt) + len(r.generated) - 1)
+                                 for r in rows])
+        return batch, rows
+
+    def _row(self, request: Request, tokens: list[int], start: int) -> dict:
+        p = request.params
+        return dict(slot=request.slot, start=start, tokens=tokens, temperature=p.temperature, top_k=p.top_k,
+                    top_p=p.top_p, seed=p.seed, index=len(request.generated))
+
+    def complete(self, requests: list[Request], tokens: list[int]) -> list[Event]:
+        """Take each request's new token; returns its event (and ends the finished ones)."""
+        now = time.monotonic()
+        events = []
+        for request, token in zip(requests, tokens):
+            if request.rid not in self.running:     # cancelled while its step ran
+                continue
+            if request.first_token_at is None:
+                request.first_token_at = now
+            request.generated.append(token)
+            request.stream.update(request.generated)
+            reason = self._finish_reason(request, token)
+            if reason is None:
+                events.append(Event(request.rid, token, request.stream.delta(final=False),
+                                    prompt_tokens=len(request.prompt), completion_tokens=len(request.generated),
+                                    ttft_s=now - request.submitted if len(request.generated) == 1 else None))
+            else:
+                events.append(self._end(request, reason, token=token))
+        return events
+
+    def _finish_reason(self, request: Request, token: int) -> Optional[str]:
+        if token in self.eos and not request.params.ignore_eos:
+            return "stop"
+        if request.stream.stopped:
+            return "stop"
+        if len(request.generated) >= request.params.max_tokens:
+            return "length"
+        if len(request.prompt) + len(request.generated) > self.max_len:
+            return "length"
+        return None
+
+    def _end(self, request: Request, reason: str, token: Optional[int] = None, error: Optional[str] = None) -> Event:
+        request.finish_reason = reason
+        if request.slot is not None and self.running.pop(request.rid, None) is not None:
+            self.slots.give(request.slot)
+        text = request.stream.delta(final=True) if request.stream else ""
+        ttft = None
+        if token is not None and len(request.generated) == 1:
+            ttft = time.monotonic() - request.submitted
+        return Event(request.rid, token, text, finish_reason=reason, error=error, prompt_tokens=len(request.prompt),
+                     completion_tokens=len(request.generated), ttft_s=ttft)

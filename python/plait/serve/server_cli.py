@@ -1,0 +1,93 @@
+"""``plait serve``: an OpenAI-compatible server of a transformers model on DP x PP x TP local processes.
+
+    plait serve --model DIR --tp 2 --pp 1 --dp 2 --port 8000
+
+Every option is checked, and the layout against the model, before any process starts.
+The server listens once every replica has loaded the model. SIGTERM (or Ctrl-C) stops
+accepting, lets in-flight requests finish, stops every rank and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .options import add_model_options, nonnegative_int, port, positive_int, seconds
+
+
+def _terminate_startup(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def setup(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    parser.add_argument("--dp", type=positive_int, default=1, help="replicas, each a tp x pp group (default 1)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--max-batch", type=positive_int, default=8,
+                        help="requests decoded together per replica (KV cache slots, default 8)")
+    parser.add_argument("--max-queue", type=nonnegative_int, default=64,
+                        help="requests waiting per replica beyond the batch; more get 503 (default 64)")
+    parser.add_argument("--request-timeout", type=seconds, default=600.0,
+                        help="deadline of each request in seconds (default 600)")
+    parser.add_argument("--startup-timeout", type=seconds, default=600.0,
+                        help="seconds the replicas may take to load the model (default 600)")
+    parser.add_argument("--served-model-name", default=None, help="model name in the API (default: the "
+                                                                  "directory's name)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models.hf import load_config
+    from .generate import check_layout
+    from .text import load_tokenizer
+    from .worker import context_length
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        print(f"plait serve: error: needs the serve extra ({err.name} is missing): pip install 'plait[serve]'",
+              file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.model)
+        check_layout(args.model, args.tp, args.pp)
+        limit = context_length(config)
+        if args.max_len is not None and args.max_len > limit:
+            raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {limit}")
+        tokenizer = load_tokenizer(args.model)
+    except ValueError as err:
+        print(f"plait serve: error: {err}", file=sys.stderr)
+        return 2
+    from .api import ServedModel, create_app
+    from .router import Router
+
+    job = dict(model=args.model, tp=args.tp, pp=args.pp, dtype=args.dtype, max_batch=args.max_batch,
+               max_queue=args.max_queue, max_len=args.max_len)
+    served = ServedModel(args.served_model_name or Path(args.model).resolve().name, tokenizer,
+                         args.max_len or limit, config.vocab_size, args.request_timeout)
+    router = Router(job, args.dp)
+    signal.signal(signal.SIGTERM, _terminate_startup)
+    try:
+        router.start(args.startup_timeout)
+    except RuntimeError as err:
+        print(f"plait serve: error: {err}", file=sys.stderr)
+        return 1
+    except SystemExit:
+        router.close(timeout_s=5)
+        return 0
+    # uvicorn catches SIGTERM, shuts down gracefully, then re-raises the signal to the handler it found: make
+    # that one a no-op so a drained server exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        app = create_app(router, served)
+        print(f"plait serve: {served.name} on http://{args.host}:{args.port} (dp={args.dp} pp={args.pp} "
+              f"tp={args.tp})", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=int(args.request_timeout) + 5)
+    finally:
+        router.close()
+    return 0

@@ -1,0 +1,62 @@
+"""Tiny models for the serving tests: tests/hf_models.py's configs with livelier weights and a tokenizer.
+
+Weights drawn with std 0.3 (transformers' 0.02 makes a tiny random model repeat one token),
+so greedy decoding walks through many different tokens and a wrong cache entry shows. The
+tokenizer is a WordLevel model trained with ``tokenizers`` on a few sentences, saved as a
+``PreTrainedTokenizerFast`` with a chat template, and fits the models' 37-token vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+
+from hf_models import VOCAB, tiny_config
+
+SENTENCES = ["the cat sat on the mat", "a dog ran to the park and back", "we like red and blue boats",
+             "one two three four five six", "the sun is warm today", "my friend reads old books"]
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+def save_tokenizer(directory) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(vocab_size=VOCAB,
+                                                                 special_tokens=["<unk>", "<eos>"]))
+    assert tok.get_vocab_size() <= VOCAB
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(directory))
+
+
+def save_model(kind: str, directory, seed: int = 0, tokenizer: bool = True) -> str:
+    """A tiny ``kind`` model (see hf_models.FAMILIES) with lively weights, EOS id 1, in ``directory``."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = tiny_config(kind)
+    config.eos_token_id = 1
+    model = T.AutoModelForCausalLM.from_config(config).double()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3)
+            else:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 1
+    model.save_pretrained(str(directory))
+    if tokenizer:
+        save_tokenizer(directory)
+    return str(directory)
+
+
+def reference_greedy(directory, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy ``generate`` on ``prompt`` alone, new tokens only (ending at EOS if it comes)."""
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float64)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()

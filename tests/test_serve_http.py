@@ -1,0 +1,192 @@
+"""``plait serve`` as a user meets it: a real server on 127.0.0.1 (dp=2 replicas), driven with httpx.
+
+In order (one server for the module): concurrent streaming and non-streaming requests
+give transformers' greedy tokens (which ``plait generate`` is tested to equal) and its
+decoded text; each bad input gets its status and message; a full queue answers 503 with
+Retry-After; a killed replica rank is reported by /health within seconds while the other
+replica keeps serving; SIGTERM lets an in-flight request finish, stops every rank, exits 0
+and leaves nothing new in /dev/shm.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from plait.launch import free_port
+from serve_models import reference_greedy, save_model
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+pytest.importorskip("transformers")
+
+MODEL = "tiny"
+PROMPTS = [[2, 5, 7, 9], [3, 4], [10, 11, 12, 13, 14, 15, 16], [8, 6, 4, 2]]
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    directory = save_model("llama", tmp_path_factory.mktemp("http") / MODEL, seed=3)
+    port = free_port()
+    before = _shm()
+    proc = subprocess.Popen([sys.executable, "-m", "plait", "serve", "--model", directory, "--dp", "2",
+                             "--max-batch", "2", "--max-queue", "1", "--dtype", "float64", "--port", str(port),
+                             "--request-timeout", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not come up:\n{proc.stdout.read()}")
+        time.sleep(0.5)
+    yield dict(url=url, proc=proc, dir=directory, shm_before=before)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _complete(client, url: str, prompt, stream: bool, **extra):
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": stream, **extra}
+    return client.post(f"{url}/v1/completions", json=body, timeout=120)
+
+
+async def _one(client, url: str, prompt, stream: bool) -> tuple[list[int], str]:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": stream}
+    if not stream:
+        response = await client.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice["token_ids"], choice["text"]
+    tokens, text = [], ""
+    async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                tokens += choice["token_ids"]
+                text += choice["text"]
+    return tokens, text
+
+
+def test_concurrent_streaming_and_plain_requests(server):
+    from transformers import AutoTokenizer
+
+    async def all_at_once():
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*[_one(client, server["url"], p, stream=i % 2 == 0)
+                                          for i, p in enumerate(PROMPTS)])
+
+    tokenizer = AutoTokenizer.from_pretrained(server["dir"])
+    for prompt, (tokens, text) in zip(PROMPTS, asyncio.run(all_at_once())):
+        assert tokens == reference_greedy(server["dir"], prompt, 8)
+        assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_text_prompt_chat_models_and_metrics(server):
+    url = server["url"]
+    text = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "the cat sat", "max_tokens": 4,
+                                                     "temperature": 0}, timeout=120)
+    assert text.status_code == 200 and text.json()["usage"]["prompt_tokens"] == 3
+    chat = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "max_tokens": 4, "temperature": 0,
+                                                          "messages": [{"role": "user", "content": "the dog"}]},
+                      timeout=120)
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["role"] == "assistant"
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == MODEL
+    metrics = httpx.get(f"{url}/metrics").text
+    for name in ("plait_requests_total", "plait_time_to_first_token_seconds_bucket",
+                 "plait_time_per_output_token_seconds_bucket", "plait_running_requests", "plait_waiting_requests",
+                 "plait_kv_cache_usage"):
+        assert name in metrics
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"prompt": list(range(2, 36)) * 2}, "more than the context of 64"),
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
+    ({"top_p": 0}, "top_p must be a number in (0, 1]"),
+    ({"top_p": 1.5}, "top_p must be a number in (0, 1]"),
+    ({"max_tokens": "5"}, "max_tokens"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": [1, 99]}, "[0, 37)"),
+    ({"model": "gpt-4"}, "does not exist"),
+])
+def test_bad_input_is_400(server, change, message):
+    body = {"model": MODEL, "prompt": [1, 2], "max_tokens": 4, **change}
+    response = httpx.post(f"{server['url']}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_full_queue_is_503_with_retry_after(server):
+    async def flood():
+        async with httpx.AsyncClient() as client:
+            body = {"model": MODEL, "prompt": [2, 3], "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+            return await asyncio.gather(*[client.post(f"{server['url']}/v1/completions", json=body, timeout=120)
+                                          for _ in range(10)])
+
+    statuses = [r.status_code for r in asyncio.run(flood())]
+    rejected = [r for r in statuses if r == 503]
+    assert statuses.count(200) >= 6 and rejected, statuses      # 2 replicas x (2 slots + 1 queued)
+
+
+def test_killed_replica_is_reported_and_survived(server):
+    url = server["url"]
+    victim = httpx.get(f"{url}/health").json()["replicas"][0]["pids"][0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while True:
+        health = httpx.get(f"{url}/health")
+        if health.json()["replicas"][0]["status"] == "down":
+            break
+        assert time.monotonic() < deadline, "replica 0 not reported down within 5 s"
+        time.sleep(0.1)
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    assert "exited" in health.json()["replicas"][0]["reason"]
+    for prompt in PROMPTS[:2]:
+        response = _complete(httpx, url, prompt, stream=False)
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["token_ids"] == reference_greedy(server["dir"], prompt, 8)
+
+
+def test_sigterm_drains_and_cleans_up(server):
+    url, proc = server["url"], server["proc"]
+    pids = [p for r in httpx.get(f"{url}/health").json()["replicas"] for p in r["pids"]]
+    tokens = []
+    body = {"model": MODEL, "prompt": [2, 3], "max_tokens": 30, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and not tokens:
+                proc.send_signal(signal.SIGTERM)           # the request is in flight
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    tokens += choice["token_ids"]
+    assert len(tokens) == 30
+    assert proc.wait(timeout=60) == 0
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read().lower()]
+    assert not alive, f"rank processes {alive} outlived the server"
+    left = {name for name in _shm() - server["shm_before"] if not name.startswith("sem.mp-")}
+    assert not left, f"/dev/shm entries left behind: {sorted(left)}"
