@@ -212,12 +212,10 @@ class Rewriter:
     overlap: str = "auto"
     sequence_parallel: bool = False
 
-    def specs(self, name: str, module: nn.Module, style: str) -> dict[str, ShardSpec]:
-        return param_specs(name, module, style, self.dims, self.comm.size, self.comm.rank)
-
     def build(self, name: str, module: nn.Module, style: str) -> nn.Module:
         tp, rank = self.comm.size, self.comm.rank
-        specs = self.specs(name, module, style)
+        by_rank = [param_specs(name, module, style, self.dims, tp, r) for r in range(tp)]
+        specs = by_rank[rank]
         sp = self.sequence_parallel
         # check_ranks=False: parallelize checks once, for the whole model, that the ranks agree
         kw = dict(group=self.comm, dtype=self.dtype or _dtype_of(module), device="meta", overlap=self.overlap,
@@ -249,6 +247,7 @@ class Rewriter:
             value = _load(self.source, spec, self.dtype or _dtype_of(module), self.device)
             even = not spec.replicated and style in ("colwise", "colwise_q", "rowwise", "vocab_embed", "vocab_head")
             _set_param(new, param_name, value, split[param_name] if even else None)
+        new.plait_specs_by_rank = by_rank   # every rank's rows: gathering and saving need them
         return new
 
 

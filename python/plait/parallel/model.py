@@ -345,9 +345,6 @@ def _rewrite_stage(stage: DecoderStage, styles: dict[str, str], rewriter: Rewrit
             set_local_heads(module, heads_for(dims, tp, rewriter.comm.rank))
             continue
         new = rewriter.build(name, module, style)
-        from .apply import param_specs
-
-        new.plait_specs_by_rank = [param_specs(name, module, style, dims, tp, r) for r in range(tp)]
         parent, _, leaf = name.rpartition(".")
         setattr(stage.get_submodule(parent) if parent else stage, leaf, new)
 
