@@ -11,9 +11,19 @@ the server), prefills what it admitted, decodes one token for every running requ
 hands the events back to the source. The other ranks follow the step messages. When the
 leader is idle it sends a heartbeat every second, so no follower's wait runs into the
 collective timeout.
+
+With ``pp > 1`` the decode is pipelined (see :mod:`plait.serve.worker`): the running
+requests are split into ``pp`` groups by cache slot, and up to ``pp`` groups are in flight.
+Each iteration the leader launches the step of every group that is not in flight (a prefill
+of its new requests, else a decode), then waits for the oldest group's tokens and hands them
+to the scheduler; that group is launched again in the next iteration while the others are
+still in later stages. In steady state, with at least ``pp`` requests running, every stage
+computes a different group at the same time. ``flight[k]`` counts the launches after which
+``k`` groups were in flight.
 """
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Protocol, Sequence
@@ -73,25 +83,25 @@ class Engine:
         self.is_leader = model.mesh.rank == self.worker.leader
         if eos is None:
             eos = eos_ids(model.model_config, getattr(model, "source_dir", None))
+        self.pipeline = model.mesh.pp
         self.scheduler = Scheduler(max_batch, max_queue, self.worker.max_len, eos, tokenizer,
-                                   model.dims.vocab_size)
+                                   model.dims.vocab_size, groups=self.pipeline)
+        self.flight: collections.Counter[int] = collections.Counter()
+        self._stopping = False
 
     def run(self, source: Optional[Source]) -> None:
         """Serve commands from ``source`` (leader) or follow the leader (other ranks) until a drained stop."""
         if not self.is_leader:
             self.worker.follow()
             return
-        scheduler, stopping, last_message = self.scheduler, False, time.monotonic()
+        self._stopping = False
+        if self.pipeline > 1:
+            self._run_pipelined(source)
+            return
+        scheduler, last_message = self.scheduler, time.monotonic()
         while True:
-            for command in source.poll(block=not scheduler.busy):
-                if command[0] == "submit":
-                    source.emit(self._submit(command[1], refuse=stopping))
-                elif command[0] == "cancel":
-                    source.emit(scheduler.cancel(command[1]))
-                elif command[0] == "stop":
-                    stopping = True
-            source.emit(scheduler.expire())
-            if stopping and not scheduler.busy:
+            self._take_commands(source, block=not scheduler.busy)
+            if self._stopping and not scheduler.busy:
                 self.worker.send_control(STOP)
                 return
             ran = False
@@ -107,6 +117,44 @@ class Engine:
             elif now - last_message > HEARTBEAT_S:
                 self.worker.send_control(IDLE)
                 last_message = now
+
+    def _run_pipelined(self, source: Source) -> None:
+        """The leader's loop for ``pp > 1``: up to ``pp`` slot groups in flight (see the module docstring)."""
+        scheduler, worker = self.scheduler, self.worker
+        in_flight: collections.deque = collections.deque()       # (group, requests, handle), oldest first
+        last_message = time.monotonic()
+        while True:
+            self._take_commands(source, block=not scheduler.busy and not in_flight)
+            if self._stopping and not scheduler.busy and not in_flight:
+                worker.send_control(STOP)
+                return
+            scheduler.admit()
+            flying = {group for group, _, _ in in_flight}
+            for group in range(self.pipeline):
+                planned = None if group in flying else scheduler.group_step(group)
+                if planned is not None:
+                    batch, requests = planned
+                    in_flight.append((group, requests, worker.launch(batch)))
+                    self.flight[len(in_flight)] += 1
+            now = time.monotonic()
+            if in_flight:
+                _, requests, handle = in_flight.popleft()
+                source.emit(scheduler.complete(requests, worker.collect(handle)))
+                last_message = now
+            elif now - last_message > HEARTBEAT_S:
+                worker.send_control(IDLE)
+                last_message = now
+
+    def _take_commands(self, source: Source, block: bool) -> None:
+        """Apply the source's new commands, then end the requests past their deadlines."""
+        for command in source.poll(block=block):
+            if command[0] == "submit":
+                source.emit(self._submit(command[1], refuse=self._stopping))
+            elif command[0] == "cancel":
+                source.emit(self.scheduler.cancel(command[1]))
+            elif command[0] == "stop":
+                self._stopping = True
+        source.emit(self.scheduler.expire())
 
     def _submit(self, request: Request, refuse: bool) -> list[Event]:
         if refuse:

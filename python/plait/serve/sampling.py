@@ -22,6 +22,8 @@ class SamplingParams:
 
     ``temperature`` 0 is greedy (argmax); ``top_k`` 0 keeps every token; ``top_p`` 1 keeps
     the whole distribution. ``seed`` None draws one when the request is admitted.
+    ``timeout`` (seconds > 0, None: no limit of its own) is the request's deadline counted from its
+    submission; a server caps it by its own request timeout.
     """
 
     max_tokens: int = 16
@@ -31,6 +33,7 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: Sequence[str] = field(default_factory=tuple)
     ignore_eos: bool = False
+    timeout: Optional[float] = None
 
     def __post_init__(self) -> None:
         def is_int(value) -> bool:
@@ -53,6 +56,11 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.stop = tuple(self.stop)
+        if self.timeout is not None:
+            if (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                    or not math.isfinite(self.timeout) or self.timeout <= 0):
+                raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+            self.timeout = float(self.timeout)
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
 
     @property

@@ -5,6 +5,17 @@ are prefilled together, each from position 0), then decodes one token for every 
 request, each at its own position. A request leaves the batch the step it finishes
 (EOS, a stop string, ``max_tokens``, the context, its deadline or a cancel) and its slot
 is free for the next waiting request.
+
+For a pipelined replica (``groups = pp > 1``) the running requests fall into ``groups``
+groups by cache slot (slot ``s`` is in group ``s % groups``; the lowest free slot goes
+first, so requests admitted together spread over the groups). :meth:`Scheduler.group_step`
+plans one group's next step: the prefill of its newly admitted requests if it has any, else
+one decode token for each of its requests. The engine keeps at most one step per group in
+flight, so two steps in flight never touch the same cache slot, and a slot freed while its
+group's step is in flight is only reused by a later step of that same group.
+
+A request may carry its own deadline (``SamplingParams.timeout``, seconds from submission);
+past it the request ends with finish reason ``"deadline"`` and an error, and frees its slot.
 """
 from __future__ import annotations
 
@@ -68,9 +79,12 @@ class Scheduler:
     """See the module docstring. ``max_len`` is the cache length; ``eos`` the end-of-sequence ids."""
 
     def __init__(self, max_batch: int, max_queue: int, max_len: int, eos: Iterable[int] = (), tokenizer=None,
-                 vocab_size: Optional[int] = None) -> None:
+                 vocab_size: Optional[int] = None, groups: int = 1) -> None:
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be an integer >= 1, got {groups!r}")
+        self.groups = groups
         self.slots = SlotPool(max_batch)
         self.max_queue, self.max_len, self.eos = max_queue, max_len, frozenset(eos)
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
@@ -85,6 +99,9 @@ class Scheduler:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
         if request.params.seed is None:
             request.params.seed = random.randrange(MAX_SEED)
+        if request.params.timeout is not None:
+            own = request.submitted + request.params.timeout
+            request.deadline = own if request.deadline is None else min(request.deadline, own)
         request.stream = TextStream(self.tokenizer, request.params.stop)
         self.waiting.append(request)
 
@@ -115,29 +132,46 @@ class Scheduler:
         for request in late:
             if request in self.waiting:
                 self.waiting.remove(request)
-            events.append(self._end(request, "deadline", error="the request passed its deadline"))
+            limit = request.deadline - request.submitted
+            events.append(self._end(request, "deadline",
+                                    error=f"the request passed its deadline of {limit:.3g} s"))
         return events
 
-    def prefill_batch(self) -> Optional[tuple[StepBatch, list[Request]]]:
-        """Admit waiting requests into free slots; the step that reads their prompts."""
+    def admit(self) -> list[Request]:
+        """Move waiting requests into free slots (lowest slot first); returns the admitted ones."""
         admitted = []
         while self.waiting and self.slots.free:
             request = self.waiting.popleft()
             request.slot = self.slots.take()
             self.running[request.rid] = request
             admitted.append(request)
-        if not admitted:
-            return None
-        return StepBatch.build([self._row(r, r.prompt, 0) for r in admitted]), admitted
+        return admitted
+
+    def prefill_batch(self) -> Optional[tuple[StepBatch, list[Request]]]:
+        """Admit waiting requests into free slots; the step that reads their prompts."""
+        return self._prefill(self.admit())
 
     def decode_batch(self) -> Optional[tuple[StepBatch, list[Request]]]:
         """One new token for every running request, each at its own position."""
-        rows = [r for r in self.running.values() if r.generated]
-        if not rows:
+        return self._decode([r for r in self.running.values() if r.generated])
+
+    def group_step(self, group: int) -> Optional[tuple[StepBatch, list[Request]]]:
+        """The next step of slot group ``group`` (pipelined replicas): the prefill of its new requests if it
+        has any, else a decode of all of them; None when the group is empty. Call :meth:`admit` first."""
+        members = [r for r in self.running.values() if r.slot % self.groups == group]
+        return self._prefill([r for r in members if not r.generated]) or self._decode(members)
+
+    def _prefill(self, requests: list[Request]) -> Optional[tuple[StepBatch, list[Request]]]:
+        if not requests:
+            return None
+        return StepBatch.build([self._row(r, r.prompt, 0) for r in requests]), requests
+
+    def _decode(self, requests: list[Request]) -> Optional[tuple[StepBatch, list[Request]]]:
+        if not requests:
             return None
         batch = StepBatch.build([self._row(r, r.generated[-1:], len(r.prompt) + len(r.generated) - 1)
-                                 for r in rows])
-        return batch, rows
+                                 for r in requests])
+        return batch, requests
 
     def _row(self, request: Request, tokens: list[int], start: int) -> dict:
         p = request.params

@@ -1,29 +1,53 @@
 """What every rank of a replica does: receive the step message, run its stage, pass on hidden states,
-and (on one rank) choose the tokens that every rank then receives.
+and (on one rank) choose the tokens.
+
+With one pipeline stage (``pp == 1``) the leader broadcasts each step over the replica's
+world, every rank runs it, and the sampler broadcasts the chosen tokens back to all:
 
 ==================  ==============================================================
-who                 does
+who                 does (pp == 1)
 ==================  ==============================================================
-every rank          runs its pipeline stage on the step (TP collectives inside)
-pipeline rank p     receives hidden states from p-1, sends its own to p+1
-last stage          gathers the vocab-parallel logits over TP
-sampler             the first TP rank of the last stage: picks one token per row
+every rank          receives the step message (a broadcast from the leader)
+every rank          runs the stage on the step (TP collectives inside)
+sampler (= leader)  gathers the vocab-parallel logits over TP, picks one token per row
 every rank          receives those tokens (a broadcast from the sampler)
 ==================  ==============================================================
 
+With ``pp > 1`` the decode is **pipelined**: the leader keeps up to ``pp`` steps (groups of
+requests with disjoint cache slots) in flight, so stage 0 computes one group while later
+stages compute the others. No message spans the replica, since a collective over the world
+would make every stage wait for the slowest again:
+
+==================  ==============================================================
+who                 does (pp > 1)
+==================  ==============================================================
+leader              broadcasts the step message within stage 0's TP group and posts a
+                    receive for the step's tokens from the sampler
+pipeline rank p     receives the message and hidden states from rank p-1 (same TP
+                    rank), runs its stage, sends message and hidden states to p+1
+last stage          gathers the vocab-parallel logits over TP
+sampler             the first TP rank of the last stage: picks one token per row and
+                    sends them to the leader (p2p), which feeds them into the group's
+                    next step message; that message is how every other rank gets them
+==================  ==============================================================
+
+Control messages (IDLE, STOP) take the same path, so they reach every rank in order after
+the steps before them. Every wait is bounded by ``PLAIT_TIMEOUT_S`` and fails with an error
+naming rank, group and operation (:mod:`plait.comm`).
+
 Decode sends a few kilobytes per all-reduce, so the TP layers are moved to the ``auto``
 communicator (plait's shared-memory backend on one CPU host) unless ``tp_backend="torch"``;
-the model is then for inference only. Step messages go over the torch (gloo) world, where an
-idle rank waits without spinning.
+the model is then for inference only. Step messages go over torch (gloo), where an idle rank
+waits without spinning.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ..comm import Communicator
+from ..comm.base import Handle
 from .batch import HEADER, IDLE, STEP, STOP, StepBatch, payload_size
 from .forward import StageRunner
 from .kv_cache import KVCache
@@ -63,7 +87,12 @@ def use_comm(stage, old, new) -> None:
 
 
 class Worker:
-    """This rank's part of a replica: its stage, its KV cache, and the step protocol (see module docstring)."""
+    """This rank's part of a replica: its stage, its KV cache, and the step protocol (see module docstring).
+
+    With ``record=True`` it keeps ``received``, the tokens this rank was sent per step (every rank when
+    ``pp == 1``; the leader and the sampler when pipelined), and ``steps``, the ``(slots, tokens)`` of every
+    step message this rank ran, which is the same list on every rank of the replica.
+    """
 
     def __init__(self, model, max_batch: int, max_len: Optional[int] = None, record: bool = False,
                  tp_backend: str = "auto") -> None:
@@ -89,56 +118,115 @@ class Worker:
             self.tp_comm = Communicator.create(tp_backend, self.mesh.tp_group, name="tp")
             use_comm(stage, self.mesh.tp_comm, self.tp_comm)
         self.runner = StageRunner(stage, model.plan.family, self.cache, sliding_window(model.model_config))
-        self.world = Communicator.create("torch", None, name="serve")
+        self.pipelined = self.mesh.pp > 1
+        if self.pipelined:
+            self.stage_comm = Communicator.create("torch", self.mesh.tp_group, name="serve-stage")
+            self.line = Communicator.create("torch", self.mesh.pp_group, name="serve-pp")
+        else:
+            self.world = Communicator.create("torch", None, name="serve")
         self.sampler = self.mesh.rank_of(self.mesh.dp_rank, self.mesh.pp - 1, 0)
         self.leader = self.mesh.rank_of(self.mesh.dp_rank, 0, 0)
         self.received: Optional[list[list[int]]] = [] if record else None
+        self.steps: Optional[list[tuple[list[int], list[list[int]]]]] = [] if record else None
         self.max_batch, self.max_len = max_batch, max_len
 
-    # ----------------------------------------------------------------- messages
+    # ----------------------------------------------------------------- leader
     def send_control(self, op: int) -> None:
         """Leader only: tell every rank to idle or stop."""
-        self.world.broadcast(torch.tensor([op, 0, 0], dtype=torch.int64), src=self.leader)
+        header = torch.tensor([op, 0, 0], dtype=torch.int64)
+        if not self.pipelined:
+            self.world.broadcast(header, src=self.leader)
+            return
+        self.stage_comm.broadcast(header, src=0)
+        self.line.send(header, dst=1)
 
     def step(self, batch: StepBatch) -> list[int]:
         """Leader only: send ``batch`` to every rank, run it, and return the chosen tokens."""
+        if self.pipelined:
+            return self.collect(self.launch(batch))
         self.world.broadcast(batch.header(), src=self.leader)
         self.world.broadcast(batch.payload(), src=self.leader)
-        return self._run(batch)
+        tokens = self._compute(batch)
+        if tokens is None:
+            tokens = torch.zeros(batch.tokens.shape[0], dtype=torch.int64)
+        return self._received(self.world.broadcast(tokens, src=self.sampler))
 
+    def launch(self, batch: StepBatch) -> Handle:
+        """Leader only, pipelined: start ``batch`` down the pipeline; the handle's ``wait`` gives its tokens.
+
+        Returns once stage 0 has run it, so the leader can launch another group while the later stages
+        compute this one. The sampler answers in launch order.
+        """
+        header, payload = batch.header(), batch.payload()
+        self.stage_comm.broadcast(header, src=0)
+        self.stage_comm.broadcast(payload, src=0)
+        tokens = torch.empty(batch.tokens.shape[0], dtype=torch.int64)
+        handle = self.line.recv(tokens, src=self.mesh.pp - 1, async_op=True)
+        self._compute(batch, header, payload)
+        return handle
+
+    def collect(self, handle: Handle) -> list[int]:
+        """Leader only, pipelined: wait (bounded) for the tokens of a launched step."""
+        return self._received(handle.wait())
+
+    # ----------------------------------------------------------------- followers
     def follow(self) -> None:
         """Every rank but the leader: run the steps the leader sends until it says stop."""
         while True:
-            header = torch.empty(HEADER, dtype=torch.int64)
-            self.world.broadcast(header, src=self.leader)
+            header = self._receive(torch.empty(HEADER, dtype=torch.int64))
             op, batch, seq = header.tolist()
-            if op == STOP:
-                return
-            if op == IDLE:
+            if op in (STOP, IDLE):
+                if self.pipelined and not self.mesh.is_last_stage:
+                    self.line.send(header, dst=self.mesh.pp_rank + 1)
+                if op == STOP:
+                    return
                 continue
             if op != STEP:
                 raise RuntimeError(f"rank {self.mesh.rank}: unknown step message {op}")
-            payload = torch.empty(payload_size(batch, seq), dtype=torch.int64)
-            self.world.broadcast(payload, src=self.leader)
-            self._run(StepBatch.from_payload(payload, batch, seq))
+            payload = self._receive(torch.empty(payload_size(batch, seq), dtype=torch.int64))
+            step = StepBatch.from_payload(payload, batch, seq)
+            tokens = self._compute(step, header, payload)
+            if not self.pipelined:
+                if tokens is None:
+                    tokens = torch.zeros(batch, dtype=torch.int64)
+                self._received(self.world.broadcast(tokens, src=self.sampler))
+            elif tokens is not None:                       # the sampler of a pipeline
+                self.line.send(tokens, dst=0)
+                self._received(tokens)
+
+    def _receive(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The next part of a step message: from the leader (pp == 1, or stage 0), else from stage p-1."""
+        if not self.pipelined:
+            return self.world.broadcast(buffer, src=self.leader)
+        if self.mesh.is_first_stage:
+            return self.stage_comm.broadcast(buffer, src=0)
+        return self.line.recv(buffer, src=self.mesh.pp_rank - 1)
 
     # ----------------------------------------------------------------- compute
-    def _run(self, batch: StepBatch) -> list[int]:
+    def _compute(self, batch: StepBatch, header: Optional[torch.Tensor] = None,
+                 payload: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Run this rank's stage on ``batch``: pass message and hidden states on (pipelined, not the last
+        stage), or gather the logits (last stage). Returns the chosen tokens on the sampler, else None."""
         mesh = self.mesh
+        if self.steps is not None:
+            self.steps.append((batch.slots.tolist(),
+                               [row[:n].tolist() for row, n in zip(batch.tokens, batch.lengths.tolist())]))
         if mesh.is_first_stage:
             x = batch.tokens
         else:
             x = torch.empty(*batch.tokens.shape, self.model.dims.hidden, dtype=self.dtype, device=mesh.device)
-            mesh.pp_comm.recv(x, src=mesh.pp_rank - 1)
+            self.line.recv(x, src=mesh.pp_rank - 1)
         y = self.runner(x.to(mesh.device), batch.inputs)
         if not mesh.is_last_stage:
-            mesh.pp_comm.send(y, dst=mesh.pp_rank + 1)
-        tokens = torch.zeros(batch.tokens.shape[0], dtype=torch.int64)
-        if mesh.is_last_stage:
-            logits = self.tp_comm.all_gather(y.contiguous(), dim=-1)[..., :self.model.dims.vocab_size]
-            if mesh.rank == self.sampler:
-                tokens = self._sample(logits.cpu(), batch)
-        self.world.broadcast(tokens, src=self.sampler)
+            for part in (header, payload, y):
+                self.line.send(part, dst=mesh.pp_rank + 1)
+            return None
+        logits = self.tp_comm.all_gather(y.contiguous(), dim=-1)[..., :self.model.dims.vocab_size]
+        if mesh.rank != self.sampler:
+            return None
+        return self._sample(logits.cpu(), batch)
+
+    def _received(self, tokens: torch.Tensor) -> list[int]:
         chosen = tokens.tolist()
         if self.received is not None:
             self.received.append(chosen)
