@@ -131,6 +131,9 @@ def test_text_prompt_chat_models_and_metrics(server):
     ({"prompt": 5}, "prompt"),
     ({"prompt": [1, 99]}, "[0, 37)"),
     ({"model": "gpt-4"}, "does not exist"),
+    ({"timeout": 0}, "timeout must be a finite number of seconds > 0"),
+    ({"timeout": -2.5}, "timeout must be a finite number of seconds > 0"),
+    ({"timeout": "5"}, "timeout"),
 ])
 def test_bad_input_is_400(server, change, message):
     body = {"model": MODEL, "prompt": [1, 2], "max_tokens": 4, **change}
@@ -150,6 +153,31 @@ def test_full_queue_is_503_with_retry_after(server):
     statuses = [r.status_code for r in asyncio.run(flood())]
     rejected = [r for r in statuses if r == 503]
     assert statuses.count(200) >= 6 and rejected, statuses      # 2 replicas x (2 slots + 1 queued)
+
+
+def test_request_past_its_deadline_is_504_and_frees_its_slot(server):
+    url = server["url"]
+    body = {"model": MODEL, "prompt": [2, 3], "max_tokens": 60, "ignore_eos": True, "temperature": 0,
+            "timeout": 0.001}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["type"] == "timeout" and "deadline of 0.001 s" in error["message"]
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    assert stream.status_code == 200 and "deadline" in events[-1]["error"]["message"]
+    tokens = sum((len(c["token_ids"]) for e in events[:-1] for c in e["choices"]), 0)
+    assert tokens < 60
+    deadline = time.monotonic() + 10
+    while True:          # the replicas report every 0.25 s: both slots free again, nothing waiting
+        replicas = httpx.get(f"{url}/health").json()["replicas"]
+        if all(r["running"] == 0 and r["waiting"] == 0 for r in replicas):
+            break
+        assert time.monotonic() < deadline, f"a late request kept its slot: {replicas}"
+        time.sleep(0.1)
+    ok = _complete(httpx, url, PROMPTS[0], stream=False, timeout=60)
+    assert ok.status_code == 200
+    assert ok.json()["choices"][0]["token_ids"] == reference_greedy(server["dir"], PROMPTS[0], 8)
 
 
 def test_killed_replica_is_reported_and_survived(server):

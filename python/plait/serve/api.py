@@ -14,6 +14,12 @@ Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 
 input (checked before a replica sees the request), 503 with ``Retry-After`` when every queue
 is full or no replica is up, 504 when a request passes its deadline. Choices carry the
 generated ``token_ids`` besides the text (an extension; OpenAI clients ignore it).
+
+Every request has a deadline: the server's ``--request-timeout``, or sooner the request's own
+``timeout`` field (seconds > 0; an extension, OpenAI's API has no such field). The replica
+ends a request past its deadline and frees its slot: a plain request answers 504, a stream
+that already started ends with the error JSON as its last event. The HTTP side waits
+:data:`DEADLINE_GRACE_S` longer, so a replica that stops answering still gets a 504.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from .sampling import SamplingParams
 from .scheduler import Event, check_prompt
 
 Number = Union[StrictInt, StrictFloat]
+DEADLINE_GRACE_S = 1.0
 
 
 class ApiError(Exception):
@@ -61,6 +68,7 @@ class _Sampling(BaseModel):
     stream: StrictBool = False
     ignore_eos: StrictBool = False
     n: StrictInt = 1
+    timeout: Optional[Number] = None
 
 
 class CompletionBody(_Sampling):
@@ -154,8 +162,8 @@ def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] =
             raise
         reply = _Reply(served.name, tracked, chat, metrics, endpoint)
         if body.stream:
-            return StreamingResponse(reply.stream(router, served.request_timeout_s), media_type="text/event-stream")
-        return await reply.whole(router, served.request_timeout_s)
+            return StreamingResponse(reply.stream(router), media_type="text/event-stream")
+        return await reply.whole(router)
 
     return app
 
@@ -176,12 +184,14 @@ def _submit(router: Router, served: ServedModel, body: _Sampling, prompt: list[i
         raise ApiError(400, "n must be 1", param="n")
     try:
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                top_p=body.top_p, seed=body.seed, stop=body.stop or (), ignore_eos=body.ignore_eos)
+                                top_p=body.top_p, seed=body.seed, stop=body.stop or (), ignore_eos=body.ignore_eos,
+                                timeout=body.timeout)
         check_prompt(prompt, served.max_len, served.vocab_size)
     except ValueError as err:
         raise ApiError(400, str(err)) from None
+    timeout_s = served.request_timeout_s if params.timeout is None else min(params.timeout, served.request_timeout_s)
     try:
-        return router.submit(prompt, params, served.request_timeout_s)
+        return router.submit(prompt, params, timeout_s)
     except Overloaded as err:
         raise ApiError(503, f"the server is at capacity ({err}); retry later", kind="server_overloaded",
                        headers={"Retry-After": "1"}) from None
@@ -209,15 +219,17 @@ class _Reply:
         self.tokens: list[int] = []
         self.text = ""
 
-    async def events(self, router: Router, timeout_s: float) -> AsyncIterator[Event]:
-        deadline = self.arrived + timeout_s
+    async def events(self, router: Router) -> AsyncIterator[Event]:
+        timeout_s = self.tracked.timeout_s
+        deadline = self.arrived + timeout_s + DEADLINE_GRACE_S
         done = False
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(self.tracked.events.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    raise ApiError(504, f"the request passed its deadline of {timeout_s:g} s", kind="timeout") from None
+                    raise ApiError(504, f"the request passed its deadline of {timeout_s:g} s (its replica did not "
+                                        f"answer)", kind="timeout") from None
                 if event.token is not None:
                     if self.first is None:
                         self.first = time.monotonic()
@@ -256,10 +268,10 @@ class _Reply:
             return "chat.completion.chunk" if chunk else "chat.completion"
         return "text_completion"
 
-    async def whole(self, router: Router, timeout_s: float) -> JSONResponse:
+    async def whole(self, router: Router) -> JSONResponse:
         finish = None
         try:
-            async for event in self.events(router, timeout_s):
+            async for event in self.events(router):
                 finish = event.finish_reason
         except ApiError as err:
             self.metrics.requests.labels(self.endpoint, str(err.status)).inc()
@@ -269,13 +281,13 @@ class _Reply:
                              "model": self.model, "choices": [self._choice(self.text, self.tokens, finish, False)],
                              "usage": self.usage()})
 
-    async def stream(self, router: Router, timeout_s: float) -> AsyncIterator[str]:
+    async def stream(self, router: Router) -> AsyncIterator[str]:
         def chunk(payload: dict) -> str:
             return f"data: {json.dumps(payload)}\n\n"
 
         base = {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model}
         try:
-            async for event in self.events(router, timeout_s):
+            async for event in self.events(router):
                 tokens = [event.token] if event.token is not None else []
                 yield chunk({**base, "choices": [self._choice(event.text, tokens, event.finish_reason, True)]})
             yield chunk({**base, "choices": [], "usage": self.usage()})

@@ -36,8 +36,10 @@ class QueueSource:
         for command in commands:
             if command[0] == "submit":
                 _, rid, prompt, params, timeout_s = command
-                deadline = None if timeout_s is None else time.monotonic() + timeout_s
-                out.append(("submit", Request(rid, prompt, params, deadline)))
+                request = Request(rid, prompt, params)
+                if timeout_s is not None:
+                    request.deadline = request.submitted + timeout_s
+                out.append(("submit", request))
             else:
                 out.append(command)
         if time.monotonic() - self.last_stats > STATS_EVERY_S:

@@ -1,0 +1,110 @@
+"""Pipelined PP decode and per-request deadlines in plait.serve, in float64 against transformers.
+
+At (tp, pp) in (1, 2), (2, 2), with more requests than stages, of different prompt lengths and
+``max_tokens``, joining at different iterations:
+
+- greedy tokens equal transformers' greedy ``generate`` of each prompt alone;
+- the slot groups really overlap: the leader had ``pp`` groups in flight at once;
+- ranks never diverge: every rank ran the same step messages (slots and tokens), and the
+  tokens the leader received are the ones the sampler chose;
+- seeded sampling draws the same tokens batched as alone;
+- a request with a deadline too short for its tokens ends with finish reason ``"deadline"``
+  and frees its slot for the request waiting behind it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.launch import run_ranks
+from plait.serve import SamplingParams
+from serve_models import reference_greedy, save_model
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+PROMPTS = [[2, 5, 7, 9], [3, 4], [10, 11, 12, 13, 14, 15, 16], [8, 6, 4, 2], [17, 3, 20]]
+MAX_TOKENS = [8, 5, 7, 6, 8]
+ARRIVALS = [0, 1, 1, 3, 6]        # iterations; with 4 slots the last one waits for a free slot
+SEEDED = [SamplingParams(max_tokens=6, temperature=t, top_k=k, top_p=p, seed=s, ignore_eos=True)
+          for t, k, p, s in [(0.9, 0, 1.0, 21), (1.3, 5, 1.0, 22), (0.7, 0, 0.8, 23), (1.1, 0, 0.9, 24)]]
+LATE = [2, 3]                     # the prompt of the request that runs out of time
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_model("llama", tmp_path_factory.mktemp("pipeline") / "llama", seed=3)
+
+
+def _pipelined(rank: int, world: int, pp: int, tp: int, directory: str) -> dict:
+    import plait
+    from plait.serve import Engine
+
+    plait.init_mesh(pp=pp, tp=tp)
+    model = plait.from_pretrained(directory, plait.current_mesh(), dtype=torch.float64)
+    engine = Engine(model, max_batch=4, record=True)
+    greedy = engine.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in MAX_TOKENS], arrivals=ARRIVALS)
+    batched = engine.generate(PROMPTS[:4], SEEDED, arrivals=[0, 0, 1, 2])
+    alone = engine.generate(PROMPTS[:4], SEEDED, arrivals=[0, 10, 20, 30])     # 6 tokens: 6 iterations each
+    one_slot = Engine(model, max_batch=1)
+    late = one_slot.generate([LATE, PROMPTS[0]], [SamplingParams(max_tokens=50, ignore_eos=True, timeout=1e-3),
+                                                  SamplingParams(max_tokens=8)])
+    plait.destroy_mesh()
+    worker = engine.worker
+    return dict(greedy=[(c.token_ids, c.finish_reason) for c in greedy], flight=dict(engine.flight),
+                batched=[c.token_ids for c in batched], alone=[c.token_ids for c in alone],
+                late=[(c.token_ids, c.finish_reason, c.error) for c in late],
+                steps=worker.steps, received=worker.received, leader=engine.is_leader,
+                sampler=model.mesh.rank == worker.sampler)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_pipelined_decode(llama, tp, pp):
+    results = run_ranks(_pipelined, tp * pp, pp, tp, llama, timeout=300)
+    want = [reference_greedy(llama, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    for rank, result in enumerate(results):
+        got = [tokens for tokens, _ in result["greedy"]]
+        assert got == want, f"tp={tp} pp={pp} rank {rank}: {got} != transformers' {want}"
+        assert [r for _, r in result["greedy"]] == ["stop" if t[-1] == 1 else "length" for t in want]
+
+    leader = next(r for r in results if r["leader"])
+    assert max(leader["flight"]) == pp, f"never {pp} groups in flight: {leader['flight']}"
+
+    steps = results[0]["steps"]
+    assert len(steps) > sum(MAX_TOKENS) // 4
+    for rank, result in enumerate(results):
+        assert result["steps"] == steps, f"rank {rank} ran other steps than rank 0"
+    sampler = next(r for r in results if r["sampler"])
+    assert leader["received"] == sampler["received"] and len(leader["received"]) == len(steps)
+
+    assert leader["batched"] == leader["alone"], "a seeded request drew other tokens in a batch than alone"
+    assert any(len(set(tokens)) > 2 for tokens in leader["batched"]), "sampling drew almost nothing"
+
+    (late_tokens, late_reason, late_error), (tokens, reason, _) = leader["late"]
+    assert late_reason == "deadline" and "deadline of 0.001 s" in late_error
+    assert len(late_tokens) < 50
+    assert tokens == reference_greedy(llama, PROMPTS[0], 8), "the request behind the late one got a bad slot"
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), "5", True])
+def test_sampling_params_refuse_bad_timeout(bad):
+    with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
+        SamplingParams(timeout=bad)
+
+
+def test_scheduler_deadline_from_params_frees_slot():
+    from plait.serve import Request, Scheduler
+
+    scheduler = Scheduler(max_batch=1, max_queue=1, max_len=16, vocab_size=37, groups=2)
+    late = Request("late", [2, 3], SamplingParams(timeout=0.5))
+    scheduler.submit(late)
+    assert late.deadline == pytest.approx(late.submitted + 0.5)
+    capped = Request("capped", [2], SamplingParams(timeout=30.0), deadline=late.submitted + 1.0)
+    scheduler.submit(capped)
+    assert capped.deadline == late.submitted + 1.0          # the server's bound is the nearer one
+    scheduler.admit()
+    batch, requests = scheduler.group_step(0)
+    assert [r.rid for r in requests] == ["late"] and scheduler.group_step(1) is None
+    [event] = scheduler.expire(now=late.submitted + 0.6)
+    assert event.rid == "late" and event.finish_reason == "deadline" and "0.5 s" in event.error
+    assert scheduler.slots.free == [0] and scheduler.admit() == [capped]
