@@ -1,7 +1,7 @@
 """Serving benchmark: plait's engine against transformers ``generate`` on the same model, side by side.
 
     plait bench serve [--layers 8 --hidden 1024 --heads 16 --kv-heads 4 --vocab 32000]
-                      [--prompt 128 --new 64 --clients 1 16 --tp 1 2 --dp 1 2 --runs 5]
+                      [--prompt 128 --new 64 --clients 1 16 --tp 1 2 --dp 1 2 --pp 2 --runs 5]
 
 A Llama of the given shape with random weights (float32) is written to a temporary
 directory (or ``--model DIR`` is used). For each number of concurrent clients C:
@@ -11,6 +11,8 @@ directory (or ``--model DIR`` is used). For each number of concurrent clients C:
   ``--new`` tokens (EOS ignored); time to first token (TTFT) and time per output token
   after the first (TPOT) per request, output tokens/s and requests/s over the run;
 - **plait dp=D**: D independent replicas (tp=1) serving C/D requests each at the same time;
+- **plait pp=P** (each ``--pp`` value, tp=1): one replica of P pipeline stages, the running
+  requests split into P slot groups that are in flight together (pipelined decode);
 - **transformers** ``generate`` in one process (one row per ``--hf-threads`` value): the same C
   requests one after another (greedy, ``min_new_tokens`` = ``max_new_tokens``), TTFT from a
   one-token generate, TPOT from the rest.
@@ -79,11 +81,11 @@ class _TimedSource:
 
 
 def plait_rank(rank: int, world: int, tp: int, directory: str, prompts: list[list[int]], new: int, runs: int,
-               warmup: int) -> Optional[dict]:
+               warmup: int, pp: int = 1) -> Optional[dict]:
     import plait
     from plait.serve import Engine
 
-    plait.init_mesh(tp=tp)
+    plait.init_mesh(pp=pp, tp=tp)
     model = plait.from_pretrained(directory, plait.current_mesh(), dtype=torch.float32)
     engine = Engine(model, max_batch=len(prompts), max_queue=0, max_len=len(prompts[0]) + new + 1, eos=())
     ttft, tpot, walls = [], [], []
@@ -164,11 +166,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dp", type=int, nargs="+", default=[2], help="replica counts to run besides dp=1")
+    parser.add_argument("--pp", type=int, nargs="+", default=[],
+                        help="pipeline stages to run besides pp=1 (tp=1, one 'plait pp=P' row each)")
     parser.add_argument("--hf-threads", type=int, nargs="+", default=[1, 2],
                         help="torch threads of the transformers process (one row each)")
     parser.add_argument("--no-transformers", action="store_true")
     args = parser.parse_args(argv)
-    if min(args.clients + args.tp + args.dp + [args.runs, args.new - 1, args.prompt]) < 1 or args.warmup < 0:
+    if min(args.clients + args.tp + args.dp + args.pp + [args.runs, args.new - 1, args.prompt]) < 1 or args.warmup < 0:
         parser.error("sizes must be positive (--new at least 2)")
     with tempfile.TemporaryDirectory(prefix="plait-bench-serve-") as tmp:
         directory = args.model or tmp
@@ -187,6 +191,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     rows.append(_row("plait", 1, dp, clients, args.new,
                                      _plait_dp(dp, directory, prompts, args.new, args.runs, args.warmup)))
                     print_table(COLUMNS, rows[-1:])
+            for pp in [p for p in args.pp if p > 1]:
+                r = run_ranks(plait_rank, pp, 1, directory, prompts, args.new, args.runs, args.warmup, pp,
+                              timeout=3600)[0]
+                rows.append(_row(f"plait pp={pp}", 1, 1, clients, args.new, r))
+                print_table(COLUMNS, rows[-1:])
             for threads in [] if args.no_transformers else args.hf_threads:
                 r = transformers_run(directory, prompts, args.new, args.runs, args.warmup, threads)
                 rows.append(_row(f"transformers generate ({threads} threads)", 1, 1, clients, args.new, r))
