@@ -108,3 +108,24 @@ def test_scheduler_deadline_from_params_frees_slot():
     [event] = scheduler.expire(now=late.submitted + 0.6)
     assert event.rid == "late" and event.finish_reason == "deadline" and "0.5 s" in event.error
     assert scheduler.slots.free == [0] and scheduler.admit() == [capped]
+
+
+def _stage_gone(rank: int, world: int, directory: str) -> str:
+    import plait
+    from plait.serve import Engine
+
+    plait.init_mesh(pp=2)
+    engine = Engine(plait.from_pretrained(directory, plait.current_mesh(), dtype=torch.float64), max_batch=2)
+    if rank == 1:
+        return ""                     # the last stage never follows: its peer must not wait forever
+    try:
+        engine.generate(PROMPTS[:2], [SamplingParams(max_tokens=4)] * 2)
+    except Exception as err:          # noqa: BLE001 - the error itself is what the test checks
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def test_missing_stage_fails_with_a_message_not_a_hang(llama):
+    [message, _] = run_ranks(_stage_gone, 2, llama, timeout=120, env={"PLAIT_TIMEOUT_S": "5"})
+    assert message.startswith("Comm"), message
+    assert "rank 0 of group 'serve-pp'" in message and "operation" in message
