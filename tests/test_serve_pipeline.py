@@ -110,6 +110,21 @@ def test_scheduler_deadline_from_params_frees_slot():
     assert scheduler.slots.free == [0] and scheduler.admit() == [capped]
 
 
+def test_new_requests_go_to_the_emptiest_slot_group():
+    from plait.serve import Request, Scheduler
+
+    scheduler = Scheduler(max_batch=8, max_queue=8, max_len=16, vocab_size=37, groups=2)
+    for i in range(7):
+        scheduler.submit(Request(str(i), [2], SamplingParams()))
+    assert [r.slot for r in scheduler.admit()] == list(range(7))
+    for rid in ("0", "3", "5"):                      # slots 0, 3, 5: group 0 keeps 2, 4, 6; group 1 keeps 1
+        scheduler.cancel(rid)
+    scheduler.submit(Request("new", [2], SamplingParams()))
+    [new] = scheduler.admit()
+    assert new.slot == 3, "the lowest free slot (0) would leave group 1 with one request against four"
+    assert sorted(r.rid for r in scheduler.group_step(1)[1]) == ["1", "new"]
+
+
 def _stage_gone(rank: int, world: int, directory: str) -> str:
     import plait
     from plait.serve import Engine

@@ -7,8 +7,8 @@ request, each at its own position. A request leaves the batch the step it finish
 is free for the next waiting request.
 
 For a pipelined replica (``groups = pp > 1``) the running requests fall into ``groups``
-groups by cache slot (slot ``s`` is in group ``s % groups``; the lowest free slot goes
-first, so requests admitted together spread over the groups). :meth:`Scheduler.group_step`
+groups by cache slot (slot ``s`` is in group ``s % groups``; a new request takes the lowest
+free slot of the group with the fewest running requests, so the groups stay even). :meth:`Scheduler.group_step`
 plans one group's next step: the prefill of its newly admitted requests if it has any, else
 one decode token for each of its requests. The engine keeps at most one step per group in
 flight, so two steps in flight never touch the same cache slot, and a slot freed while its
@@ -142,10 +142,18 @@ class Scheduler:
         admitted = []
         while self.waiting and self.slots.free:
             request = self.waiting.popleft()
-            request.slot = self.slots.take()
+            request.slot = self._take_slot()
             self.running[request.rid] = request
             admitted.append(request)
         return admitted
+
+    def _take_slot(self) -> int:
+        if self.groups == 1:
+            return self.slots.take()
+        load = collections.Counter(r.slot % self.groups for r in self.running.values())
+        slot = min(self.slots.free, key=lambda s: (load[s % self.groups], s))
+        self.slots.free.remove(slot)
+        return slot
 
     def prefill_batch(self) -> Optional[tuple[StepBatch, list[Request]]]:
         """Admit waiting requests into free slots; the step that reads their prompts."""
