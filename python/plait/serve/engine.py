@@ -71,7 +71,8 @@ class Engine:
         max_len: positions per slot (default: the model's context).
         tokenizer: decodes text and stop strings (None: token ids only).
         eos: end-of-sequence ids (default: the model's generation config).
-        record: keep every token each rank received (``worker.received``), for checks.
+        record: keep the tokens each rank received (``worker.received``) and the step messages it ran
+            (``worker.steps``, the same on every rank), for checks.
         tp_backend: communicator of the TP layers during decode ("auto": shm on CPU; "torch": keep gloo/NCCL).
     """
 

@@ -30,7 +30,8 @@ def setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=nonnegative_int, default=64,
                         help="requests waiting per replica beyond the batch; more get 503 (default 64)")
     parser.add_argument("--request-timeout", type=seconds, default=600.0,
-                        help="deadline of each request in seconds (default 600)")
+                        help="deadline of each request in seconds; a request's own 'timeout' field may set a "
+                             "shorter one (default 600)")
     parser.add_argument("--startup-timeout", type=seconds, default=600.0,
                         help="seconds the replicas may take to load the model (default 600)")
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: the "
