@@ -2,7 +2,7 @@
 activation recomputation against the planner; checkpoint save and load against one step.
 
     plait bench train_hf [--layers 8 --hidden 1024 --heads 16 --kv-heads 4 --ffn 2816 --vocab 32000]
-                         [--seq 256 --global-batch 4 --steps 6 --warmup 1 --lr 1e-4 --clip 1.0]
+                         [--seq 256 --global-batch 8 --steps 5 --warmup 1 --lr 1e-4 --clip 1.0]
 
 One run, side by side, on one checkpoint (random weights, float32, written once to a
 temporary directory) and one token file in plait's format (:mod:`plait.train.data`: flat
@@ -75,8 +75,8 @@ class Run:
     """What every contender trains: the batch, the steps and the optimizer's settings."""
 
     seq: int = 256
-    global_batch: int = 4
-    steps: int = 6
+    global_batch: int = 8
+    steps: int = 5
     warmup: int = 1
     lr: float = 1e-4
     clip: float = 1.0
