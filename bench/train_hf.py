@@ -412,21 +412,26 @@ def plot(result: dict, path: Path) -> bool:
 # --------------------------------------------------------------------------- main
 def run_all(files: Files, dims: LlamaDims, run: Run, dp: int = 2, tp: int = 2) -> dict:
     """Every contender, then the recomputation jobs; see the module doc."""
+    def start(name: str, fn, world: int, *args):
+        print(f"{name} on {world} ranks ...", flush=True)
+        return run_ranks(fn, world, *args, timeout=RANK_TIMEOUT_S)
+
     contenders = {
-        f"plait dp={dp}": run_ranks(plait_rank, dp, job_spec(files, run, dp=dp, save=files.save), True,
-                                    timeout=RANK_TIMEOUT_S),
-        f"torch DDP dp={dp}": run_ranks(ddp_rank, dp, files, run, timeout=RANK_TIMEOUT_S),
-        f"plait tp={tp}": run_ranks(plait_rank, tp, job_spec(files, run, tp=tp), False, timeout=RANK_TIMEOUT_S),
+        f"plait dp={dp}": start(f"plait dp={dp} (then its checkpoint)", plait_rank, dp,
+                                job_spec(files, run, dp=dp, save=files.save), True),
+        f"torch DDP dp={dp}": start(f"torch DDP dp={dp}", ddp_rank, dp, files, run),
+        f"plait tp={tp}": start(f"plait tp={tp}", plait_rank, tp, job_spec(files, run, tp=tp), False),
     }
     try:
-        contenders[f"transformers tp={tp}"] = run_ranks(transformers_tp_rank, tp, files, run, timeout=RANK_TIMEOUT_S)
+        contenders[f"transformers tp={tp}"] = start(f"transformers tp={tp}", transformers_tp_rank, tp, files, run)
     except Exception as err:  # noqa: BLE001 - recorded in the result, the rest still runs
         print(f"transformers tp={tp} failed: {err}", flush=True)
         transformers_tp_error = str(err)[-2000:]
     else:
         transformers_tp_error = None
     specs = [job_spec(files, run, dp=dp, recompute=mode) for mode in RECOMPUTE_MODES]
-    recompute = run_ranks(recompute_rank, dp, specs, run.warmup, timeout=RANK_TIMEOUT_S)
+    recompute = start(f"plait dp={dp} with recompute {', '.join(RECOMPUTE_MODES)}", recompute_rank, dp, specs,
+                      run.warmup)
     result = summarize(contenders, recompute, dims, run, dp)
     result["transformers_tp_error"] = transformers_tp_error
     return result
