@@ -112,7 +112,7 @@ demo: build
 	@$(VPY) examples/demo.py
 
 # Benchmarks that run anywhere; gemm needs a CUDA GPU and is skipped, with a line, without one.
-BENCHES ?= tp_layers comm pipeline train plan_validation hf
+BENCHES ?= tp_layers comm pipeline train plan_validation hf train_hf
 
 bench: build
 	@$(VPY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib 2>/dev/null || \

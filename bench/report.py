@@ -5,7 +5,8 @@
 Everything between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replaced by
 one section per benchmark name. For the newest result of each device it shows a line
 with device, commit, date and command, then ``results["table"]`` (``{"columns": [...],
-"rows": [[...], ...]}``) when the result has one, and ``<file>.png`` when a picture lies
+"rows": [[...], ...]}``) when the result has one, or each of ``results["tables"]`` (the
+same, each with a ``"title"`` line above it), and ``<file>.png`` when a picture lies
 beside the JSON. The format of result files is set by ``bench/common.py``.
 """
 
@@ -67,8 +68,11 @@ def render(results: list[dict[str, Any]], readme_dir: Path) -> str:
         for result in per_device:
             commit = (result.get("commit") or "unknown")[:8]
             lines += [f"{result['device']} · commit `{commit}` · {result['date']} · `{result['command']}`", ""]
-            table = result.get("results", {}).get("table")
-            if table:
+            payload = result.get("results", {})
+            tables = payload.get("tables") or ([payload["table"]] if payload.get("table") else [])
+            for table in tables:
+                if table.get("title"):
+                    lines += [f"**{table['title']}**", ""]
                 lines += [*markdown_table(table), ""]
             png = result["_path"].with_suffix(".png")
             if png.is_file():

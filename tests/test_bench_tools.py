@@ -136,3 +136,68 @@ def test_hf_bench_table_without_transformers_tp() -> None:
     rows = table(result)["rows"]
     assert rows[1][4] == "350 / 351"
     assert rows[2][2] == "-" and rows[3][2] == 0.9 and rows[4][4] == 0.585
+
+
+def test_report_renders_titled_tables(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    doc = _result("multi", "cpu: z", "2026-03-01T00:00:00+00:00")
+    doc["results"] = {"tables": [{"title": "Speed", "columns": ["a"], "rows": [[1]]},
+                                 {"title": "Memory", "columns": ["b", "c"], "rows": [[2, 3.5]]}]}
+    (results / "m.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    report.main(["--results", str(results), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.index("**Speed**") < text.index("| a |") < text.index("**Memory**") < text.index("| b | c |")
+    assert "| 2 | 3.5 |" in text
+
+
+def test_train_hf_clip_of_plain_gradients_equals_torch() -> None:
+    import torch
+
+    from plait.bench.train_hf import _clip_mixed
+
+    torch.manual_seed(0)
+    ours, theirs = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)], []
+    for p in ours:
+        p.grad = torch.randn_like(p) * 3
+        theirs.append(torch.nn.Parameter(p.detach().clone()))
+        theirs[-1].grad = p.grad.clone()
+    norm = _clip_mixed(ours, 1.0)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert abs(norm - float(want)) < 1e-5 * float(want)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_train_hf_planner_predicts_less_activation_memory_with_recompute() -> None:
+    from plait.bench.hf import LlamaDims
+    from plait.bench.train_hf import Run, planner_activations
+
+    dims, run = LlamaDims(layers=4, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=1000), Run(seq=64, global_batch=4)
+    none, selective, full = (planner_activations(dims, run, 2, mode) for mode in ("none", "selective", "full"))
+    assert full < selective <= none
+    # full recomputation keeps each layer's input (2 bytes x s b h in the planner's count, x2 for fp32)
+    assert full < none - 3 * 4 * run.seq * (run.global_batch // 2) * dims.hidden
+
+
+def test_shard_runs_match_a_plain_scan() -> None:
+    import random
+
+    from plait.parallel.shard import ShardSpec
+
+    def scan(index, size):
+        out = []
+        for i in index:
+            if i < size:
+                out.append((out.pop()[0], i + 1) if out and out[-1][1] == i else (i, i + 1))
+        return out
+
+    rng = random.Random(0)
+    for _ in range(500):
+        index = tuple(rng.randint(0, 15) for _ in range(rng.randint(0, 12)))
+        index = tuple(sorted(index)) if rng.random() < 0.5 else index
+        size = rng.randint(0, 16)
+        assert ShardSpec("w", 0, index).runs(size) == scan(index, size), (index, size)
+    assert ShardSpec("w", 0, tuple(range(32000)) + (32000, 32001)).runs(32000) == [(0, 32000)]

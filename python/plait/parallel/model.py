@@ -220,11 +220,14 @@ class ParallelModel(nn.Module):
     @torch.no_grad()
     def gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """The whole tensor, in the stored layout, of ``local``: this TP rank's shard of something shaped
-        like parameter ``name`` (the parameter, its gradient, its optimizer state). A TP collective."""
+        like parameter ``name`` (the parameter, its gradient, its optimizer state). A TP collective.
+
+        Like ``nn.Module.state_dict``, the result may share memory with ``local`` (when it is already
+        whole: replicated, or tp=1): nothing is copied that need not be (checkpoints of large models)."""
         spec = self.spec_of(name)
         value = local.t() if spec.transpose else local
         if spec.dim is None:
-            return value.clone()
+            return value
         tp = self.mesh.tp_comm
         parts = tp.all_gather(value.contiguous(), dim=spec.dim).chunk(tp.size, dim=spec.dim)
         return _assemble_full(self, name, parts, spec.dim)
@@ -236,6 +239,15 @@ def _local_rows(model: ParallelModel) -> tuple[int, int, int]:
     return local_vocab(model.dims.vocab_size, model.mesh.tp, model.mesh.tp_rank)
 
 
+def _leading_run(spec: ShardSpec, real: int) -> Optional[tuple[int, int]]:
+    """``(start, stop)`` when the part's real rows are its first rows and hold ``[start, stop)`` in order."""
+    runs = spec.runs(real)
+    if len(runs) != 1:
+        return None
+    start, stop = runs[0]
+    return runs[0] if tuple(spec.index[:stop - start]) == tuple(range(start, stop)) else None
+
+
 def _assemble_full(model: ParallelModel, name: str, parts, dim: int) -> torch.Tensor:
     """One whole tensor from every TP rank's rows (padding dropped, replicated rows written once)."""
     specs = [model.spec_of(name, r) for r in range(len(parts))]
@@ -243,10 +255,16 @@ def _assemble_full(model: ParallelModel, name: str, parts, dim: int) -> torch.Te
         real = model.dims.vocab_size
     else:
         real = max(i for spec in specs for i in spec.index) + 1
+    runs = [_leading_run(spec, real) for spec in specs]
+    if len(parts) == 1 and runs[0] == (0, real):
+        return parts[0].narrow(dim, 0, real)     # already whole (tp=1); padding rows, if any, dropped
     shape = list(parts[0].shape)
     shape[dim] = real
     full = parts[0].new_zeros(shape)
-    for spec, part in zip(specs, parts):
+    for spec, part, run in zip(specs, parts, runs):
+        if run is not None:                      # a plain copy of one block of rows
+            full.narrow(dim, run[0], run[1] - run[0]).copy_(part.narrow(dim, 0, run[1] - run[0]))
+            continue
         keep = [k for k, i in enumerate(spec.index) if i < real]
         device = part.device
         index = torch.tensor([spec.index[k] for k in keep], dtype=torch.long, device=device)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 
 
@@ -110,15 +111,13 @@ class ShardSpec:
 
     def runs(self, size: int) -> list[tuple[int, int]]:
         """Contiguous runs ``[start, stop)`` of the real (non-padding) indices, in index order."""
-        out: list[tuple[int, int]] = []
-        for i in self.index or ():
-            if i >= size:
-                continue
-            if out and out[-1][1] == i:
-                out[-1] = (out[-1][0], i + 1)
-            else:
-                out.append((i, i + 1))
-        return out
+        index = np.fromiter(self.index or (), dtype=np.int64)     # vectorized: vocabularies have 1e5 rows
+        index = index[index < size]
+        if not len(index):
+            return []
+        breaks = (np.flatnonzero(index[1:] != index[:-1] + 1) + 1).tolist()   # where a new run starts
+        firsts, lasts = [0, *breaks], [*(b - 1 for b in breaks), len(index) - 1]
+        return [(int(index[a]), int(index[b]) + 1) for a, b in zip(firsts, lasts)]
 
 
 def _narrow_rows(tensor: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
@@ -272,4 +271,5 @@ class SafetensorsSource:
         if spec.dim == 0:
             return assemble(spec, entry.shape[0], lambda a, b: self._rows(entry, a, b))
         full = self._rows(entry, 0, entry.shape[0])
-        return assemble(spec, entry.shape[spec.dim], lambda a, b: _narrow_rows(full, spec.dim, a, b).clone())
+        size = entry.shape[spec.dim]
+        return assemble(spec, size, lambda a, b: full if (a, b) == (0, size) else _narrow_rows(full, spec.dim, a, b).clone())

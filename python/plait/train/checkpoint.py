@@ -170,10 +170,10 @@ def save_checkpoint(save: Union[str, Path], step: int, model, optimizer, extra: 
     adam_step = next((float(s["step"]) for s in states.values() if "step" in s), 0.0)
     skip = _tied_head(model)
     for name, param in model.named_model_parameters():
-        full = model.gather_full(name, param.detach())
-        shapes[name] = list(full.shape)
         for key in keys:
             tensors[f"{name}.{key}"] = model.gather_full(name, states[name][key]).contiguous()
+        # the whole parameter's shape is its state's; gathered only when there is no state
+        shapes[name] = list(tensors[f"{name}.{keys[0]}"].shape if keys else model.gather_full(name, param.detach()).shape)
     for name in list(shapes):
         if name == skip:
             shapes.pop(name)

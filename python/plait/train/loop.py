@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 
@@ -130,9 +130,11 @@ def _fingerprint(job: TrainJob) -> dict:
 
 
 def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = None, *,
-               show: Optional[bool] = None) -> Summary:
+               show: Optional[bool] = None,
+               around_step: Callable[[], ContextManager] = contextlib.nullcontext) -> Summary:
     """Run ``job`` on this rank (every rank calls it); see the module doc. ``show``: print progress and
-    the summary (default: on global rank 0).
+    the summary (default: on global rank 0). ``around_step()`` is entered around each step's forward
+    and backward (``engine.train_step``) only, e.g. a benchmark's activation-memory probe.
 
     torch.distributed is started (and shut down at the end) from the torchrun environment
     unless the caller already started it; then the job only adds its mesh's groups to it, so
@@ -158,7 +160,7 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
     mesh = plait.init_mesh(job.parallel)
     try:
         summary = _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, on_step,
-                         show if show is not None else mesh.rank == 0, started)
+                         show if show is not None else mesh.rank == 0, started, around_step)
     except BaseException:
         if owns:
             plait.destroy_mesh(barrier=False)
@@ -168,7 +170,8 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
     return summary
 
 
-def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, on_step, show, started) -> Summary:
+def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, on_step, show, started,
+           around_step) -> Summary:
     model = _build_model(job, config, mesh, checkpoint)
     apply_recompute(model, job.recompute)
     start = resume_state["step"] if resume_state else 0
@@ -188,7 +191,7 @@ def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, o
         t0 = time.perf_counter()
         ids, targets = batches.batch(step, mesh.dp_rank)
         optimizer.start_step(job.microbatches)
-        with autocast():
+        with around_step(), autocast():
             loss = engine.train_step(ids, targets)
         optimizer.finish()
         loss = mesh.dp_comm.all_reduce(loss.detach().double().clone(), op="avg")
