@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from plait.launch import run_ranks
+from test_train import _run_jobs, assert_close   # its tolerance (1e-9) and multi-job ranks
 
 pytest.importorskip("safetensors")
 
 VOCAB, SEQ, BATCH, STEPS, LR, SEED = 37, 8, 4, 4, 3e-3, 3
-TOL = 1e-9
 SPEC = f"layers=2,hidden=32,heads=4,ffn=48,vocab={VOCAB}"
 
 
@@ -56,24 +56,6 @@ def reference_losses(data, steps=STEPS) -> list[float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
-
-
-def assert_close(got, want, what):
-    assert isinstance(got, list), f"{what}: {got}"
-    assert len(got) == len(want), f"{what}: {len(got)} losses, expected {len(want)}"
-    for step, (g, w) in enumerate(zip(got, want)):
-        assert abs(g - w) <= TOL * abs(w), f"{what}: step {step + 1} loss {g!r} != reference {w!r}"
-
-
-def _run_jobs(rank: int, world: int, jobs: list[dict]) -> list:
-    import torch.distributed as dist
-
-    from plait.train import TrainJob, train_rank
-
-    dist.init_process_group("gloo")
-    out = [[r.loss for r in train_rank(TrainJob.from_dict(spec), show=False).records] for spec in jobs]
-    dist.destroy_process_group()
-    return out
 
 
 def test_gpt_job_file_equals_plain_loop(data, tmp_path, capsys):
