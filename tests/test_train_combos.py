@@ -23,7 +23,7 @@ pytest.importorskip("safetensors")
 # process rounds each whole sum once, so the two runs round differently from the first layer on. The
 # loss, a mean over every token, averages those errors out: measured on this test's model, the two
 # runs' losses differ by 1e-5 (relative) at step 1 and up to 5e-5 by step 4 (as AdamW carries the
-# differences into the weights); both differ from the float32 run by 1e-5 .. 2e-4. The tolerance is
+# differences into the weights); both differ from the float32 run by up to 2e-4. The tolerance is
 # one bf16 rounding of the loss itself, 2^-9: 40x what was measured, while a fault that moves the
 # loss by more than 0.2% fails.
 BF16_RTOL = 2.0 ** -9
