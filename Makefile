@@ -3,7 +3,7 @@
 #   make venv      .venv with torch, the build tools and the test tools
 #   make build     editable install of plait, compiling plait._C (nvcc too, when found)
 #   make test      build, then pytest (PYTEST_ARGS adds arguments)
-#   make demo      build, then examples/demo.py
+#   make demo      build, then examples/demo.py (plait train on this repository's text, 2x2x2 vs one process)
 #   make bench     build, then the benchmarks and the README's results table
 #   make gpu-check on one CUDA GPU: build, GPU tests, compute-sanitizer, GPU benchmarks, a summary
 #                  (scripts/gpu_check.py; without a GPU one line, exit 0; DRY_RUN=1 lists the stages)
@@ -36,7 +36,7 @@ TOOLS := numpy pytest hypothesis pybind11 ninja setuptools wheel
 # The optional extras (plait[hf,serve,train]) as import-name:pip-name; installed when missing, and a
 # failure (no network, e.g. on the GPU machine) only warns: their tests skip without them.
 EXTRAS := transformers:transformers safetensors:safetensors tokenizers:tokenizers fastapi:fastapi \
-  uvicorn:uvicorn prometheus_client:prometheus-client httpx:httpx tqdm:tqdm yaml:pyyaml
+  uvicorn:uvicorn prometheus_client:prometheus-client httpx:httpx tqdm:tqdm yaml:pyyaml tensorboard:tensorboard
 SETUPTOOLS_OK := import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)
 DEPS_STAMP := $(VENV)/.deps.stamp
 # --system-site-packages reaches the *base* interpreter's packages, not those of a venv that

@@ -1,8 +1,10 @@
-"""The training job: the reference GPT on a DP x PP x TP mesh, on synthetic tokens from a seed.
+"""A minimal training loop: the reference GPT on a DP x PP x TP mesh, on synthetic tokens from a seed.
 
-:class:`TrainJob` holds and checks every setting before anything starts;
-:func:`train` runs it on this process's rank (all ranks call it) and returns
-per-step records. ``examples/train_gpt.py`` is its command line.
+Real training is :mod:`plait.train` (``plait train --gpt ...``: token files, schedules,
+checkpoints, resume). This loop stays as the small, dependency-free harness that
+``bench/train.py`` (``plait bench train``) and tests/test_3d.py, tests/test_zero.py drive:
+:class:`TrainJob` holds and checks every setting before anything starts; :func:`train` runs
+it on this process's rank (all ranks call it) and returns per-step records.
 
 Synthetic data: each sequence counts upward from a random start with a random
 stride (mod vocab) and 10% noise tokens, so a model can learn it and the loss

@@ -42,7 +42,7 @@ def write_job_file(path: Union[str, Path], settings: dict[str, Any], notes: Sequ
     TrainJob.from_dict({"model": "MODEL_DIR", "data": "DATA_FILE", **settings}, where=f"emitted job {path}")
     header = ("# plait train job emitted by plait plan" + (f" ({source})" if source else "") + "\n"
               + "".join(f"# note: {n}\n" for n in notes)
-              + "# add the model and the data here (model: DIR, data: FILE) or as flags:\n"
+              + "# add the model and the data here (model: DIR or gpt: PRESET,vocab=N; data: FILE) or as flags:\n"
               f"#   plait train {Path(path).name} --model DIR --data data.bin\n")
     try:
         Path(path).write_text(header + yaml.safe_dump(settings, sort_keys=False))

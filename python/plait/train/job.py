@@ -33,6 +33,9 @@ class TrainJob:
     model: Optional[str] = _help("transformers model directory to fine-tune", default=None)
     config: Optional[str] = _help("transformers config.json to train from scratch (weights from --seed)",
                                   default=None)
+    gpt: Optional[str] = _help("plait's GPT from scratch (weights from --seed): a preset (gpt-tiny, gpt-mini, "
+                               "gpt2-small, ...) and/or dimensions, e.g. gpt-tiny,vocab=512 or "
+                               "layers=4,hidden=64,heads=4,vocab=512", default=None)
     eval_data: Optional[str] = _help("token file for the evaluation loss", default=None)
     eval_fraction: float = _help("hold out this fraction of --data's sequences for evaluation", default=0.0)
     eval_every: int = _help("evaluate every N steps (0: only at the end when there is evaluation data)",
@@ -71,15 +74,18 @@ class TrainJob:
                                   default=None)
     json: bool = _help("print one JSON line per step (and a JSON summary) instead of a progress bar",
                        default=False)
-    seed: int = _help("seed of the initial weights (--config) and of --shuffle", default=0)
+    seed: int = _help("seed of the initial weights (--config, --gpt) and of --shuffle", default=0)
     bucket_mb: float = _help("DP gradient bucket size in MB", default=25.0)
+    tensorboard: Optional[str] = _help("write TensorBoard scalars (loss, lr, grad_norm, tokens/s, eval loss) "
+                                       "per step into this directory (needs tensorboard)", default=None)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
-        if (self.model is None) == (self.config is None):
-            raise ValueError("give exactly one of model (a transformers model directory, to fine-tune) and "
-                             "config (a transformers config.json, to train from scratch)")
+        if sum(x is not None for x in (self.model, self.config, self.gpt)) != 1:
+            raise ValueError("give exactly one of model (a transformers model directory, to fine-tune), config (a "
+                             "transformers config.json, to train from scratch) and gpt (plait's GPT: a preset "
+                             "or dimensions, from scratch)")
         positive = ("seq", "global_batch", "microbatches", "steps", "eval_batches", "keep", "dp", "pp", "tp", "vpp")
         for name in positive:
             if getattr(self, name) < 1:
@@ -113,6 +119,12 @@ class TrainJob:
         if self.resume == "latest" and not self.save:
             raise ValueError("resume 'latest' means the latest checkpoint in --save; give --save DIR")
         self.parallel   # noqa: B018 - the layout rules live in ParallelConfig
+        if self.gpt is not None:
+            from ..models.presets import gpt_config
+
+            gpt = gpt_config(self.gpt, self.seq)   # the spec and the layout, before any process starts
+            self.parallel.check_model(num_layers=gpt.num_layers, num_heads=gpt.num_heads,
+                                      ffn_hidden=gpt.ffn_hidden, seq_len=self.seq)
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -146,8 +158,11 @@ class TrainJob:
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
         if missing:
             raise ValueError(f"{where}: missing required setting(s) {missing}")
+        data = dict(data)
+        if isinstance(data.get("gpt"), Mapping):   # gpt: {preset: gpt-tiny, vocab: 512} in a job file
+            data["gpt"] = ",".join(str(v) if k == "preset" else f"{k}={v}" for k, v in data["gpt"].items())
         try:
-            return cls(**dict(data))
+            return cls(**data)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
 

@@ -29,10 +29,10 @@ from .checkpoint import (check_checkpoint, check_writable, load_optimizer_state,
                          save_checkpoint, step_dirs)
 from .data import Batches, TokenFile, split_held_out
 from .job import TrainJob
+from .model import build_model, check_same_model, describe, model_config, parameter_shapes
 from .optim import Optimizer
 from .recompute import apply_recompute
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+from .tensorboard import TensorBoardLog, check_available as check_tensorboard
 
 
 @dataclass
@@ -61,56 +61,6 @@ class Summary:
 
 class NonFiniteError(ValueError):
     """The loss or the gradient norm of a step is inf or NaN."""
-
-
-# --------------------------------------------------------------------------- model config
-def model_config(job: TrainJob):
-    """The transformers config of the job's model (from --model's directory or the --config file)."""
-    from ..models.hf import _transformers, load_config
-
-    if job.model is not None:
-        return load_config(job.model)
-    path = Path(job.config)
-    if not path.is_file():
-        raise ValueError(f"{path}: config file not found")
-    try:
-        data = json.loads(path.read_text())
-        model_type = data.pop("model_type")
-    except (ValueError, KeyError, AttributeError, TypeError) as err:
-        raise ValueError(f"{path}: not a transformers config.json with a model_type ({err})") from None
-    try:
-        return _transformers().AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a usable transformers config ({err})") from None
-
-
-def parameter_shapes(config) -> tuple[dict[str, tuple[int, ...]], Optional[str]]:
-    """Every parameter's shape (built on the meta device) and the tied head's name, if tied."""
-    from ..models.hf import build_on_meta
-    from ..parallel.model import resolve_plan
-
-    meta = build_on_meta(config)
-    plan = resolve_plan(meta, None)
-    shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}
-    tied = plan.head + ".weight" if plan.tied and getattr(config, "tie_word_embeddings", True) else None
-    return shapes, tied
-
-
-def _build_model(job: TrainJob, config, mesh, checkpoint: Optional[Path]):
-    import plait
-
-    dtype = DTYPES[job.dtype]
-    if checkpoint is not None:
-        return plait.from_pretrained(checkpoint, mesh, dtype, config=job.parallel)
-    if job.model is not None:
-        return plait.from_pretrained(job.model, mesh, dtype, config=job.parallel)
-    from ..models.hf import _transformers
-
-    torch.manual_seed(job.seed)
-    model = _transformers().AutoModelForCausalLM.from_config(config).to(dtype)
-    from ..parallel import parallelize
-
-    return parallelize(model, mesh, config=job.parallel)
 
 
 # --------------------------------------------------------------------------- the job
@@ -150,11 +100,15 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
     if checkpoint is not None:
         shapes, tied = parameter_shapes(config)
         resume_state = check_checkpoint(checkpoint, shapes, _fingerprint(job), tied)
+        check_same_model(checkpoint, resume_state.get("model"), config)
         if resume_state["step"] >= job.steps:
             raise ValueError(f"{checkpoint}: already at step {resume_state['step']}, and the job has "
                              f"steps={job.steps}; ask for more steps to continue")
     if job.save:
         check_writable(job.save)
+    if job.tensorboard:
+        check_tensorboard()
+        check_writable(job.tensorboard)
 
     owns = not torch.distributed.is_initialized()   # else the caller's process group outlives the job
     mesh = plait.init_mesh(job.parallel)
@@ -172,7 +126,7 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
 
 def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, on_step, show, started,
            around_step) -> Summary:
-    model = _build_model(job, config, mesh, checkpoint)
+    model = build_model(job, config, mesh, checkpoint)
     apply_recompute(model, job.recompute)
     start = resume_state["step"] if resume_state else 0
     optimizer = Optimizer(model, job, start_step=start)
@@ -186,6 +140,7 @@ def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, o
         else contextlib.nullcontext
     summary = Summary(start_step=start)
     bar = _progress(job, start) if show and not job.json else None
+    board = TensorBoardLog(job.tensorboard) if job.tensorboard and mesh.rank == 0 else None
     tokens = job.global_batch * job.seq
     for step in range(start, job.steps):
         t0 = time.perf_counter()
@@ -212,13 +167,18 @@ def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, o
         summary.records.append(record)
         if show:
             _report(job, record, bar)
+        if board is not None:
+            board.log(record)
         if on_step is not None:
             on_step(record)
         if job.save and ((job.save_every and (step + 1) % job.save_every == 0) or last):
             summary.checkpoint = str(save_checkpoint(job.save, step + 1, model, optimizer,
-                                                     {"fingerprint": _fingerprint(job), "lr": lr}, job.keep))
+                                                     {"fingerprint": _fingerprint(job), "lr": lr,
+                                                      "model": describe(config)}, job.keep))
     if bar is not None:
         bar.close()
+    if board is not None:
+        board.close()
     summary.seconds = time.perf_counter() - started
     if show:
         _print_summary(job, summary)
@@ -274,4 +234,4 @@ def _print_summary(job: TrainJob, summary: Summary) -> None:
           flush=True)
 
 
-__all__ = ["train_rank", "StepRecord", "Summary", "NonFiniteError", "model_config", "step_dirs"]
+__all__ = ["train_rank", "StepRecord", "Summary", "NonFiniteError", "model_config", "parameter_shapes", "step_dirs"]
