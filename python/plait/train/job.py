@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from ..config import ParallelConfig
+from ..mesh import COMM_BACKENDS
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float64")
@@ -76,6 +77,9 @@ class TrainJob:
                        default=False)
     seed: int = _help("seed of the initial weights (--config, --gpt) and of --shuffle", default=0)
     bucket_mb: float = _help("DP gradient bucket size in MB", default=25.0)
+    comm: Optional[str] = _help("communicators of the mesh axes: torch (gloo/NCCL), shm (plait's shared-memory "
+                                "collectives, CPU ranks of one host) or auto (shm for CPU tensors when every rank "
+                                "is on one host, else torch); default: auto on CPU, torch on CUDA", default=None)
     tensorboard: Optional[str] = _help("write TensorBoard scalars (loss, lr, grad_norm, tokens/s, eval loss) "
                                        "per step into this directory (needs tensorboard)", default=None)
 
@@ -105,7 +109,7 @@ class TrainJob:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}; the schedule decays to min_lr")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("dtype", DTYPES), ("mixed", MIXED),
-                              ("recompute", RECOMPUTE)):
+                              ("recompute", RECOMPUTE), ("comm", (None, *COMM_BACKENDS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.mixed == "bf16" and self.dtype != "float32":

@@ -111,7 +111,10 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
         check_writable(job.tensorboard)
 
     owns = not torch.distributed.is_initialized()   # else the caller's process group outlives the job
-    mesh = plait.init_mesh(job.parallel)
+    # The axes' collectives: plait's shared-memory backend for CPU ranks (gloo is 10-100x slower for the
+    # small messages of tensor parallelism); NCCL on CUDA unless the job asks otherwise.
+    comm = job.comm or ("torch" if torch.cuda.is_available() else "auto")
+    mesh = plait.init_mesh(job.parallel, comm=comm)
     try:
         summary = _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, on_step,
                          show if show is not None else mesh.rank == 0, started, around_step)
