@@ -136,3 +136,20 @@ def test_hf_bench_table_without_transformers_tp() -> None:
     rows = table(result)["rows"]
     assert rows[1][4] == "350 / 351"
     assert rows[2][2] == "-" and rows[3][2] == 0.9 and rows[4][4] == 0.585
+
+
+def test_report_renders_targets_beside_the_table(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    doc = _result("serve", "cpu: y", "2026-01-15T00:00:00+00:00", {"columns": ["n"], "rows": [[1]]})
+    doc["results"]["targets"] = {
+        "tpot_ratio": {"value": 0.75, "target": 0.8, "met": True, "of": "tpot: a / b"},
+        "rps_ratio": {"value": None, "target": 1.6, "met": None, "why": "a contender did not run"}}
+    (results / "r.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    report.main(["--results", str(results), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "| target | value | bound | met | of |" in text
+    assert "| tpot_ratio | 0.75 | 0.8 | yes | tpot: a / b |" in text
+    assert "| rps_ratio |  | 1.6 | n/a | a contender did not run |" in text
