@@ -13,8 +13,8 @@ every rank          receives those tokens (a broadcast from the sampler)
 
 Decode sends a few kilobytes per all-reduce, so the TP layers are moved to the ``auto``
 communicator (plait's shared-memory backend on one CPU host) unless ``tp_backend="torch"``;
-the model is then for inference only. Step messages go over the torch (gloo) world, where an
-idle rank waits without spinning.
+the model is then for inference only. Step messages go over the world group with the same
+backend; a waiting rank spins briefly, then sleeps on a futex, so an idle rank costs no core.
 """
 from __future__ import annotations
 
@@ -89,7 +89,10 @@ class Worker:
             self.tp_comm = Communicator.create(tp_backend, self.mesh.tp_group, name="tp")
             use_comm(stage, self.mesh.tp_comm, self.tp_comm)
         self.runner = StageRunner(stage, model.plan.family, self.cache, sliding_window(model.model_config))
-        self.world = Communicator.create("torch", None, name="serve")
+        # Step messages: a few int64s every step, so the same backend as the TP layers (shm on one CPU host,
+        # about 20 us a broadcast against gloo's 1-2 ms); its idle waiters sleep on a futex.
+        messages = "torch" if tp_backend == "torch" or self.mesh.world_size == 1 else tp_backend
+        self.world = Communicator.create(messages, None, name="serve")
         self.sampler = self.mesh.rank_of(self.mesh.dp_rank, self.mesh.pp - 1, 0)
         self.leader = self.mesh.rank_of(self.mesh.dp_rank, 0, 0)
         self.received: Optional[list[list[int]]] = [] if record else None
