@@ -242,7 +242,8 @@ def plot(rows: list[list], path) -> bool:
     fig, axes = plt.subplots(2, len(clients), figsize=(4.5 * len(clients), 6), squeeze=False)
     for col, count in enumerate(clients):
         mine = [row for row in rows if row[3] == count]
-        labels = [f"{row[0].replace('transformers generate', 'HF')}\ntp={row[1]} dp={row[2]}" for row in mine]
+        names = [row[0].replace("transformers generate", "HF").replace(" ", "\n", 1) for row in mine]
+        labels = [f"{name}\ntp={row[1]} dp={row[2]}" for name, row in zip(names, mine)]
         for ax, index, title in ((axes[0][col], 6, "time per output token p50 (ms)"),
                                  (axes[1][col], 8, "output tokens / s")):
             ax.bar(range(len(mine)), [row[index] for row in mine])
