@@ -112,13 +112,13 @@ demo: build
 	@$(VPY) examples/demo.py
 
 # Benchmarks that run anywhere; gemm needs a CUDA GPU and is skipped, with a line, without one.
-BENCHES ?= tp_layers comm pipeline train plan_validation hf train_hf
+BENCHES ?= tp_layers comm pipeline train plan_validation hf train_hf serve
 
 bench: build
 	@$(VPY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib 2>/dev/null || \
 	  echo "   matplotlib not installable here: benchmarks write JSON without PNG plots"
 	@$(VPY) -c "import deepspeed" 2>/dev/null || $(PIP) install -q deepspeed 2>/dev/null || \
-	  echo "   deepspeed not installable here: plait bench comm compares with gloo only"
+	  echo "   deepspeed not installable here: plait bench comm compares with gloo only, plait bench serve runs without DeepSpeed AutoTP"
 	@$(VPY) -c "import accelerate" 2>/dev/null || $(PIP) install -q accelerate 2>/dev/null || \
 	  echo "   accelerate not installable here: plait bench hf runs without transformers' tensor parallelism"
 	@for name in $(BENCHES); do echo ">> plait bench $$name"; $(VENV)/bin/plait bench $$name; done

@@ -6,8 +6,9 @@ Everything between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replac
 one section per benchmark name. For the newest result of each device it shows a line
 with device, commit, date and command, then ``results["table"]`` (``{"columns": [...],
 "rows": [[...], ...]}``) when the result has one, or each of ``results["tables"]`` (the
-same, each with a ``"title"`` line above it), and ``<file>.png`` when a picture lies
-beside the JSON. The format of result files is set by ``bench/common.py``.
+same, each with a ``"title"`` line above it), then ``results["targets"]`` (name -> ``{"value",
+"target", "met", "of"}``: ratios an issue asks for) as one more table when it has them, and
+``<file>.png`` when a picture lies beside the JSON. The format of result files is set by ``bench/common.py``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def markdown_table(table: dict[str, Any]) -> list[str]:
     return lines
 
 
+def targets_table(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``results["targets"]`` (name -> {value, target, met, of|why}) as a table."""
+    rows = [[name, goal.get("value"), goal.get("target"), {True: "yes", False: "no"}.get(goal.get("met"), "n/a"),
+             goal.get("of") or goal.get("why")] for name, goal in targets.items()]
+    return {"columns": ["target", "value", "bound", "met", "of"], "rows": rows}
+
+
 def render(results: list[dict[str, Any]], readme_dir: Path) -> str:
     if not results:
         return "No results yet: run `make bench`."
@@ -74,6 +82,9 @@ def render(results: list[dict[str, Any]], readme_dir: Path) -> str:
                 if table.get("title"):
                     lines += [f"**{table['title']}**", ""]
                 lines += [*markdown_table(table), ""]
+            targets = result.get("results", {}).get("targets")
+            if targets:
+                lines += [*markdown_table(targets_table(targets)), ""]
             png = result["_path"].with_suffix(".png")
             if png.is_file():
                 lines += [f"![{name} on {result['device']}]({Path(os.path.relpath(png, readme_dir)).as_posix()})", ""]

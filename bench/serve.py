@@ -1,36 +1,44 @@
-"""Serving benchmark: plait's engine against transformers ``generate`` on the same model, side by side.
+"""Serving benchmark: plait's engine and server against transformers and DeepSpeed on the same model, side by side.
 
     plait bench serve [--layers 8 --hidden 1024 --heads 16 --kv-heads 4 --vocab 32000]
-                      [--prompt 128 --new 64 --clients 1 16 --tp 1 2 --dp 1 2 --pp 2 --runs 5]
+                      [--prompt 128 --new 64 --clients 1 8 16 --tp 1 2 --dp 2 --pp 2 --runs 5]
+                      [--peer-tp 2 --peer-batch 1 8 --hf-threads 1 2 --server-max-batch 8]
 
 A Llama of the given shape with random weights (float32) is written to a temporary
-directory (or ``--model DIR`` is used). For each number of concurrent clients C:
+directory (or ``--model DIR`` is used). For each number of concurrent clients C, C random
+prompts of ``--prompt`` tokens each generate exactly ``--new`` tokens (greedy, EOS ignored);
+every process runs one torch thread per rank:
 
-- **plait** (tp in ``--tp``, pp=1, one thread per rank): C requests of ``--prompt`` random
-  tokens arrive at once and are served with continuous batching, each generating exactly
-  ``--new`` tokens (EOS ignored); time to first token (TTFT) and time per output token
-  after the first (TPOT) per request, output tokens/s and requests/s over the run;
-- **plait dp=D**: D independent replicas (tp=1) serving C/D requests each at the same time;
+- **plait** (tp in ``--tp``, pp=1): the engine in-process, all C requests arriving at once and
+  served with continuous batching;
+- **plait serve (HTTP)** dp=1 and each ``--dp``: ``plait serve`` as a subprocess with D replicas
+  (tp=1) behind its router, driven by C concurrent streaming HTTP clients (bench/_serve_http.py);
 - **plait pp=P** (each ``--pp`` value, tp=1): one replica of P pipeline stages, the running
   requests split into P slot groups that are in flight together (pipelined decode);
-- **transformers** ``generate`` in one process (one row per ``--hf-threads`` value): the same C
-  requests one after another (greedy, ``min_new_tokens`` = ``max_new_tokens``), TTFT from a
-  one-token generate, TPOT from the rest.
+- **transformers TP** and **DeepSpeed AutoTP** (when installed) at tp=``--peer-tp``, when C is in
+  ``--peer-batch``: the C prompts as one batch of ``generate`` (bench/_serve_peers.py);
+- **transformers generate** in one process (one row per ``--hf-threads`` value): the C requests
+  one after another, the sequential baseline.
 
-Figures are p50 and p99 over requests and runs (after ``--warmup`` runs). The JSON goes to
-bench/results/ with the machine's load; a table is printed.
+Time to first token (TTFT) and time per output token after the first (TPOT) are p50 and p99
+over requests and runs (after ``--warmup`` runs); output tokens/s and requests/s use the
+median run's wall. ``same_tokens`` says whether a contender's greedy tokens equal plait's at the
+largest tp. The JSON (bench/results/, with the machine's load) also holds ``targets``: the
+ratios issue #13 asks for (see :func:`targets`). A table is printed and a PNG written.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import tempfile
-import threading
 import time
 from typing import Optional
 
 import torch
 
+from plait.bench import _serve_http as serve_http
+from plait.bench._comm_deepspeed import available as deepspeed_available
+from plait.bench._serve_peers import peer_rank, transformers_run
 from plait.bench.common import command_line, print_table, save_plot, write_result
 from plait.launch import run_ranks
 
@@ -64,6 +72,7 @@ class _TimedSource:
         self.requests = [Request(str(i), p, SamplingParams(max_tokens=new, ignore_eos=True))
                          for i, p in enumerate(prompts)]
         self.times: dict[str, list[float]] = {r.rid: [] for r in self.requests}
+        self.tokens: dict[str, list[int]] = {r.rid: [] for r in self.requests}
         self.sent = False
         self.start = 0.0
 
@@ -78,6 +87,7 @@ class _TimedSource:
         for event in events:
             if event.token is not None:
                 self.times[event.rid].append(now)
+                self.tokens[event.rid].append(event.token)
 
 
 def plait_rank(rank: int, world: int, tp: int, directory: str, prompts: list[list[int]], new: int, runs: int,
@@ -88,73 +98,51 @@ def plait_rank(rank: int, world: int, tp: int, directory: str, prompts: list[lis
     plait.init_mesh(pp=pp, tp=tp)
     model = plait.from_pretrained(directory, plait.current_mesh(), dtype=torch.float32)
     engine = Engine(model, max_batch=len(prompts), max_queue=0, max_len=len(prompts[0]) + new + 1, eos=())
-    ttft, tpot, walls = [], [], []
+    ttft, tpot, walls, tokens = [], [], [], []
     for run in range(warmup + runs):
         source = _TimedSource(prompts, new) if engine.is_leader else None
         engine.run(source)
         if source is None or run < warmup:
             continue
+        tokens = [source.tokens[str(i)] for i in range(len(prompts))]
         end = max(t[-1] for t in source.times.values())
         walls.append(end - source.start)
         for times in source.times.values():
             ttft.append(times[0] - source.start)
             tpot.append((times[-1] - times[0]) / (len(times) - 1))
     plait.destroy_mesh()
-    return dict(ttft=ttft, tpot=tpot, walls=walls) if engine.is_leader else None
+    return dict(ttft=ttft, tpot=tpot, walls=walls, tokens=tokens) if engine.is_leader else None
 
 
-def transformers_run(directory: str, prompts: list[list[int]], new: int, runs: int, warmup: int,
-                     threads: int) -> dict:
-    import transformers as T
-
-    torch.set_num_threads(threads)
-    model = T.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    ttft, tpot, walls = [], [], []
-    for run in range(warmup + runs):
-        wall = 0.0
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
-            start = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, **kwargs)
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
-            total = time.perf_counter() - start
-            wall += total
-            if run >= warmup:
-                ttft.append(first)
-                tpot.append((total - first) / (new - 1))
-        if run >= warmup:
-            walls.append(wall)
-    return dict(ttft=ttft, tpot=tpot, walls=walls)
-
-
-def _row(name: str, tp: int, dp: int, clients: int, new: int, r: dict) -> list:
+def _row(name: str, tp: int, dp: int, clients: int, new: int, r: dict, same_tokens) -> list:
     wall = statistics.median(r["walls"])
     return [name, tp, dp, clients, round(_pct(r["ttft"], 0.5) * 1e3, 1), round(_pct(r["ttft"], 0.99) * 1e3, 1),
             round(_pct(r["tpot"], 0.5) * 1e3, 2), round(_pct(r["tpot"], 0.99) * 1e3, 2),
-            round(clients * new / wall, 1), round(clients / wall, 3)]
+            round(clients * new / wall, 1), round(clients / wall, 3), same_tokens]
 
 
-def _plait_dp(dp: int, directory: str, prompts, new: int, runs: int, warmup: int) -> dict:
-    """``dp`` replicas (tp=1) at once, each with its share of the prompts; walls are the slowest replica's."""
-    shares = [prompts[i::dp] for i in range(dp)]
-    out: list[Optional[dict]] = [None] * dp
-
-    def replica(i: int) -> None:
-        out[i] = run_ranks(plait_rank, 1, 1, directory, shares[i], new, runs, warmup, timeout=3600)[0]
-
-    threads = [threading.Thread(target=replica, args=(i,)) for i in range(dp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    merged = dict(ttft=[], tpot=[], walls=[max(w) for w in zip(*(r["walls"] for r in out))])
-    for r in out:
-        merged["ttft"] += r["ttft"]
-        merged["tpot"] += r["tpot"]
-    return merged
+def _contenders(args, directory: str, clients: int, prompts: list[list[int]]):
+    """(name, tp, dp, result) of every contender at ``clients``, in order, each as soon as it has run; a result
+    holds ``ttft``, ``tpot`` (per request), ``walls`` (per run) and the last run's ``tokens``."""
+    timing = (args.new, args.runs, args.warmup)
+    for tp in args.tp:
+        yield "plait", tp, 1, run_ranks(plait_rank, tp, tp, directory, prompts, *timing, timeout=3600)[0]
+    for pp in [p for p in args.pp if p > 1]:
+        yield f"plait pp={pp}", 1, 1, run_ranks(plait_rank, pp, 1, directory, prompts, *timing, pp, timeout=3600)[0]
+    if not args.no_http and serve_http.available():
+        for dp in dict.fromkeys([1, *args.dp]):
+            if clients % dp == 0:
+                with serve_http.serving(directory, dp, 1, args.server_max_batch, args.prompt + args.new + 1) as url:
+                    yield "plait serve (HTTP)", 1, dp, serve_http.drive(url, prompts, *timing)
+    if clients in args.peer_batch:
+        yield "transformers TP", args.peer_tp, 1, run_ranks(peer_rank, args.peer_tp, "transformers_tp", directory,
+                                                            prompts, *timing, timeout=3600)[0]
+        if not args.no_deepspeed and deepspeed_available():
+            yield "DeepSpeed AutoTP", args.peer_tp, 1, run_ranks(peer_rank, args.peer_tp, "deepspeed_autotp",
+                                                                 directory, prompts, *timing, timeout=3600)[0]
+    for threads in [] if args.no_transformers else args.hf_threads:
+        yield (f"transformers generate ({threads} threads)", 1, 1,
+               transformers_run(directory, prompts, *timing, threads))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -163,52 +151,87 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, default in (("layers", 8), ("hidden", 1024), ("heads", 16), ("kv-heads", 4), ("vocab", 32000),
                           ("ffn", 2816), ("prompt", 128), ("new", 64), ("runs", 5), ("warmup", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--dp", type=int, nargs="+", default=[2], help="replica counts to run besides dp=1")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes of plait's engine")
+    parser.add_argument("--dp", type=int, nargs="+", default=[2],
+                        help="replica counts of plait serve besides dp=1 (through its HTTP router)")
     parser.add_argument("--pp", type=int, nargs="+", default=[],
                         help="pipeline stages to run besides pp=1 (tp=1, one 'plait pp=P' row each)")
+    parser.add_argument("--server-max-batch", type=int, default=8, help="plait serve --max-batch (default 8)")
+    parser.add_argument("--peer-tp", type=int, default=2, help="TP size of transformers TP and DeepSpeed AutoTP")
+    parser.add_argument("--peer-batch", type=int, nargs="+", default=[1, 8],
+                        help="client counts at which the TP peers run (all clients in one batch)")
     parser.add_argument("--hf-threads", type=int, nargs="+", default=[1, 2],
                         help="torch threads of the transformers process (one row each)")
-    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate (1 process)")
+    parser.add_argument("--no-http", action="store_true", help="skip plait serve through HTTP")
+    parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed AutoTP")
     args = parser.parse_args(argv)
-    if min(args.clients + args.tp + args.dp + args.pp + [args.runs, args.new - 1, args.prompt]) < 1 or args.warmup < 0:
+    if (min(args.clients + args.tp + args.dp + args.pp + args.peer_batch + [args.runs, args.new - 1, args.prompt,
+                                                                   args.peer_tp, args.server_max_batch]) < 1
+            or args.warmup < 0):
         parser.error("sizes must be positive (--new at least 2)")
+    rows = []
     with tempfile.TemporaryDirectory(prefix="plait-bench-serve-") as tmp:
         directory = args.model or tmp
         if args.model is None:
             make_model(tmp, args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, args.ffn)
-        rows = []
         for clients in args.clients:
             prompts = _prompts(clients, args.prompt, args.vocab, seed=clients)
-            for tp in args.tp:
-                r = run_ranks(plait_rank, tp, tp, directory, prompts, args.new, args.runs, args.warmup,
-                              timeout=3600)[0]
-                rows.append(_row("plait", tp, 1, clients, args.new, r))
-                print_table(COLUMNS, rows[-1:])
-            for dp in args.dp:
-                if clients % dp == 0 and dp > 1:
-                    rows.append(_row("plait", 1, dp, clients, args.new,
-                                     _plait_dp(dp, directory, prompts, args.new, args.runs, args.warmup)))
-                    print_table(COLUMNS, rows[-1:])
-            for pp in [p for p in args.pp if p > 1]:
-                r = run_ranks(plait_rank, pp, 1, directory, prompts, args.new, args.runs, args.warmup, pp,
-                              timeout=3600)[0]
-                rows.append(_row(f"plait pp={pp}", 1, 1, clients, args.new, r))
-                print_table(COLUMNS, rows[-1:])
-            for threads in [] if args.no_transformers else args.hf_threads:
-                r = transformers_run(directory, prompts, args.new, args.runs, args.warmup, threads)
-                rows.append(_row(f"transformers generate ({threads} threads)", 1, 1, clients, args.new, r))
-                print_table(COLUMNS, rows[-1:])
+            done = list(_contenders(args, directory, clients, prompts))
+            reference = next((r["tokens"] for name, tp, _, r in done if name == "plait" and tp == max(args.tp)))
+            for name, tp, dp, r in done:
+                same = "reference" if r["tokens"] is reference else r["tokens"] == reference
+                rows.append(_row(name, tp, dp, clients, args.new, r, same))
+            print_table(COLUMNS, rows[-len(done):])
     print()
     print_table(COLUMNS, rows)
+    goals = targets(rows, max(args.tp), args.peer_tp, max(args.clients), max(args.dp))
+    for name, goal in goals.items():
+        print(f"{name}: {goal}")
     shape = {k: getattr(args, k.replace("-", "_")) for k in ("layers", "hidden", "heads", "kv-heads", "vocab", "ffn",
-                                                             "prompt", "new", "runs", "warmup")}
-    path = write_result("serve", {"shape": shape, "table": {"columns": COLUMNS, "rows": rows}},
+                                                             "prompt", "new", "runs", "warmup", "server-max-batch")}
+    path = write_result("serve", {"shape": shape, "table": {"columns": COLUMNS, "rows": rows}, "targets": goals},
                         command_line("serve", argv))
     print(f"wrote {path}")
     save_plot(plot, rows, path.with_suffix(".png"))
     return 0
+
+
+def _find(rows: list[list], name: str, tp: int, dp: int, clients: int) -> Optional[list]:
+    return next((r for r in rows if r[:4] == [name, tp, dp, clients]), None)
+
+
+def _ratio(top: Optional[list], bottom: Optional[list], column: str, target: float, at_most: bool) -> dict:
+    """``top[column] / bottom[column]`` against ``target`` (an upper bound when ``at_most``, else a lower one)."""
+    if top is None or bottom is None:
+        return {"value": None, "target": target, "met": None, "why": "a contender did not run"}
+    index = COLUMNS.index(column)
+    value = round(top[index] / bottom[index], 3)
+    return {"value": value, "target": target, "met": value <= target if at_most else value >= target,
+            "of": f"{column}: {top[0]} tp={top[1]} dp={top[2]} / {bottom[0]} tp={bottom[1]} dp={bottom[2]}, "
+                  f"{top[3]} clients"}
+
+
+def targets(rows: list[list], tp: int, peer_tp: int, clients: int, dp: int) -> dict:
+    """The ratios issue #13 sets as targets, from the table's rows (value None where a contender is missing):
+    plait's TPOT at batch 1 against the TP peers', plait's output tokens/s at the most clients against
+    transformers generate serving them one after another (its best thread count), and the requests/s of
+    ``dp`` replicas against one, both through plait serve's HTTP router."""
+    sequential = [r for r in rows if r[0].startswith("transformers generate") and r[3] == clients]
+    best_sequential = max(sequential, key=lambda r: r[COLUMNS.index("output_tokens_per_s")], default=None)
+    plait_b1 = _find(rows, "plait", tp, 1, 1)
+    return {
+        "tpot_plait_b1_over_deepspeed_autotp": _ratio(plait_b1, _find(rows, "DeepSpeed AutoTP", peer_tp, 1, 1),
+                                                      "tpot_ms_p50", 0.8, at_most=True),
+        "tpot_plait_b1_over_transformers_tp": _ratio(plait_b1, _find(rows, "transformers TP", peer_tp, 1, 1),
+                                                     "tpot_ms_p50", 0.6, at_most=True),
+        "tokens_per_s_plait_over_sequential_transformers": _ratio(
+            _find(rows, "plait", tp, 1, clients), best_sequential, "output_tokens_per_s", 4.0, at_most=False),
+        "requests_per_s_http_dp_over_dp1": _ratio(_find(rows, "plait serve (HTTP)", 1, dp, clients),
+                                                  _find(rows, "plait serve (HTTP)", 1, 1, clients),
+                                                  "requests_per_s", 1.6, at_most=False),
+    }
 
 
 def plot(rows: list[list], path) -> bool:
@@ -225,7 +248,8 @@ def plot(rows: list[list], path) -> bool:
     fig, axes = plt.subplots(2, len(clients), figsize=(4.5 * len(clients), 6), squeeze=False)
     for col, count in enumerate(clients):
         mine = [row for row in rows if row[3] == count]
-        labels = [f"{row[0].replace('transformers generate', 'HF')}\ntp={row[1]} dp={row[2]}" for row in mine]
+        names = [row[0].replace("transformers generate", "HF").replace(" ", "\n", 1) for row in mine]
+        labels = [f"{name}\ntp={row[1]} dp={row[2]}" for name, row in zip(names, mine)]
         for ax, index, title in ((axes[0][col], 6, "time per output token p50 (ms)"),
                                  (axes[1][col], 8, "output tokens / s")):
             ax.bar(range(len(mine)), [row[index] for row in mine])
@@ -238,7 +262,7 @@ def plot(rows: list[list], path) -> bool:
 
 
 COLUMNS = ["contender", "tp", "dp", "clients", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99",
-           "output_tokens_per_s", "requests_per_s"]
+           "output_tokens_per_s", "requests_per_s", "same_tokens"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

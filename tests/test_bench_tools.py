@@ -201,3 +201,20 @@ def test_shard_runs_match_a_plain_scan() -> None:
         size = rng.randint(0, 16)
         assert ShardSpec("w", 0, index).runs(size) == scan(index, size), (index, size)
     assert ShardSpec("w", 0, tuple(range(32000)) + (32000, 32001)).runs(32000) == [(0, 32000)]
+
+
+def test_report_renders_targets_beside_the_table(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    doc = _result("serve", "cpu: y", "2026-01-15T00:00:00+00:00", {"columns": ["n"], "rows": [[1]]})
+    doc["results"]["targets"] = {
+        "tpot_ratio": {"value": 0.75, "target": 0.8, "met": True, "of": "tpot: a / b"},
+        "rps_ratio": {"value": None, "target": 1.6, "met": None, "why": "a contender did not run"}}
+    (results / "r.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    report.main(["--results", str(results), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "| target | value | bound | met | of |" in text
+    assert "| tpot_ratio | 0.75 | 0.8 | yes | tpot: a / b |" in text
+    assert "| rps_ratio |  | 1.6 | n/a | a contender did not run |" in text

@@ -14,7 +14,26 @@ appear on every rank that reads them, as in the parallel model).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a step's valid tokens go in the cache: found once per step, since every layer writes the same
+    places. Token ``(rows[i], cols[i])`` of the step goes to slot ``slots[i]``, position ``positions[i]``."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    slots: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def of(cls, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> "Placement":
+        """From each row's ``slots`` ``[batch]``, and ``positions`` and ``valid`` ``[batch, seq]``."""
+        rows, cols = valid.nonzero(as_tuple=True)
+        return cls(rows, cols, slots[rows], positions[rows, cols])
 
 
 class KVCache:
@@ -33,16 +52,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values ``[batch, kv_heads, seq, head_dim]`` of the valid tokens at their positions.
-
-        ``slots`` ``[batch]``, ``positions`` and ``valid`` ``[batch, seq]``.
-        """
-        rows, cols = valid.nonzero(as_tuple=True)
-        where = (slots[rows], slice(None), positions[rows, cols])
-        self.k[layer][where] = k.transpose(1, 2)[rows, cols]
-        self.v[layer][where] = v.transpose(1, 2)[rows, cols]
+    def write(self, layer: int, where: "Placement", k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values ``[batch, kv_heads, seq, head_dim]`` of the valid tokens at ``where``."""
+        index = (where.slots, slice(None), where.positions)
+        self.k[layer][index] = k.transpose(1, 2)[where.rows, where.cols]
+        self.v[layer][index] = v.transpose(1, 2)[where.rows, where.cols]
 
     def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[batch, kv_heads, length, head_dim]`` of positions ``[0, length)`` of ``slots``."""

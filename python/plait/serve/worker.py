@@ -37,8 +37,9 @@ naming rank, group and operation (:mod:`plait.comm`).
 
 Decode sends a few kilobytes per all-reduce, so the TP layers are moved to the ``auto``
 communicator (plait's shared-memory backend on one CPU host) unless ``tp_backend="torch"``;
-the model is then for inference only. Step messages go over torch (gloo), where an idle rank
-waits without spinning.
+the model is then for inference only. Without pipelining, step messages go over the world group
+with the same backend (shm on one CPU host: a waiting rank spins briefly, then sleeps on a futex,
+so an idle rank costs no core); pipelined replicas send them over torch (gloo).
 """
 from __future__ import annotations
 
@@ -123,7 +124,10 @@ class Worker:
             self.stage_comm = Communicator.create("torch", self.mesh.tp_group, name="serve-stage")
             self.line = Communicator.create("torch", self.mesh.pp_group, name="serve-pp")
         else:
-            self.world = Communicator.create("torch", None, name="serve")
+            # Step messages: a few int64s every step, so the same backend as the TP layers (shm on one CPU
+            # host, about 20 us a broadcast against gloo's 1-2 ms); its idle waiters sleep on a futex.
+            messages = "torch" if tp_backend == "torch" or self.mesh.world_size == 1 else tp_backend
+            self.world = Communicator.create(messages, None, name="serve")
         self.sampler = self.mesh.rank_of(self.mesh.dp_rank, self.mesh.pp - 1, 0)
         self.leader = self.mesh.rank_of(self.mesh.dp_rank, 0, 0)
         self.received: Optional[list[list[int]]] = [] if record else None

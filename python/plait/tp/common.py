@@ -44,8 +44,8 @@ def resolve_overlap(overlap: str, comm: Communicator, device: torch.device) -> s
     "fused" (CUDA, plait's IPC communicator) is never chosen automatically: it has
     not yet been measured against "chunked" on a GPU (bench/tp_layers.py).
     """
-    if overlap == "auto":
-        return "chunked" if comm.size > 1 and device.type == "cuda" else "none"
+    if overlap == "auto":   # the device first: every decode step asks, and ``comm.size`` is a call chain
+        return "chunked" if device.type == "cuda" and comm.size > 1 else "none"
     if overlap == "fused" and device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         return "chunked"   # the fused Triton GEMMs do not follow autocast; torch's GEMMs in "chunked" do
     return overlap

@@ -111,7 +111,12 @@ class _ReduceScatterToSequence(torch.autograd.Function):
 
 
 def copy_to_tp_region(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
-    """Identity forward; all-reduce the gradient (input replicated, used by sharded weights)."""
+    """Identity forward; all-reduce the gradient (input replicated, used by sharded weights).
+
+    With no gradient to track (inference, decode) ``x`` itself is returned: the autograd
+    Function's bookkeeping costs about as much as a decode step's small GEMM setup."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x
     return _CopyToTP.apply(x, comm)
 
 
