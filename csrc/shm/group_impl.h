@@ -36,7 +36,8 @@ void Group::wait_flag(Flag& flag, int peer, Ready ready, Op& op, SpinPolicy& pol
   const long long budget = policy.budget_ns();
   bool slept = false;
   if (budget == 0 || !spin_on(flag, ready, seen, start + std::chrono::nanoseconds(policy.pause_ns(budget)),
-                              start + std::chrono::nanoseconds(budget), arrive(peer)->cpu, note_cpu())) {
+                              start + std::chrono::nanoseconds(budget), arrive(peer)->cpu, note_cpu(),
+                              policy.yield_only())) {
     slept = true;
     for (;;) {
       check_abort(op);

@@ -76,6 +76,8 @@ class SpinPolicy {
   long long pause_ns(long long budget_ns) const { return budget_ns < pause_cap_ns_ ? budget_ns : pause_cap_ns_; }
   void learn(long long waited_ns, bool slept);
   int cap_us() const { return static_cast<int>(cap_ns_ / 1000); }
+  // Whether ranks outnumber CPUs, so that they must take turns on a core (see spin_on).
+  bool yield_only() const { return pause_cap_ns_ == 0; }
 
  private:
   long long cap_ns_;
@@ -83,12 +85,17 @@ class SpinPolicy {
   std::atomic<long long> budget_ns_;
 };
 
-// Phases 1 and 2 of a wait: spin with pause until pause_end (or until peer_cpu, the CPU the
-// publisher last ran on, equals my_cpu), then with sched_yield until spin_end, while
-// ready(flag value) does not hold. Returns whether it became ready; `seen` is the last value read.
+// Phases 1 and 2 of a wait: spin with pause until pause_end, then with sched_yield until
+// spin_end, while ready(flag value) does not hold. Returns whether it became ready; `seen` is
+// the last value read. When peer_cpu (the CPU the publisher last ran on) equals my_cpu, the
+// peer cannot run while this thread spins: the pause phase ends at once, and unless
+// yield_on_shared_cpu (ranks outnumber CPUs and must take turns) the whole spin ends, so the
+// caller sleeps on the flag. Sleeping, unlike yielding, lets the scheduler move one of two
+// ranks that ended up on one core back to an idle one when the peer wakes it.
 template <typename Ready>
 bool spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
-             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu);
+             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu,
+             bool yield_on_shared_cpu);
 
 // The CPU this thread runs on now, or -1 when unknown.
 int current_cpu();
@@ -106,11 +113,15 @@ void yield_cpu();
 
 template <typename Ready>
 bool spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
-             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu) {
+             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu,
+             bool yield_on_shared_cpu) {
   for (unsigned i = 0;; ++i) {  // reading the clock costs tens of pause instructions: check it every 64
-    if ((i & 63) == 0 && (std::chrono::steady_clock::now() >= pause_end ||
-                          (my_cpu >= 0 && peer_cpu.load(std::memory_order_relaxed) == my_cpu))) {
-      break;
+    if ((i & 63) == 0) {
+      if (my_cpu >= 0 && peer_cpu.load(std::memory_order_relaxed) == my_cpu) {
+        if (!yield_on_shared_cpu) return false;
+        break;
+      }
+      if (std::chrono::steady_clock::now() >= pause_end) break;
     }
     cpu_relax();
     seen = flag.value.load(std::memory_order_acquire);
