@@ -82,8 +82,10 @@ def render(results: list[dict[str, Any]], readme_dir: Path) -> str:
                 if table.get("title"):
                     lines += [f"**{table['title']}**", ""]
                 lines += [*markdown_table(table), ""]
-            targets = result.get("results", {}).get("targets")
-            if targets:
+            targets = payload.get("targets")
+            # {name: {value, target, met, of}} gets its own table; a result that keeps its targets as plain
+            # bounds (train_hf) already shows them in one of its tables
+            if targets and all(isinstance(goal, dict) for goal in targets.values()):
                 lines += [*markdown_table(targets_table(targets)), ""]
             png = result["_path"].with_suffix(".png")
             if png.is_file():
