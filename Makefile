@@ -2,7 +2,8 @@
 #
 #   make venv      .venv with torch, the build tools and the test tools
 #   make build     editable install of plait, compiling plait._C (nvcc too, when found)
-#   make test      build, then pytest (PYTEST_ARGS adds arguments)
+#   make test      build, then pytest without the tests marked slow (PYTEST_ARGS adds arguments)
+#   make test-all  the same with the slow tests (end-to-end benchmark smoke runs)
 #   make demo      build, then examples/demo.py (plait train on this repository's text, 2x2x2 vs one process)
 #   make bench     build, then the benchmarks and the README's results table
 #   make gpu-check on one CUDA GPU: build, GPU tests, compute-sanitizer, GPU benchmarks, a summary
@@ -22,6 +23,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+PYTEST_MARKS ?= not slow
 PLAIT_TIMEOUT_S ?= 60
 export PLAIT_TIMEOUT_S
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -49,7 +51,7 @@ PARENT_VENV_PTH := parent=$$($(PYTHON) -c "import site, sys; sys.prefix != sys.b
 BUILD_STAMP := $(VENV)/.build.stamp
 CSRC_FILES := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test demo bench gpu-check clean distclean
+.PHONY: venv build test test-all demo bench gpu-check clean distclean
 
 venv: $(DEPS_STAMP)
 
@@ -103,9 +105,12 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC_FILES)
 
 test: build
 	@echo ">> pytest tests (PLAIT_TIMEOUT_S=$(PLAIT_TIMEOUT_S))"
-	@rc=0; $(VPY) -m pytest tests -q $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(VPY) -m pytest tests -q -m "$(PYTEST_MARKS)" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
 	exit $$rc
+
+test-all:
+	@$(MAKE) --no-print-directory test PYTEST_MARKS="slow or not slow"
 
 demo: build
 	@echo ">> examples/demo.py"
