@@ -172,6 +172,9 @@ void bind_shm(py::module_& m) {
       .def_property_readonly("spin_budget_us", &Group::spin_budget_us,
                              "Microseconds a collective's wait spins now before it sleeps (learned from recent waits).")
       .def_property_readonly("spin_cap_us", &Group::spin_cap_us, "The most the spin budget may grow to.")
+      .def_property_readonly("sleeps", &Group::sleeps, "Waits of this rank that slept on a flag (diagnostics).")
+      .def_property_readonly("moves", &Group::moves,
+                             "Times this rank moved off a CPU it shared with a peer it waited for (diagnostics).")
       .def_property_readonly("segment_bytes", [](const Group& g) { return g.layout().total; });
 }
 

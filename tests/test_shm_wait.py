@@ -44,3 +44,58 @@ def test_a_rank_blocked_in_a_collective_uses_little_cpu():
     assert waiting["cpu_s"] < 0.05 * waiting["wall_s"], waiting
     assert waiting["cap_us"] == 1000 and 0 < waiting["busy_budget_us"] <= waiting["cap_us"], waiting
     assert waiting["idle_budget_us"] < waiting["busy_budget_us"], "a long wait must lower the spin budget"
+
+
+def stacked_then_freed(rank: int, world: int) -> dict:
+    import os
+
+    import torch.distributed as dist
+
+    from plait.comm import Communicator
+
+    dist.init_process_group("gloo")
+    comm = Communicator.create("shm", None, name="stacked")
+    allowed = os.sched_getaffinity(0)
+    first = min(allowed)
+    x = torch.full((1024,), float(rank + 1))
+    # Both ranks on one CPU and nowhere else: a waiter finds its peer there, cannot move, sleeps.
+    os.sched_setaffinity(0, {first})
+    for _ in range(100):
+        x.fill_(rank + 1)
+        comm.all_reduce(x)
+        assert torch.all(x == 3), "all_reduce with both ranks on one CPU gave a wrong sum"
+    stuck_moves = comm._group.moves
+    # Given every CPU back, both still queue on `first` until one moves: the waiter moves itself.
+    os.sched_setaffinity(0, allowed)
+    for _ in range(200):
+        x.fill_(rank + 1)
+        comm.all_reduce(x)
+        assert torch.all(x == 3), "all_reduce across the move gave a wrong sum"
+    report = {"stuck_moves": stuck_moves, "moves": comm._group.moves, "sleeps": comm._group.sleeps,
+              "affinity_restored": os.sched_getaffinity(0) == allowed, "cpu": _cpu()}
+    comm.close()
+    dist.destroy_process_group()
+    return report
+
+
+def _cpu() -> int:
+    import ctypes
+
+    return ctypes.CDLL(None).sched_getcpu()
+
+
+def test_ranks_queued_on_one_cpu_spread_out_at_once():
+    import os
+
+    import pytest
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    reports = run_ranks(stacked_then_freed, 2, timeout=120)
+    # Pinned to one CPU there is nowhere to go: no move, and the waits slept instead of spinning.
+    assert all(r["stuck_moves"] == 0 for r in reports), reports
+    assert sum(r["sleeps"] for r in reports) > 0, reports
+    # Freed, a waiter that found its peer on its own CPU moved off it, and kept its full CPU set.
+    assert sum(r["moves"] for r in reports) >= 1, reports
+    assert all(r["affinity_restored"] for r in reports), reports
+    assert reports[0]["cpu"] != reports[1]["cpu"], reports

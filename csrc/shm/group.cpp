@@ -97,11 +97,22 @@ Group::Group(Segment segment, std::string name, int rank, const Layout& layout, 
       send_mu_(layout.size),
       recv_mu_(layout.size) {}
 
-int Group::note_cpu() {
-  const int cpu = current_cpu();
-  std::atomic<std::int32_t>& mine = arrive(rank_)->cpu;
-  if (mine.load(std::memory_order_relaxed) != cpu) mine.store(cpu, std::memory_order_relaxed);
-  return cpu;
+int Group::note_cpu() { return note_cpu_in(arrive(rank_)->cpu); }
+
+bool Group::move_off_stacked_peer() {
+  const long long now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            std::chrono::steady_clock::now().time_since_epoch()).count();
+  long long last = last_move_ns_.load(std::memory_order_relaxed);
+  if (last != 0 && now - last < kMoveIntervalNs) return false;
+  if (!last_move_ns_.compare_exchange_strong(last, now, std::memory_order_relaxed)) return false;
+  std::vector<std::int32_t> taken;
+  for (int k = 0; k < size_; ++k) {
+    if (k != rank_) taken.push_back(arrive(k)->cpu.load(std::memory_order_relaxed));
+  }
+  if (!move_off_cpu(current_cpu(), taken.data(), static_cast<int>(taken.size()))) return false;
+  note_cpu();
+  moves_.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 int Group::attached() const { return static_cast<int>(header()->attached.load(std::memory_order_acquire)); }

@@ -86,6 +86,10 @@ class Group {
   // What a collective's wait spins now before it sleeps (learned, see SpinPolicy), and its cap.
   double spin_budget_us() const { return coll_spin_.budget_ns() / 1000.0; }
   int spin_cap_us() const { return coll_spin_.cap_us(); }
+  // How many waits of this rank (collectives and send/recv) slept on a flag, and how many times
+  // this rank moved off a CPU it shared with a peer, since the group was opened: diagnostics.
+  std::uint64_t sleeps() const { return sleeps_.load(std::memory_order_relaxed); }
+  std::uint64_t moves() const { return moves_.load(std::memory_order_relaxed); }
 
  private:
   struct Op;  // the call in progress: name, deadline, progress (group.cpp)
@@ -116,6 +120,10 @@ class Group {
   // Records the CPU this rank runs on in its Arrival block (peers stop spinning on a rank that
   // last ran on their own CPU: it cannot run while they spin) and returns it.
   int note_cpu();
+  // After a wait found its peer on this rank's CPU: moves this thread to a CPU no rank of the
+  // group last ran on (move_off_cpu), unless the last move was under kMoveIntervalNs ago.
+  // Returns whether it moved.
+  bool move_off_stacked_peer();
   void check_usable(const Op& op);
   void check_abort(const Op& op);
   [[noreturn]] void timed_out(const Op& op, const std::string& waiting_for);
@@ -141,6 +149,9 @@ class Group {
   mutable std::mutex broken_mu_;
   std::string broken_;  // why the group is unusable; empty while it is fine
   std::atomic<bool> is_broken_{false};
+  std::atomic<long long> last_move_ns_{0};
+  std::atomic<std::uint64_t> sleeps_{0};
+  std::atomic<std::uint64_t> moves_{0};  // steady_clock time of the last move_off_stacked_peer, 0: never
 };
 
 }  // namespace plait::shm

@@ -25,20 +25,34 @@ struct Group::Op {
 
 // Longest single sleep: how late a rank notices a peer's abort or its own deadline.
 constexpr long long kSleepSliceNs = 50'000'000;
+// Least time between two moves of a rank off a CPU it shares with a peer: when other load keeps
+// putting ranks together, moving on every wait would cost more than sleeping.
+constexpr long long kMoveIntervalNs = 1'000'000;
 
 // Spins for the policy's budget (pause, then yield), then sleeps on the flag in slices
 // until it is ready, the deadline passes or a peer aborts; tells the policy how it went.
+// A spin that ends because the peer is queued on this rank's CPU first moves this rank to a
+// free CPU and spins on (at most once per kMoveIntervalNs, see move_off_stacked_peer); when
+// it cannot move, it sleeps at once, which lets the peer run.
 template <typename Ready, typename Describe>
 void Group::wait_flag(Flag& flag, int peer, Ready ready, Op& op, SpinPolicy& policy, Describe waiting_for) {
   std::uint32_t seen = flag.value.load(std::memory_order_acquire);
   if (ready(seen)) return;
   const auto start = std::chrono::steady_clock::now();
   const long long budget = policy.budget_ns();
-  bool slept = false;
-  if (budget == 0 || !spin_on(flag, ready, seen, start + std::chrono::nanoseconds(policy.pause_ns(budget)),
-                              start + std::chrono::nanoseconds(budget), arrive(peer)->cpu, note_cpu(),
-                              policy.yield_only())) {
-    slept = true;
+  SpinEnd end = SpinEnd::spent;
+  if (budget > 0) {
+    const auto pause_end = start + std::chrono::nanoseconds(policy.pause_ns(budget));
+    const auto spin_end = start + std::chrono::nanoseconds(budget);
+    end = spin_on(flag, ready, seen, pause_end, spin_end, arrive(peer)->cpu, arrive(rank_)->cpu, policy.yield_only());
+    if (end == SpinEnd::stacked && move_off_stacked_peer()) {
+      end = spin_on(flag, ready, seen, pause_end, spin_end, arrive(peer)->cpu, arrive(rank_)->cpu,
+                    policy.yield_only());
+    }
+  }
+  const bool slept = end != SpinEnd::ready;
+  if (slept) {
+    sleeps_.fetch_add(1, std::memory_order_relaxed);
     for (;;) {
       check_abort(op);
       const long long left = op.deadline.remaining_ns();

@@ -68,6 +68,33 @@ int current_cpu() {
 #endif
 }
 
+bool move_off_cpu(int from, const std::int32_t* taken, int n_taken) {
+#if defined(__linux__)
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (from < 0 || sched_getaffinity(0, sizeof allowed, &allowed) != 0) return false;
+  int target = -1;
+  for (int cpu = 0; cpu < CPU_SETSIZE && target < 0; ++cpu) {
+    if (cpu == from || !CPU_ISSET(cpu, &allowed)) continue;
+    if (std::find(taken, taken + n_taken, cpu) == taken + n_taken) target = cpu;
+  }
+  if (target < 0) return false;
+  cpu_set_t only;
+  CPU_ZERO(&only);
+  CPU_SET(target, &only);
+  // A running thread whose allowed set loses its CPU is migrated before the call returns.
+  if (sched_setaffinity(0, sizeof only, &only) != 0) return false;
+  // Restoring the set moves nothing: the thread runs on `target`, which the set holds.
+  sched_setaffinity(0, sizeof allowed, &allowed);
+  return true;
+#else
+  (void)from;
+  (void)taken;
+  (void)n_taken;
+  return false;
+#endif
+}
+
 bool oversubscribed(int ranks) {
   cpu_set_t cpus;
   CPU_ZERO(&cpus);

@@ -85,17 +85,34 @@ class SpinPolicy {
   std::atomic<long long> budget_ns_;
 };
 
+// How phases 1 and 2 of a wait ended.
+enum class SpinEnd {
+  ready,    // the flag became ready
+  spent,    // the spin budget ran out
+  stacked,  // the publisher last ran on this thread's CPU, so it cannot run while this thread spins
+};
+
 // Phases 1 and 2 of a wait: spin with pause until pause_end, then with sched_yield until
-// spin_end, while ready(flag value) does not hold. Returns whether it became ready; `seen` is
-// the last value read. When peer_cpu (the CPU the publisher last ran on) equals my_cpu, the
-// peer cannot run while this thread spins: the pause phase ends at once, and unless
-// yield_on_shared_cpu (ranks outnumber CPUs and must take turns) the whole spin ends, so the
-// caller sleeps on the flag. Sleeping, unlike yielding, lets the scheduler move one of two
-// ranks that ended up on one core back to an idle one when the peer wakes it.
+// spin_end, while ready(flag value) does not hold; `seen` is the last value read. Every 64
+// reads the waiter refreshes its own CPU in my_cpu (its peers' hint, so a rank that migrated
+// while it waited is not mistaken for one still on its old CPU) and compares it with peer_cpu,
+// the CPU the publisher last ran on. When they are equal the peer cannot run while this
+// thread spins: the pause phase ends at once, and unless yield_on_shared_cpu (ranks outnumber
+// CPUs and must take turns) the spin ends with `stacked`, so the caller can move this thread
+// to a free CPU (move_off_cpu) or sleep on the flag.
 template <typename Ready>
-bool spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
-             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu,
-             bool yield_on_shared_cpu);
+SpinEnd spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
+                std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu,
+                std::atomic<std::int32_t>& my_cpu, bool yield_on_shared_cpu);
+
+// Moves the calling thread to a CPU it may run on other than `from` and those in `taken`
+// (the CPUs its peers last ran on), then gives it back its whole allowed set: the scheduler
+// leaves a running thread where it is, so the thread stays on the new CPU. Used when two
+// ranks of a group with a core each end up queued on one core (the scheduler's wake-up
+// placement after other traffic, such as TCP, can put them there for milliseconds): one
+// sched_setaffinity pair ends that at once. Returns false, changing nothing, when no such
+// CPU is free or the system refuses.
+bool move_off_cpu(int from, const std::int32_t* taken, int n_taken);
 
 // The CPU this thread runs on now, or -1 when unknown.
 int current_cpu();
@@ -111,28 +128,36 @@ inline void cpu_relax() {
 // Gives the CPU to another runnable thread, if there is one (sched_yield).
 void yield_cpu();
 
+// Records this thread's CPU in `slot` (a store only when it changed: peers read the line) and returns it.
+inline int note_cpu_in(std::atomic<std::int32_t>& slot) {
+  const int cpu = current_cpu();
+  if (slot.load(std::memory_order_relaxed) != cpu) slot.store(cpu, std::memory_order_relaxed);
+  return cpu;
+}
+
 template <typename Ready>
-bool spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
-             std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu, int my_cpu,
-             bool yield_on_shared_cpu) {
+SpinEnd spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
+                std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu,
+                std::atomic<std::int32_t>& my_cpu, bool yield_on_shared_cpu) {
   for (unsigned i = 0;; ++i) {  // reading the clock costs tens of pause instructions: check it every 64
     if ((i & 63) == 0) {
-      if (my_cpu >= 0 && peer_cpu.load(std::memory_order_relaxed) == my_cpu) {
-        if (!yield_on_shared_cpu) return false;
+      const int cpu = note_cpu_in(my_cpu);
+      if (cpu >= 0 && peer_cpu.load(std::memory_order_relaxed) == cpu) {
+        if (!yield_on_shared_cpu) return SpinEnd::stacked;
         break;
       }
       if (std::chrono::steady_clock::now() >= pause_end) break;
     }
     cpu_relax();
     seen = flag.value.load(std::memory_order_acquire);
-    if (ready(seen)) return true;
+    if (ready(seen)) return SpinEnd::ready;
   }
   while (std::chrono::steady_clock::now() < spin_end) {
     yield_cpu();
     seen = flag.value.load(std::memory_order_acquire);
-    if (ready(seen)) return true;
+    if (ready(seen)) return SpinEnd::ready;
   }
-  return false;
+  return SpinEnd::spent;
 }
 
 }  // namespace plait::shm
