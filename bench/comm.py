@@ -193,6 +193,42 @@ def table(rows: list[dict]) -> dict:
     return {"columns": columns, "rows": lines}
 
 
+# Issue #14's bounds on plait / DeepSpeed (all_reduce, every dtype and rank count measured).
+MEDIAN_BOUNDS = {4 << 10: 0.7, 64 << 10: 0.7, 1 << 20: 0.7, 32 << 20: 0.8}
+P99_BOUNDS = {4 << 10: 0.7, 64 << 10: 0.7}
+
+
+def targets(rows: list[dict]) -> dict:
+    """The ratios issue #14 asks for, from the measured rows: plait's median (and p99) over DeepSpeed's
+    at the sizes it names, per rank count and dtype, and, where ranks outnumber the cores, that plait is
+    never slower than gloo. A size that was not measured is left out; a DeepSpeed that fell back to gloo
+    (its kernel needs instructions this CPU lacks) is named in ``of``."""
+    index = {(r["ranks"], r.get("dtype", "float32"), r["bytes"], r["backend"]): r for r in rows
+             if r["op"] == "all_reduce"}
+    goals = {}
+    for ranks, dtype in sorted({k[:2] for k in index}):
+        for field, bounds, what in (("latency_us", MEDIAN_BOUNDS, "median"), ("p99_us", P99_BOUNDS, "p99")):
+            for nbytes, bound in bounds.items():
+                shm, ds = index.get((ranks, dtype, nbytes, "shm")), index.get((ranks, dtype, nbytes, "deepspeed"))
+                if shm is None or ds is None:
+                    continue
+                ratio = shm[field] / ds[field]
+                goals[f"{what} {label(nbytes)} {dtype} {ranks} ranks"] = {
+                    "value": round(ratio, 3), "target": bound, "met": ratio <= bound,
+                    "of": f"plait shm / DeepSpeed ({ds.get('path', 'shm')})"}
+        cores = len(os.sched_getaffinity(0))
+        if ranks > cores:
+            pairs = [(index[(ranks, dtype, b, "shm")]["latency_us"] / index[(ranks, dtype, b, "gloo")]["latency_us"])
+                     for (r, d, b, name) in index if (r, d, name) == (ranks, dtype, "gloo")
+                     and (ranks, dtype, b, "shm") in index]
+            if pairs:
+                worst = max(pairs)
+                goals[f"slowest shm / gloo {dtype} {ranks} ranks on {cores} cores"] = {
+                    "value": round(worst, 3), "target": 1.0, "met": worst <= 1.0,
+                    "of": "plait shm / gloo median, the worst size"}
+    return goals
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
@@ -295,10 +331,16 @@ def main(argv=None) -> int:
         notes[world] = result["notes"]
     result = table(rows)
     print_table(result["columns"], result["rows"])
+    goals = targets(rows)
+    missed = [name for name, goal in goals.items() if not goal["met"]]
+    if goals:
+        print(f"issue #14 targets: {len(goals) - len(missed)} of {len(goals)} met")
+        for name in missed:
+            print(f"  missed: {name}: {goals[name]['value']} (bound {goals[name]['target']})")
     if not args.no_save:
         command = command_line("comm", argv)
         # Other processes on the machine slow every backend; the load average says how busy it was.
-        path = write_result("comm", {"rows": rows, "table": result, "trials": args.trials, "trial_s": args.trial_s,
+        path = write_result("comm", {"rows": rows, "table": result, "targets": goals, "trials": args.trials, "trial_s": args.trial_s,
                                      "dtypes": args.dtypes, "threads_per_rank": 1, "backend_notes": notes,
                                      "load_average_before": load_before, "load_average_after": os.getloadavg()},
                             command)

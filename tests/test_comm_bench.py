@@ -28,6 +28,28 @@ def test_table_pairs_backends_per_size_with_ratios_to_deepspeed_and_copy():
     assert row["DeepSpeed path"] == "shm" and row["shm/copy"] == 5.0
 
 
+def test_targets_compare_median_and_p99_with_deepspeed_at_the_issue_sizes(monkeypatch):
+    def row(ranks, nbytes, backend, us, p99):
+        return {"op": "all_reduce", "ranks": ranks, "dtype": "float32", "bytes": nbytes, "backend": backend,
+                "latency_us": us, "p99_us": p99, **({"path": "shm"} if backend == "deepspeed" else {})}
+
+    rows = [row(2, 4096, "shm", 3.0, 6.0), row(2, 4096, "deepspeed", 5.0, 10.0),      # 0.6 and 0.6: met
+            row(2, 1 << 20, "shm", 80.0, 400.0), row(2, 1 << 20, "deepspeed", 100.0, 300.0),  # 0.8 > 0.7
+            row(2, 16384, "shm", 9.0, 9.0), row(2, 16384, "deepspeed", 1.0, 1.0),    # no bound at 16K
+            row(4, 4096, "shm", 30.0, 90.0), row(4, 4096, "gloo", 2000.0, 3000.0),
+            row(4, 1 << 25, "shm", 9000.0, 9000.0), row(4, 1 << 25, "gloo", 8000.0, 9000.0)]
+    monkeypatch.setattr(comm.os, "sched_getaffinity", lambda pid: {0, 1})
+    goals = comm.targets(rows)
+    assert goals["median 4K float32 2 ranks"] == {"value": 0.6, "target": 0.7, "met": True,
+                                                  "of": "plait shm / DeepSpeed (shm)"}
+    assert goals["p99 4K float32 2 ranks"]["met"] is True
+    assert goals["median 1M float32 2 ranks"]["met"] is False and "p99 1M float32 2 ranks" not in goals
+    assert not any("16K" in name for name in goals)
+    # 4 ranks on 2 cores: the worst size against gloo decides (32M: 9000 / 8000)
+    assert goals["slowest shm / gloo float32 4 ranks on 2 cores"] == {
+        "value": 1.125, "target": 1.0, "met": False, "of": "plait shm / gloo median, the worst size"}
+
+
 def test_table_leaves_missing_backends_empty():
     rows = [{"op": "all_gather", "ranks": 2, "bytes": 4096, "backend": b, "latency_us": us, "p99_us": us,
              "busbw_GBps": 0.0} for b, us in (("gloo", 100.0), ("shm", 10.0))]
