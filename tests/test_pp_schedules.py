@@ -79,7 +79,7 @@ def test_reading_a_bad_schedule_says_which_line():
 def test_build_schedule_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown schedule 'pipedream'"):
         build_schedule("pipedream", 4, 8)
-    with pytest.raises(ValueError, match="need one of the schedules \('interleaved', 'zb1p'\)"):
+    with pytest.raises(ValueError, match=r"need one of the schedules \('interleaved', 'zb1p'\)"):
         build_schedule("1f1b", 4, 8, num_virtual=2)
     with pytest.raises(ValueError, match="num_virtual >= 2"):
         build_schedule("interleaved", 4, 8, num_virtual=1)
