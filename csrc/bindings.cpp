@@ -41,13 +41,14 @@ using shm::Group;
 void* ptr(std::uintptr_t address) { return reinterpret_cast<void*>(address); }
 
 shm::Options shm_options(std::size_t slot_bytes, std::size_t chan_bytes, std::size_t oneshot_bytes,
-                         const std::string& simd, int spin_us) {
+                         const std::string& simd, int spin_us, bool move) {
   shm::Options options;
   options.slot_bytes = slot_bytes;
   options.chan_bytes = chan_bytes;
   options.oneshot_bytes = oneshot_bytes;
   options.simd = shm::simd_from_name(simd);
   options.spin_us = spin_us;
+  options.move_off_shared_cpu = move;
   return options;
 }
 
@@ -107,18 +108,19 @@ void bind_shm(py::module_& m) {
                     "timeout_s, raising ShmTimeout, ShmAborted (a peer gave up) or ShmError.")
       .def_static("create",
                   [](const std::string& name, int size, std::size_t slot_bytes, std::size_t chan_bytes,
-                     std::size_t oneshot_bytes, const std::string& simd, int spin_us) {
-                    return Group::create(name, size, shm_options(slot_bytes, chan_bytes, oneshot_bytes, simd, spin_us));
+                     std::size_t oneshot_bytes, const std::string& simd, int spin_us, bool move) {
+                    return Group::create(name, size,
+                                         shm_options(slot_bytes, chan_bytes, oneshot_bytes, simd, spin_us, move));
                   },
                   py::arg("name"), py::arg("size"), py::arg("slot_bytes"), py::arg("chan_bytes"),
-                  py::arg("oneshot_bytes"), py::arg("simd") = "auto", py::arg("spin_us") = -1,
+                  py::arg("oneshot_bytes"), py::arg("simd") = "auto", py::arg("spin_us") = -1, py::arg("move") = true,
                   py::call_guard<py::gil_scoped_release>(), "Create the segment `name` as group rank 0.")
       .def_static("attach",
-                  [](const std::string& name, int rank, int size, const std::string& simd, int spin_us) {
-                    return Group::attach(name, rank, size, shm_options(0, 0, 0, simd, spin_us));
+                  [](const std::string& name, int rank, int size, const std::string& simd, int spin_us, bool move) {
+                    return Group::attach(name, rank, size, shm_options(0, 0, 0, simd, spin_us, move));
                   },
                   py::arg("name"), py::arg("rank"), py::arg("size"), py::arg("simd") = "auto",
-                  py::arg("spin_us") = -1, py::call_guard<py::gil_scoped_release>(),
+                  py::arg("spin_us") = -1, py::arg("move") = true, py::call_guard<py::gil_scoped_release>(),
                   "Attach to the segment `name` created by rank 0; sizes come from its header.")
       .def("all_reduce",
            [](Group& g, std::uintptr_t data, std::size_t count, int dtype, int op, double timeout_s) {

@@ -94,12 +94,14 @@ Group::Group(Segment segment, std::string name, int rank, const Layout& layout, 
       simd_(options.simd),
       coll_spin_(options.spin_us >= 0 ? options.spin_us : kDefaultSpinUs, oversubscribed(layout.size)),
       chan_spin_(options.spin_us >= 0 ? options.spin_us : kDefaultSpinUs, oversubscribed(layout.size)),
+      may_move_(options.move_off_shared_cpu && !oversubscribed(layout.size)),
       send_mu_(layout.size),
       recv_mu_(layout.size) {}
 
 int Group::note_cpu() { return note_cpu_in(arrive(rank_)->cpu); }
 
 bool Group::move_off_stacked_peer() {
+  if (!may_move_) return false;
   const long long now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                             std::chrono::steady_clock::now().time_since_epoch()).count();
   long long last = last_move_ns_.load(std::memory_order_relaxed);

@@ -54,6 +54,7 @@ struct Options {
   std::size_t oneshot_bytes = 64 << 10;  // all_reduce one-shot threshold (creator decides)
   Simd simd = Simd::scalar;              // this rank's reduction code path
   int spin_us = -1;                      // most a wait spins before it sleeps; -1: kDefaultSpinUs
+  bool move_off_shared_cpu = true;       // a waiter whose peer is queued on its CPU may move (wait.h)
 };
 
 class Group {
@@ -121,8 +122,8 @@ class Group {
   // last ran on their own CPU: it cannot run while they spin) and returns it.
   int note_cpu();
   // After a wait found its peer on this rank's CPU: moves this thread to a CPU no rank of the
-  // group last ran on (move_off_cpu), unless the last move was under kMoveIntervalNs ago.
-  // Returns whether it moved.
+  // group last ran on (move_off_cpu), unless moving is off (Options, or ranks outnumber CPUs)
+  // or this group's last attempt was under kMoveIntervalNs ago. Returns whether it moved.
   bool move_off_stacked_peer();
   void check_usable(const Op& op);
   void check_abort(const Op& op);
@@ -140,6 +141,7 @@ class Group {
   Simd simd_;
   SpinPolicy coll_spin_;  // collective barriers: calls come back to back or not at all
   SpinPolicy chan_spin_;  // send/recv: waits as long as a pipeline stage computes
+  bool may_move_;         // Options::move_off_shared_cpu, and ranks do not outnumber CPUs
 
   std::uint32_t epoch_ = 0;  // barriers passed (wraps, like the flags)
   std::uint64_t step_ = 0;   // collective slots used (slot index = step % kCollSlots)
@@ -149,9 +151,11 @@ class Group {
   mutable std::mutex broken_mu_;
   std::string broken_;  // why the group is unusable; empty while it is fine
   std::atomic<bool> is_broken_{false};
+  // steady_clock time of the last attempt of move_off_stacked_peer (0: never), shared by this
+  // group's threads: the group moves at most once per kMoveIntervalNs
   std::atomic<long long> last_move_ns_{0};
   std::atomic<std::uint64_t> sleeps_{0};
-  std::atomic<std::uint64_t> moves_{0};  // steady_clock time of the last move_off_stacked_peer, 0: never
+  std::atomic<std::uint64_t> moves_{0};
 };
 
 }  // namespace plait::shm

@@ -44,10 +44,11 @@ void Group::wait_flag(Flag& flag, int peer, Ready ready, Op& op, SpinPolicy& pol
   if (budget > 0) {
     const auto pause_end = start + std::chrono::nanoseconds(policy.pause_ns(budget));
     const auto spin_end = start + std::chrono::nanoseconds(budget);
-    end = spin_on(flag, ready, seen, pause_end, spin_end, arrive(peer)->cpu, arrive(rank_)->cpu, policy.yield_only());
+    // Collective waits keep this rank's CPU hint fresh; send/recv, often on other threads, only read theirs.
+    std::atomic<std::int32_t>* hint = &policy == &coll_spin_ ? &arrive(rank_)->cpu : nullptr;
+    end = spin_on(flag, ready, seen, pause_end, spin_end, arrive(peer)->cpu, hint, policy.yield_only());
     if (end == SpinEnd::stacked && move_off_stacked_peer()) {
-      end = spin_on(flag, ready, seen, pause_end, spin_end, arrive(peer)->cpu, arrive(rank_)->cpu,
-                    policy.yield_only());
+      end = spin_on(flag, ready, seen, pause_end, spin_end, arrive(peer)->cpu, hint, policy.yield_only());
     }
   }
   const bool slept = end != SpinEnd::ready;

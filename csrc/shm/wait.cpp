@@ -68,25 +68,66 @@ int current_cpu() {
 #endif
 }
 
+#if defined(__linux__)
+namespace {
+
+// A CPU set sized for every CPU the system may have (a fixed cpu_set_t holds 1024, and
+// sched_getaffinity fails with EINVAL on larger machines).
+class CpuSet {
+ public:
+  CpuSet() : count_(possible_cpus()), set_(CPU_ALLOC(count_)), bytes_(CPU_ALLOC_SIZE(count_)) {
+    if (set_ != nullptr) CPU_ZERO_S(bytes_, set_);
+  }
+  ~CpuSet() {
+    if (set_ != nullptr) CPU_FREE(set_);
+  }
+  CpuSet(const CpuSet&) = delete;
+  CpuSet& operator=(const CpuSet&) = delete;
+
+  // This thread's allowed CPUs; false when they cannot be read.
+  bool read_mine() { return set_ != nullptr && sched_getaffinity(0, bytes_, set_) == 0; }
+  // Makes them this thread's allowed CPUs (a running thread off them is migrated first).
+  bool apply() const { return set_ != nullptr && sched_setaffinity(0, bytes_, set_) == 0; }
+  bool has(int cpu) const { return cpu >= 0 && cpu < count_ && CPU_ISSET_S(cpu, bytes_, set_); }
+  void only(int cpu) {
+    CPU_ZERO_S(bytes_, set_);
+    CPU_SET_S(cpu, bytes_, set_);
+  }
+  int count() const { return set_ != nullptr ? CPU_COUNT_S(bytes_, set_) : 1; }
+  int size() const { return count_; }
+
+ private:
+  static int possible_cpus() {
+    const long n = sysconf(_SC_NPROCESSORS_CONF);
+    return n > CPU_SETSIZE ? static_cast<int>(n) : CPU_SETSIZE;
+  }
+  int count_;
+  cpu_set_t* set_;
+  std::size_t bytes_;
+};
+
+}  // namespace
+#endif
+
 bool move_off_cpu(int from, const std::int32_t* taken, int n_taken) {
 #if defined(__linux__)
-  cpu_set_t allowed;
-  CPU_ZERO(&allowed);
-  if (from < 0 || sched_getaffinity(0, sizeof allowed, &allowed) != 0) return false;
+  CpuSet allowed;
+  if (from < 0 || !allowed.read_mine()) return false;
+  // The first allowed CPU after `from` (cyclically) that no peer holds: neighbours first, so a
+  // rank on a multi-socket machine tends to stay near its caches, and groups that move at once
+  // do not all land on CPU 0.
   int target = -1;
-  for (int cpu = 0; cpu < CPU_SETSIZE && target < 0; ++cpu) {
-    if (cpu == from || !CPU_ISSET(cpu, &allowed)) continue;
-    if (std::find(taken, taken + n_taken, cpu) == taken + n_taken) target = cpu;
+  for (int step = 1; step < allowed.size() && target < 0; ++step) {
+    const int cpu = (from + step) % allowed.size();
+    if (allowed.has(cpu) && std::find(taken, taken + n_taken, cpu) == taken + n_taken) target = cpu;
   }
   if (target < 0) return false;
-  cpu_set_t only;
-  CPU_ZERO(&only);
-  CPU_SET(target, &only);
-  // A running thread whose allowed set loses its CPU is migrated before the call returns.
-  if (sched_setaffinity(0, sizeof only, &only) != 0) return false;
-  // Restoring the set moves nothing: the thread runs on `target`, which the set holds.
-  sched_setaffinity(0, sizeof allowed, &allowed);
-  return true;
+  CpuSet only;
+  only.only(target);
+  if (!only.apply()) return false;
+  // Restoring the set moves nothing: the thread runs on `target`, which the set holds. If it
+  // fails (the cpuset shrank just now), try once more; the caller then sleeps instead of spinning.
+  return allowed.apply() || allowed.apply();
 #else
   (void)from;
   (void)taken;
@@ -96,10 +137,12 @@ bool move_off_cpu(int from, const std::int32_t* taken, int n_taken) {
 }
 
 bool oversubscribed(int ranks) {
-  cpu_set_t cpus;
-  CPU_ZERO(&cpus);
-  const int available = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
-  return ranks > available;
+#if defined(__linux__)
+  CpuSet cpus;
+  return ranks > (cpus.read_mine() ? cpus.count() : 1);
+#else
+  return false;
+#endif
 }
 
 namespace {

@@ -94,8 +94,10 @@ enum class SpinEnd {
 
 // Phases 1 and 2 of a wait: spin with pause until pause_end, then with sched_yield until
 // spin_end, while ready(flag value) does not hold; `seen` is the last value read. Every 64
-// reads the waiter refreshes its own CPU in my_cpu (its peers' hint, so a rank that migrated
-// while it waited is not mistaken for one still on its old CPU) and compares it with peer_cpu,
+// reads the waiter reads its CPU, records it in *my_cpu unless my_cpu is null (its peers' hint,
+// so a rank that migrated while it waited is not mistaken for one still on its old CPU; only
+// one kind of wait per rank should record, or threads of one rank on different CPUs would
+// overwrite each other's hint in the line peers spin on), and compares it with peer_cpu,
 // the CPU the publisher last ran on. When they are equal the peer cannot run while this
 // thread spins: the pause phase ends at once, and unless yield_on_shared_cpu (ranks outnumber
 // CPUs and must take turns) the spin ends with `stacked`, so the caller can move this thread
@@ -103,15 +105,19 @@ enum class SpinEnd {
 template <typename Ready>
 SpinEnd spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
                 std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu,
-                std::atomic<std::int32_t>& my_cpu, bool yield_on_shared_cpu);
+                std::atomic<std::int32_t>* my_cpu, bool yield_on_shared_cpu);
 
 // Moves the calling thread to a CPU it may run on other than `from` and those in `taken`
-// (the CPUs its peers last ran on), then gives it back its whole allowed set: the scheduler
-// leaves a running thread where it is, so the thread stays on the new CPU. Used when two
+// (the CPUs its peers last ran on; the first such CPU after `from`, cyclically), then gives it
+// back the allowed set it had: the scheduler leaves a running thread where it is, so the thread
+// stays on the new CPU. Since Linux 6.2, setting a thread's affinity also records it as the
+// thread's request, so a thread that moved keeps the set it had at that moment if its cpuset
+// later grows (PLAIT_SHM_MOVE=0 turns moving off). Used when two
 // ranks of a group with a core each end up queued on one core (the scheduler's wake-up
 // placement after other traffic, such as TCP, can put them there for milliseconds): one
-// sched_setaffinity pair ends that at once. Returns false, changing nothing, when no such
-// CPU is free or the system refuses.
+// sched_setaffinity pair ends that at once. Returns false when no such CPU is free or the
+// system refuses the move (nothing changed), or, rarely, refuses to restore the set (the
+// cpuset shrank in between; the thread then stays on the new CPU only).
 bool move_off_cpu(int from, const std::int32_t* taken, int n_taken);
 
 // The CPU this thread runs on now, or -1 when unknown.
@@ -138,10 +144,10 @@ inline int note_cpu_in(std::atomic<std::int32_t>& slot) {
 template <typename Ready>
 SpinEnd spin_on(const Flag& flag, Ready ready, std::uint32_t& seen, std::chrono::steady_clock::time_point pause_end,
                 std::chrono::steady_clock::time_point spin_end, const std::atomic<std::int32_t>& peer_cpu,
-                std::atomic<std::int32_t>& my_cpu, bool yield_on_shared_cpu) {
+                std::atomic<std::int32_t>* my_cpu, bool yield_on_shared_cpu) {
   for (unsigned i = 0;; ++i) {  // reading the clock costs tens of pause instructions: check it every 64
     if ((i & 63) == 0) {
-      const int cpu = note_cpu_in(my_cpu);
+      const int cpu = my_cpu != nullptr ? note_cpu_in(*my_cpu) : current_cpu();
       if (cpu >= 0 && peer_cpu.load(std::memory_order_relaxed) == cpu) {
         if (!yield_on_shared_cpu) return SpinEnd::stacked;
         break;

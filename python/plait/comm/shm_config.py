@@ -12,6 +12,10 @@ PLAIT_SHM_SPIN_US          auto         most microseconds a waiting rank spins (
                                         sched_yield) before it sleeps on the flag; the budget
                                         adapts below it (auto: 1000; 0: always sleep at once).
                                         See docs/shm-wait.md
+PLAIT_SHM_MOVE             1            1: a waiting rank whose peer is queued on its own CPU
+                                        moves itself to a free CPU (two sched_setaffinity
+                                        calls; it keeps the allowed set it had then); 0: it
+                                        only sleeps. See docs/shm-wait.md
 PLAIT_SHM_JOB              creator pid  job token in segment names (/dev/shm/plait-JOB-pPID-...)
 =========================  ===========  ====================================================
 
@@ -65,6 +69,7 @@ class ShmConfig:
     oneshot_bytes: int
     simd: str
     spin_us: int = -1  # -1: decided by the compiled code from the group size and CPU count
+    move: bool = True  # a waiter whose peer is queued on its own CPU may move to a free one
 
     def __post_init__(self) -> None:
         if self.simd not in ("auto", "avx512", "avx2", "scalar"):
@@ -80,8 +85,11 @@ class ShmConfig:
         spin = os.environ.get("PLAIT_SHM_SPIN_US", "auto").strip().lower() or "auto"
         if spin != "auto" and not spin.isdigit():
             raise ValueError(f"PLAIT_SHM_SPIN_US={spin!r}: write a number of microseconds or auto")
+        move = os.environ.get("PLAIT_SHM_MOVE", "1").strip() or "1"
+        if move not in ("0", "1"):
+            raise ValueError(f"PLAIT_SHM_MOVE={move!r}: write 1 (move off a shared CPU) or 0 (only sleep)")
         return cls(slot_bytes=_pages(slot), chan_bytes=_pages(chan), oneshot_bytes=oneshot, simd=simd,
-                   spin_us=-1 if spin == "auto" else int(spin))
+                   spin_us=-1 if spin == "auto" else int(spin), move=move == "1")
 
 
 def job_token() -> str:

@@ -71,7 +71,7 @@ def open_group(comm: TorchCommunicator, config: ShmConfig):
         if comm.rank == 0:
             try:
                 group = _C.ShmGroup.create(mine, comm.size, config.slot_bytes, config.chan_bytes,
-                                           config.oneshot_bytes, config.simd, config.spin_us)
+                                           config.oneshot_bytes, config.simd, config.spin_us, config.move)
             except (_C.ShmError, ValueError) as exc:
                 error = str(exc)
         name = all_gather_text(comm, "!" + error if error else mine)[0]
@@ -79,7 +79,8 @@ def open_group(comm: TorchCommunicator, config: ShmConfig):
             raise CommError(f"{where}: group rank 0 could not create the shared memory: {name[1:]}")
         if comm.rank != 0:
             try:
-                group = _C.ShmGroup.attach(name, comm.rank, comm.size, config.simd, config.spin_us)
+                group = _C.ShmGroup.attach(name, comm.rank, comm.size, config.simd, config.spin_us,
+                                           config.move)
             except (_C.ShmError, ValueError) as exc:
                 error = str(exc)
         outcomes = all_gather_text(comm, error)
