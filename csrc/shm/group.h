@@ -1,7 +1,7 @@
 // A group of processes on one host that communicate through one shared-memory segment.
 //
 // Collectives (every rank calls them in the same order with the same sizes):
-//   all_reduce      in place; one-shot up to oneshot_bytes (every rank reduces every
+//   all_reduce      in place; one-shot up to oneshot_bytes, 16-bit values counted as 4 bytes (every rank reduces every
 //                   rank's input, in rank order), else two-shot (rank r reduces slice r
 //                   of each chunk, then every rank gathers the slices), pipelined so a
 //                   chunk costs one barrier. Both reduce in rank order 0..n-1, so all

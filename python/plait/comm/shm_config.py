@@ -7,6 +7,7 @@ PLAIT_SHM_SLOT_BYTES       256 KiB      one collective slot per rank (x2, double
                                         larger messages go in chunks of this size
 PLAIT_SHM_CHANNEL_BYTES    256 KiB      one send/recv ring slot per ordered rank pair (x2)
 PLAIT_SHM_ONESHOT_BYTES    64 KiB       all_reduce up to this size is one-shot, above two-shot
+                                        (fp16 / bf16 values count as 4 bytes: reduced in fp32)
 PLAIT_SHM_SIMD             auto         reduction code path: auto, avx512, avx2 or scalar
 PLAIT_SHM_SPIN_US          auto         most microseconds a waiting rank spins (pause, then
                                         sched_yield) before it sleeps on the flag; the budget
