@@ -17,7 +17,7 @@ bool simd_supported(Simd simd) {
 #if defined(__x86_64__)
     case Simd::avx512:
       __builtin_cpu_init();
-      return __builtin_cpu_supports("avx512f") && simd_supported(Simd::avx2);
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && simd_supported(Simd::avx2);
 #endif
     default: return false;
   }
