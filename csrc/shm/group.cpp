@@ -94,7 +94,7 @@ Group::Group(Segment segment, std::string name, int rank, const Layout& layout, 
       simd_(options.simd),
       coll_spin_(options.spin_us >= 0 ? options.spin_us : kDefaultSpinUs, oversubscribed(layout.size)),
       chan_spin_(options.spin_us >= 0 ? options.spin_us : kDefaultSpinUs, oversubscribed(layout.size)),
-      may_move_(options.move_off_shared_cpu && !oversubscribed(layout.size)),
+      may_move_(options.move_off_shared_cpu && !coll_spin_.yield_only()),
       send_mu_(layout.size),
       recv_mu_(layout.size) {}
 

@@ -141,7 +141,7 @@ class Group {
   Simd simd_;
   SpinPolicy coll_spin_;  // collective barriers: calls come back to back or not at all
   SpinPolicy chan_spin_;  // send/recv: waits as long as a pipeline stage computes
-  bool may_move_;         // Options::move_off_shared_cpu, and ranks do not outnumber CPUs
+  bool may_move_;         // Options::move_off_shared_cpu, and ranks do not outnumber CPUs (!yield_only)
 
   std::uint32_t epoch_ = 0;  // barriers passed (wraps, like the flags)
   std::uint64_t step_ = 0;   // collective slots used (slot index = step % kCollSlots)
