@@ -218,9 +218,8 @@ def targets(rows: list[dict]) -> dict:
                     "of": f"plait shm / DeepSpeed ({ds.get('path', 'shm')})"}
         cores = len(os.sched_getaffinity(0))
         if ranks > cores:
-            pairs = [(index[(ranks, dtype, b, "shm")]["latency_us"] / index[(ranks, dtype, b, "gloo")]["latency_us"])
-                     for (r, d, b, name) in index if (r, d, name) == (ranks, dtype, "gloo")
-                     and (ranks, dtype, b, "shm") in index]
+            pairs = [shm["latency_us"] / gloo["latency_us"] for (r, d, nbytes, name), gloo in index.items()
+                     if (r, d, name) == (ranks, dtype, "gloo") and (shm := index.get((ranks, dtype, nbytes, "shm")))]
             if pairs:
                 worst = max(pairs)
                 goals[f"slowest shm / gloo {dtype} {ranks} ranks on {cores} cores"] = {
@@ -340,9 +339,9 @@ def main(argv=None) -> int:
     if not args.no_save:
         command = command_line("comm", argv)
         # Other processes on the machine slow every backend; the load average says how busy it was.
-        path = write_result("comm", {"rows": rows, "table": result, "targets": goals, "trials": args.trials, "trial_s": args.trial_s,
-                                     "dtypes": args.dtypes, "threads_per_rank": 1, "backend_notes": notes,
-                                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        path = write_result("comm", {"rows": rows, "table": result, "targets": goals, "trials": args.trials,
+                                     "trial_s": args.trial_s, "dtypes": args.dtypes, "threads_per_rank": 1,
+                                     "backend_notes": notes, "load_average_before": load_before, "load_average_after": os.getloadavg()},
                             command)
         print(f"wrote {path}")
         if plot(rows, path.with_suffix(".png")):
