@@ -341,7 +341,8 @@ def main(argv=None) -> int:
         # Other processes on the machine slow every backend; the load average says how busy it was.
         path = write_result("comm", {"rows": rows, "table": result, "targets": goals, "trials": args.trials,
                                      "trial_s": args.trial_s, "dtypes": args.dtypes, "threads_per_rank": 1,
-                                     "backend_notes": notes, "load_average_before": load_before, "load_average_after": os.getloadavg()},
+                                     "backend_notes": notes, "load_average_before": load_before,
+                                     "load_average_after": os.getloadavg()},
                             command)
         print(f"wrote {path}")
         if plot(rows, path.with_suffix(".png")):
