@@ -87,13 +87,27 @@ class ChatBody(_Sampling):
 
 @dataclass
 class ServedModel:
-    """What the API needs to know about the model: its name, tokenizer, context and vocabulary."""
+    """What the API needs to know about the model: the names clients may ask for (the first is its main
+    name), its tokenizer, context and vocabulary."""
 
-    name: str
+    names: tuple[str, ...]
     tokenizer: object
     max_len: int
     vocab_size: int
     request_timeout_s: float
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def check(self, model: str) -> None:
+        """404 ``model_not_found`` (OpenAI's shape) unless ``model`` is one of the served names."""
+        if model not in self.names:
+            raise ApiError(404, f"The model `{model}` does not exist. This server serves "
+                                f"{', '.join(f'`{n}`' for n in self.names)}.", param="model", code="model_not_found")
+
+    def card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "plait"}
 
 
 def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] = None) -> FastAPI:
@@ -122,8 +136,12 @@ def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] =
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
-                                            "owned_by": "plait"}]}
+        return {"object": "list", "data": [served.card(name) for name in served.names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        served.check(model)
+        return served.card(model)
 
     @app.get("/health")
     async def health():
@@ -140,11 +158,13 @@ def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] =
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
+        served.check(body.model)
         prompt = body.prompt if isinstance(body.prompt, list) else _encode(served, body.prompt)
         return await _serve("completions", body, prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
+        served.check(body.model)
         tokenizer = served.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions")
@@ -160,7 +180,7 @@ def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] =
         except ApiError as err:
             metrics.requests.labels(endpoint, str(err.status)).inc()
             raise
-        reply = _Reply(served.name, tracked, chat, metrics, endpoint)
+        reply = _Reply(body.model, tracked, chat, metrics, endpoint)
         if body.stream:
             return StreamingResponse(reply.stream(router), media_type="text/event-stream")
         return await reply.whole(router)
@@ -177,9 +197,6 @@ def _encode(served: ServedModel, text: str, special: bool = True) -> list[int]:
 
 def _submit(router: Router, served: ServedModel, body: _Sampling, prompt: list[int]) -> Tracked:
     """Check everything about the request, then hand it to the router (400 / 503 as ApiError)."""
-    if body.model != served.name:
-        raise ApiError(400, f"the model {body.model!r} does not exist; this server serves {served.name!r}",
-                       param="model", code="model_not_found")
     if body.n != 1:
         raise ApiError(400, "n must be 1", param="n")
     try:

@@ -12,6 +12,7 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 from .options import add_model_options, nonnegative_int, port, positive_int, seconds
 
@@ -34,9 +35,18 @@ def setup(parser: argparse.ArgumentParser) -> None:
                              "shorter one (default 600)")
     parser.add_argument("--startup-timeout", type=seconds, default=600.0,
                         help="seconds the replicas may take to load the model (default 600)")
-    parser.add_argument("--served-model-name", default=None, help="model name in the API (default: the "
-                                                                  "directory's name)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="names clients may send as 'model'; the first is the one /v1/models lists first "
+                             "(default: the --model string as given, and its directory's name)")
     parser.set_defaults(run=run)
+
+
+def served_names(model: str, given: Optional[list[str]]) -> tuple[str, ...]:
+    """The names the API answers to: ``--served-model-name`` when given, else the ``--model`` string as the
+    user typed it and its directory's name (vLLM's convention, plus the short name)."""
+    if given:
+        return tuple(dict.fromkeys(given))
+    return tuple(dict.fromkeys([model, Path(model).resolve().name]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     job = dict(model=args.model, tp=args.tp, pp=args.pp, dtype=args.dtype, max_batch=args.max_batch,
                max_queue=args.max_queue, max_len=args.max_len)
-    served = ServedModel(args.served_model_name or Path(args.model).resolve().name, tokenizer,
-                         args.max_len or limit, config.vocab_size, args.request_timeout)
+    served = ServedModel(served_names(args.model, args.served_model_name), tokenizer, args.max_len or limit,
+                         config.vocab_size, args.request_timeout)
     router = Router(job, args.dp)
     signal.signal(signal.SIGTERM, _terminate_startup)
     try:
