@@ -37,7 +37,7 @@ PIP := $(VPY) -m pip
 TOOLS := numpy pytest hypothesis pybind11 ninja setuptools wheel
 # The optional extras (plait[hf,serve,train]) as import-name:pip-name; installed when missing, and a
 # failure (no network, e.g. on the GPU machine) only warns: their tests skip without them.
-EXTRAS := transformers:transformers safetensors:safetensors tokenizers:tokenizers fastapi:fastapi \
+EXTRAS := transformers:transformers safetensors:safetensors tokenizers:tokenizers fastapi:fastapi openai:openai \
   uvicorn:uvicorn prometheus_client:prometheus-client httpx:httpx tqdm:tqdm yaml:pyyaml tensorboard:tensorboard
 SETUPTOOLS_OK := import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)
 DEPS_STAMP := $(VENV)/.deps.stamp

@@ -7,6 +7,13 @@ tokenizer is a WordLevel model trained with ``tokenizers`` on a few sentences, s
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from typing import Iterator
+
 import torch
 
 from hf_models import VOCAB, tiny_config
@@ -60,3 +67,35 @@ def reference_greedy(directory, prompt: list[int], max_new_tokens: int) -> list[
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     return out[0, len(prompt):].tolist()
+
+
+@contextlib.contextmanager
+def serving(directory: str, *args: str, startup_s: float = 300) -> Iterator[dict]:
+    """``plait serve --model directory *args`` on a free port of 127.0.0.1 until ``/health`` answers 200;
+    yields ``{"url", "proc"}`` and kills the server afterwards if it still runs."""
+    import httpx
+
+    from plait.launch import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "plait", "serve", "--model", directory, "--port", str(port),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_s
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the server did not come up:\n{proc.stdout.read()}")
+            time.sleep(0.5)
+        yield dict(url=url, proc=proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -13,14 +13,11 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from plait.launch import free_port
-from serve_models import reference_greedy, save_model
+from serve_models import reference_greedy, save_model, serving
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -39,29 +36,10 @@ def _shm() -> set[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = save_model("llama", tmp_path_factory.mktemp("http") / MODEL, seed=3)
-    port = free_port()
     before = _shm()
-    proc = subprocess.Popen([sys.executable, "-m", "plait", "serve", "--model", directory, "--dp", "2",
-                             "--max-batch", "2", "--max-queue", "1", "--dtype", "float64", "--port", str(port),
-                             "--request-timeout", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not come up:\n{proc.stdout.read()}")
-        time.sleep(0.5)
-    yield dict(url=url, proc=proc, dir=directory, shm_before=before)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with serving(directory, "--dp", "2", "--max-batch", "2", "--max-queue", "1", "--dtype", "float64",
+                 "--request-timeout", "120") as running:
+        yield dict(running, dir=directory, shm_before=before)
 
 
 def _complete(client, url: str, prompt, stream: bool, **extra):

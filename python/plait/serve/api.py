@@ -3,21 +3,25 @@
 =============================  ================================================================
 route                          what
 =============================  ================================================================
-``POST /v1/completions``       prompt as text or token ids; ``stream`` for server-sent events
+``POST /v1/completions``       prompt(s) as text or token ids; ``stream`` for server-sent events
 ``POST /v1/chat/completions``  messages through the tokenizer's chat template
-``GET /v1/models``             the one model served
+``GET /v1/models``             the served names (``/v1/models/{name}`` one of them)
 ``GET /health``                each replica's state; 200 while one is up, else 503
 ``GET /metrics``               Prometheus text format
 =============================  ================================================================
 
-Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
-input (checked before a replica sees the request), 503 with ``Retry-After`` when every queue
-is full or no replica is up, 504 when a request passes its deadline. Choices carry the
-generated ``token_ids`` besides the text (an extension; OpenAI clients ignore it).
+The request fields honoured, and those refused, are listed in :mod:`plait.serve.openai_types`;
+the response shapes are in :mod:`plait.serve.responses`. Each choice of a request (``n``, or a
+list of prompts) is its own request to the router.
+
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad or
+unsupported input (checked before a replica sees the request), 404 ``model_not_found`` for a
+model not served, 503 with ``Retry-After`` when every queue is full or no replica is up, 504
+when a request passes its deadline.
 
 Every request has a deadline: the server's ``--request-timeout``, or sooner the request's own
 ``timeout`` field (seconds > 0; an extension, OpenAI's API has no such field). The replica
-ends a request past its deadline and frees its slot: a plain request answers 504, a stream
+ends a request past its deadline and frees its cache; a plain request answers 504, a stream
 that already started ends with the error JSON as its last event. The HTTP side waits
 :data:`DEADLINE_GRACE_S` longer, so a replica that stops answering still gets a 504.
 """
@@ -29,19 +33,18 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .metrics import Metrics
+from .openai_types import ChatBody, CompletionBody, Refused, _Body
+from .responses import Choice, Shapes, usage
 from .router import NoReplica, Overloaded, Router, Tracked
-from .sampling import SamplingParams
 from .scheduler import Event, check_prompt
 
-Number = Union[StrictInt, StrictFloat]
 DEADLINE_GRACE_S = 1.0
 
 
@@ -54,35 +57,6 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: StrictStr
-    max_tokens: StrictInt = 16
-    temperature: Number = 1.0
-    top_p: Number = 1.0
-    top_k: StrictInt = 0
-    seed: Optional[StrictInt] = None
-    stop: Union[None, StrictStr, list[StrictStr]] = None
-    stream: StrictBool = False
-    ignore_eos: StrictBool = False
-    n: StrictInt = 1
-    timeout: Optional[Number] = None
-
-
-class CompletionBody(_Sampling):
-    prompt: Union[StrictStr, list[StrictInt]]
-
-
-class Message(BaseModel):
-    role: StrictStr
-    content: StrictStr
-
-
-class ChatBody(_Sampling):
-    messages: list[Message]
-    max_completion_tokens: Optional[StrictInt] = None
 
 
 @dataclass
@@ -129,10 +103,7 @@ def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] =
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        error = ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
-        return JSONResponse(error.body(), status_code=400)
+        return JSONResponse(_invalid(err).body(), status_code=400)
 
     @app.get("/v1/models")
     async def models():
@@ -159,33 +130,51 @@ def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] =
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         served.check(body.model)
-        prompt = body.prompt if isinstance(body.prompt, list) else _encode(served, body.prompt)
-        return await _serve("completions", body, prompt, chat=False)
+        _check(body)
+        prompts = [p if isinstance(p, list) else _encode(served, p) for p in body.prompts()]
+        prefixes = [_decode(served, p) if body.echo else "" for p in prompts]
+        return await _serve("completions", body, prompts, prefixes, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
         served.check(body.model)
+        _check(body)
         tokenizer = served.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions")
-        text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+        text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
                                              add_generation_prompt=True)
-        if body.max_completion_tokens is not None:
-            body.max_tokens = body.max_completion_tokens
-        return await _serve("chat", body, _encode(served, text, special=False), chat=True)
+        return await _serve("chat", body, [_encode(served, text, special=False)], [""], chat=True)
 
-    async def _serve(endpoint: str, body: _Sampling, prompt: list[int], chat: bool):
+    async def _serve(endpoint: str, body: _Body, prompts: list[list[int]], prefixes: list[str], chat: bool):
         try:
-            tracked = _submit(router, served, body, prompt)
+            choices, tracked = _submit(router, served, body, prompts, prefixes)
         except ApiError as err:
             metrics.requests.labels(endpoint, str(err.status)).inc()
             raise
-        reply = _Reply(body.model, tracked, chat, metrics, endpoint)
+        reply = _Reply(body.model, choices, tracked, Shapes(served.tokenizer, chat), metrics, endpoint,
+                       body.include_usage)
         if body.stream:
             return StreamingResponse(reply.stream(router), media_type="text/event-stream")
         return await reply.whole(router)
 
     return app
+
+
+def _invalid(err: RequestValidationError) -> ApiError:
+    """The 400 of a body that does not parse: an unknown field is refused by name."""
+    first = err.errors()[0] if err.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    if first.get("type") == "extra_forbidden":
+        return ApiError(400, f"plait serve does not support the field '{where}'; leave it out", param=where)
+    return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+
+
+def _check(body: _Body) -> None:
+    try:
+        body.check()
+    except Refused as err:
+        raise ApiError(400, str(err), param=err.param) from None
 
 
 def _encode(served: ServedModel, text: str, special: bool = True) -> list[int]:
@@ -195,25 +184,39 @@ def _encode(served: ServedModel, text: str, special: bool = True) -> list[int]:
     return list(served.tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _submit(router: Router, served: ServedModel, body: _Sampling, prompt: list[int]) -> Tracked:
-    """Check everything about the request, then hand it to the router (400 / 503 as ApiError)."""
-    if body.n != 1:
-        raise ApiError(400, "n must be 1", param="n")
+def _decode(served: ServedModel, ids: list[int]) -> str:
+    return served.tokenizer.decode(ids, skip_special_tokens=True) if served.tokenizer is not None else ""
+
+
+def _submit(router: Router, served: ServedModel, body: _Body, prompts: list[list[int]], prefixes: list[str]
+            ) -> tuple[list[Choice], list[Tracked]]:
+    """Check everything about the request, then hand each choice to the router (400 / 503 as ApiError); the
+    choices of all prompts share one event queue."""
+    plans = []
     try:
-        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                top_p=body.top_p, seed=body.seed, stop=body.stop or (), ignore_eos=body.ignore_eos,
-                                timeout=body.timeout)
-        check_prompt(prompt, served.max_len, served.vocab_size)
+        for p, prompt in enumerate(prompts):
+            check_prompt(prompt, served.max_len, served.vocab_size)
+            plans += [(p, prompt, params) for params in body.params(len(prompt), served.max_len)]
+    except Refused as err:
+        raise ApiError(400, str(err), param=err.param) from None
     except ValueError as err:
         raise ApiError(400, str(err)) from None
-    timeout_s = served.request_timeout_s if params.timeout is None else min(params.timeout, served.request_timeout_s)
+    events: asyncio.Queue = asyncio.Queue()
+    choices, tracked = [], []
     try:
-        return router.submit(prompt, params, timeout_s)
-    except Overloaded as err:
-        raise ApiError(503, f"the server is at capacity ({err}); retry later", kind="server_overloaded",
-                       headers={"Retry-After": "1"}) from None
-    except NoReplica as err:
+        for index, (p, prompt, params) in enumerate(plans):
+            timeout_s = served.request_timeout_s if params.timeout is None else min(params.timeout,
+                                                                                    served.request_timeout_s)
+            tracked.append(router.submit(prompt, params, timeout_s, events))
+            choices.append(Choice(index, p, len(prompt), prefixes[p], logprobs=params.logprobs is not None))
+    except (Overloaded, NoReplica) as err:
+        for t in tracked:
+            router.cancel(t)
+        if isinstance(err, Overloaded):
+            raise ApiError(503, f"the server is at capacity ({err}); retry later", kind="server_overloaded",
+                           headers={"Retry-After": "1"}) from None
         raise ApiError(503, str(err), kind="service_unavailable", headers={"Retry-After": "5"}) from None
+    return choices, tracked
 
 
 def _failure(event: Event) -> ApiError:
@@ -225,89 +228,79 @@ def _failure(event: Event) -> ApiError:
 
 
 class _Reply:
-    """Turns one request's events into an OpenAI response (whole or streamed) and records its metrics."""
+    """Turns the events of one request's choices into an OpenAI response (whole or streamed) and records
+    its metrics."""
 
-    def __init__(self, model: str, tracked: Tracked, chat: bool, metrics: Metrics, endpoint: str) -> None:
-        self.model, self.tracked, self.chat, self.metrics, self.endpoint = model, tracked, chat, metrics, endpoint
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    def __init__(self, model: str, choices: list[Choice], tracked: list[Tracked], shapes: Shapes,
+                 metrics: Metrics, endpoint: str, include_usage: bool) -> None:
+        self.model, self.choices, self.tracked, self.shapes = model, choices, tracked, shapes
+        self.metrics, self.endpoint, self.include_usage = metrics, endpoint, include_usage
+        self.by_rid = {t.rid: c for t, c in zip(tracked, choices)}
+        self.id = ("chatcmpl-" if shapes.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.arrived = time.monotonic()
         self.first: Optional[float] = None
-        self.tokens: list[int] = []
-        self.text = ""
 
-    async def events(self, router: Router) -> AsyncIterator[Event]:
-        timeout_s = self.tracked.timeout_s
+    async def events(self, router: Router) -> AsyncIterator[tuple[Choice, Event]]:
+        """Each choice's events as they come, until every choice has ended (ApiError for a failed one)."""
+        timeout_s = max(t.timeout_s for t in self.tracked)
         deadline = self.arrived + timeout_s + DEADLINE_GRACE_S
-        done = False
+        queue = self.tracked[0].events
+        open_ = set(self.by_rid)
         try:
-            while True:
+            while open_:
                 try:
-                    event = await asyncio.wait_for(self.tracked.events.get(), max(0.0, deadline - time.monotonic()))
+                    event = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     raise ApiError(504, f"the request passed its deadline of {timeout_s:g} s (its replica did not "
                                         f"answer)", kind="timeout") from None
-                if event.token is not None:
-                    if self.first is None:
-                        self.first = time.monotonic()
-                        self.metrics.ttft.observe(self.first - self.arrived)
-                    self.tokens.append(event.token)
-                self.text += event.text
+                choice = self.by_rid[event.rid]
+                if event.finish_reason in ("error", "deadline"):
+                    open_.discard(event.rid)
+                    raise _failure(event)
+                if event.token is not None and self.first is None:
+                    self.first = time.monotonic()
+                    self.metrics.ttft.observe(self.first - self.arrived)
+                choice.add(event)
                 if event.finish_reason is not None:
-                    done = True
-                    if event.finish_reason in ("error", "deadline"):
-                        raise _failure(event)
-                    if len(self.tokens) > 1:
-                        self.metrics.tpot.observe((time.monotonic() - self.first) / (len(self.tokens) - 1))
-                yield event
-                if done:
-                    return
+                    open_.discard(event.rid)
+                    if len(choice.tokens) > 1:
+                        self.metrics.tpot.observe((time.monotonic() - self.first) / (len(choice.tokens) - 1))
+                yield choice, event
         finally:
-            if not done:
-                router.cancel(self.tracked)
-
-    def usage(self) -> dict:
-        prompt = len(self.tracked.prompt)
-        return {"prompt_tokens": prompt, "completion_tokens": len(self.tokens),
-                "total_tokens": prompt + len(self.tokens)}
-
-    def _choice(self, text: str, tokens: list[int], finish: Optional[str], delta: bool) -> dict:
-        choice = {"index": 0, "finish_reason": finish, "token_ids": tokens}
-        if self.chat:
-            key = "delta" if delta else "message"
-            choice[key] = {"role": "assistant", "content": text}
-        else:
-            choice.update(text=text, logprobs=None)
-        return choice
+            for t in self.tracked:
+                if t.rid in open_:
+                    router.cancel(t)
 
     def _object(self, chunk: bool) -> str:
-        if self.chat:
+        if self.shapes.chat:
             return "chat.completion.chunk" if chunk else "chat.completion"
         return "text_completion"
 
     async def whole(self, router: Router) -> JSONResponse:
-        finish = None
         try:
-            async for event in self.events(router):
-                finish = event.finish_reason
+            async for _ in self.events(router):
+                pass
         except ApiError as err:
             self.metrics.requests.labels(self.endpoint, str(err.status)).inc()
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         self.metrics.requests.labels(self.endpoint, "200").inc()
         return JSONResponse({"id": self.id, "object": self._object(False), "created": self.created,
-                             "model": self.model, "choices": [self._choice(self.text, self.tokens, finish, False)],
-                             "usage": self.usage()})
+                             "model": self.model, "choices": [self.shapes.whole_choice(c) for c in self.choices],
+                             "usage": usage(self.choices)})
 
     async def stream(self, router: Router) -> AsyncIterator[str]:
         def chunk(payload: dict) -> str:
             return f"data: {json.dumps(payload)}\n\n"
 
         base = {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model}
+        if self.include_usage:
+            base["usage"] = None
         try:
-            async for event in self.events(router):
-                tokens = [event.token] if event.token is not None else []
-                yield chunk({**base, "choices": [self._choice(event.text, tokens, event.finish_reason, True)]})
-            yield chunk({**base, "choices": [], "usage": self.usage()})
+            async for choice, event in self.events(router):
+                yield chunk({**base, "choices": [self.shapes.chunk_choice(choice, event)]})
+            if self.include_usage:
+                yield chunk({**base, "choices": [], "usage": usage(self.choices)})
             self.metrics.requests.labels(self.endpoint, "200").inc()
         except ApiError as err:
             self.metrics.requests.labels(self.endpoint, str(err.status)).inc()

@@ -1,82 +1,159 @@
-"""The step message rank 0 sends to every rank of a replica: what to run next.
+"""The step message the leader sends to every rank of a replica: what to run next.
 
-Two broadcasts of int64 tensors over the replica's world: a fixed header ``[op, batch, seq]``,
-then (for a step) the payload. Floats (temperature, top_p) travel as their float64 bits, so
-every rank sees exactly the values rank 0 has.
+A fixed header of int64 ``[op, batch, seq, width, history, releases]``, then (for a step) one
+int64 payload. Floats (temperature, top_p, penalties) travel as their float64 bits, so every rank
+sees exactly the values the leader has.
 
-=================  ==========================================
-payload part       shape
-=================  ==========================================
-slots, starts,     ``[batch]`` each
-lengths
-tokens             ``[batch, seq]`` (0-padded)
-temperature bits,  ``[batch]`` each (only the sampling rank
-top_k, top_p bits, uses these)
-seed, index
-=================  ==========================================
+=================  =======================  ==================================================
+payload part       shape                    what
+=================  =======================  ==================================================
+rows               ``[batch, ROW_FIELDS]``  per row: see :data:`ROW_FIELDS`
+tokens             ``[batch, seq]``         new tokens of each row (0-padded)
+tables             ``[batch, width]``       each row's KV-cache block table (0-padded)
+history            ``[history]``            tokens the sampler has not seen for rows that track
+                                            penalties (a prefix read from the cache), row by row
+releases           ``[releases]``           sequence ids whose penalty state the sampler drops
+=================  =======================  ==================================================
+
+Row fields: ``start`` (position of the row's first new token), ``length`` (its new tokens),
+``seq_id`` (the request's id on this replica), ``prompt_len``, ``samples`` (1 when the row's last
+new token is the last one known, so a token is drawn; 0 for a prefill chunk that is not the
+prompt's last), ``track`` (1 when the sampler keeps the request's tokens for penalties),
+``history`` (how many history tokens are the row's), then the sampling settings.
+
+The sampler answers each step with ``[batch, out_width]`` int64 (:attr:`StepBatch.out_width`): the
+token (-1 for a row that does not sample) and, when some row asks for log-probabilities, the
+token's log-probability and ``k`` (id, log-probability) pairs, the log-probabilities as float64 bits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .forward import StepInputs
+from .sampling import Sampled, SamplingParams
 
 STEP, IDLE, STOP = 1, 2, 3
-HEADER = 3
-ROW_FIELDS = 8     # slots, starts, lengths, temperature, top_k, top_p, seed, index
+HEADER = 6
+ROW_FIELDS = ("start", "length", "seq_id", "prompt_len", "samples", "track", "history", "temperature", "top_k",
+              "top_p", "seed", "index", "presence", "frequency", "repetition", "logprobs")
+FLOAT_FIELDS = frozenset({"temperature", "top_p", "presence", "frequency", "repetition"})
+_COLUMN = {name: i for i, name in enumerate(ROW_FIELDS)}
+
+
+def control(op: int) -> torch.Tensor:
+    """The header of an IDLE or STOP message."""
+    return torch.tensor([op] + [0] * (HEADER - 1), dtype=torch.int64)
+
+
+@dataclass
+class Row:
+    """One row of a step as the leader plans it."""
+
+    table: list[int]
+    start: int
+    tokens: list[int]
+    seq_id: int
+    prompt_len: int
+    samples: bool
+    params: SamplingParams
+    index: int
+    history: list[int]
+
+    def fields(self) -> list[int]:
+        p = self.params
+        logprobs = -1 if p.logprobs is None else p.logprobs
+        values = dict(start=self.start, length=len(self.tokens), seq_id=self.seq_id, prompt_len=self.prompt_len,
+                      samples=int(self.samples), track=int(p.penalized), history=len(self.history),
+                      temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed, index=self.index,
+                      presence=p.presence_penalty, frequency=p.frequency_penalty, repetition=p.repetition_penalty,
+                      logprobs=logprobs)
+        return [float_bits(values[name]) if name in FLOAT_FIELDS else int(values[name]) for name in ROW_FIELDS]
+
+
+def float_bits(value: float) -> int:
+    """The float64 bits of ``value`` as an int64 (how floats travel in int64 messages)."""
+    return int(torch.tensor(value, dtype=torch.float64).view(torch.int64))
 
 
 @dataclass
 class StepBatch:
-    """One step: per row its slot, first position, new tokens, and sampling settings."""
+    """One step: see the module docstring for its parts."""
 
-    slots: torch.Tensor
-    starts: torch.Tensor
-    lengths: torch.Tensor
+    rows: torch.Tensor
     tokens: torch.Tensor
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    seed: torch.Tensor
-    index: torch.Tensor
+    tables: torch.Tensor
+    history: torch.Tensor
+    releases: torch.Tensor
 
     @classmethod
-    def build(cls, rows: list[dict]) -> "StepBatch":
-        """From rows ``{slot, start, tokens, temperature, top_k, top_p, seed, index}``."""
-        seq = max(len(r["tokens"]) for r in rows)
+    def build(cls, rows: list[Row], releases: Optional[list[int]] = None) -> "StepBatch":
+        seq = max(len(r.tokens) for r in rows)
+        width = max(1, max(len(r.table) for r in rows))
         tokens = torch.zeros(len(rows), seq, dtype=torch.int64)
+        tables = torch.zeros(len(rows), width, dtype=torch.int64)
         for i, r in enumerate(rows):
-            tokens[i, :len(r["tokens"])] = torch.tensor(r["tokens"], dtype=torch.int64)
+            tokens[i, :len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.int64)
+            tables[i, :len(r.table)] = torch.tensor(r.table, dtype=torch.int64)
+        history = [t for r in rows for t in r.history]
+        return cls(torch.tensor([r.fields() for r in rows], dtype=torch.int64).view(len(rows), len(ROW_FIELDS)),
+                   tokens, tables, torch.tensor(history, dtype=torch.int64),
+                   torch.tensor(list(releases or ()), dtype=torch.int64))
 
-        def column(key, dtype=torch.int64):
-            return torch.tensor([r[key] for r in rows], dtype=dtype)
+    def column(self, name: str) -> torch.Tensor:
+        """Row field ``name`` of every row (float64 for the float fields)."""
+        values = self.rows[:, _COLUMN[name]]
+        return values.view(torch.float64) if name in FLOAT_FIELDS else values
 
-        return cls(column("slot"), column("start"), torch.tensor([len(r["tokens"]) for r in rows]), tokens,
-                   column("temperature", torch.float64), column("top_k"), column("top_p", torch.float64),
-                   column("seed"), column("index"))
+    @property
+    def size(self) -> int:
+        return self.rows.shape[0]
 
     @property
     def inputs(self) -> StepInputs:
-        return StepInputs(self.slots, self.starts, self.lengths)
+        return StepInputs(self.tables, self.column("start"), self.column("length"))
+
+    @property
+    def out_width(self) -> int:
+        """Columns of the sampler's answer: the token, then (when a row asks) logprob and k pairs."""
+        k = int(self.column("logprobs").max())
+        return 1 if k < 0 else 2 + 2 * k
 
     def header(self) -> torch.Tensor:
-        return torch.tensor([STEP, *self.tokens.shape], dtype=torch.int64)
+        return torch.tensor([STEP, self.size, self.tokens.shape[1], self.tables.shape[1], self.history.numel(),
+                             self.releases.numel()], dtype=torch.int64)
 
     def payload(self) -> torch.Tensor:
-        rows = [self.slots, self.starts, self.lengths, self.temperature.view(torch.int64), self.top_k,
-                self.top_p.view(torch.int64), self.seed, self.index]
-        return torch.cat([torch.stack(rows, dim=1).reshape(-1), self.tokens.reshape(-1)])
+        return torch.cat([self.rows.reshape(-1), self.tokens.reshape(-1), self.tables.reshape(-1), self.history,
+                          self.releases])
 
     @classmethod
-    def from_payload(cls, payload: torch.Tensor, batch: int, seq: int) -> "StepBatch":
-        rows = payload[:batch * ROW_FIELDS].view(batch, ROW_FIELDS)
-        tokens = payload[batch * ROW_FIELDS:].view(batch, seq)
-        col = [rows[:, i].clone() for i in range(ROW_FIELDS)]
-        return cls(col[0], col[1], col[2], tokens, col[3].view(torch.float64), col[4], col[5].view(torch.float64),
-                   col[6], col[7])
+    def from_payload(cls, payload: torch.Tensor, header: list[int]) -> "StepBatch":
+        _, batch, seq, width, history, releases = header
+        sizes = [batch * len(ROW_FIELDS), batch * seq, batch * width, history, releases]
+        rows, tokens, tables, hist, rel = (part.clone() for part in payload.split(sizes))
+        return cls(rows.view(batch, len(ROW_FIELDS)), tokens.view(batch, seq), tables.view(batch, width), hist, rel)
 
 
-def payload_size(batch: int, seq: int) -> int:
-    return batch * (ROW_FIELDS + seq)
+def payload_size(header: list[int]) -> int:
+    _, batch, seq, width, history, releases = header
+    return batch * (len(ROW_FIELDS) + seq + width) + history + releases
+
+
+def unpack_outputs(out: torch.Tensor) -> list[Optional[Sampled]]:
+    """The sampler's answer ``[batch, out_width]`` as one :class:`Sampled` per row (None: the row drew none)."""
+    chosen = []
+    for row in out:
+        token = int(row[0])
+        if token < 0:
+            chosen.append(None)
+            continue
+        if row.numel() == 1:
+            chosen.append(Sampled(token))
+            continue
+        floats = row.clone().view(torch.float64)        # [token, logprob, id, logprob, id, logprob, ...]
+        top = tuple((i, lp) for i, lp in zip(row[2::2].tolist(), floats[3::2].tolist()) if i >= 0)
+        chosen.append(Sampled(token, float(floats[1]), top))
+    return chosen

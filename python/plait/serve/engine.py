@@ -59,6 +59,8 @@ class Completion:
     text: str = ""
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    logprobs: list[float] = field(default_factory=list)          # per token, when the request asked
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
 
 
 class Engine:
@@ -213,6 +215,9 @@ class _ListSource:
             done = self.done[event.rid]
             if event.token is not None:
                 done.token_ids.append(event.token)
+                if event.logprob is not None:
+                    done.logprobs.append(event.logprob)
+                    done.top_logprobs.append(event.top_logprobs)
             done.text += event.text
             if event.finish_reason is not None:
                 done.finish_reason, done.error = event.finish_reason, event.error

@@ -10,7 +10,7 @@ name            shape                      meaning
 ==============  =========================  ==========================================
 ``tokens``      ``[batch, seq]``           new token ids (first stage), padded with 0
 ``hidden``      ``[batch, seq, H]``        what the previous stage sent (other stages)
-``slots``       ``[batch]``                each row's cache slot
+``tables``      ``[batch, width]``         each row's KV-cache block table (:mod:`.kv_cache`)
 ``starts``      ``[batch]``                position of each row's first new token
 ``lengths``     ``[batch]``                how many of its ``seq`` tokens are real
 result          ``[batch, seq, H]``        hidden states for the next stage, or on the
@@ -34,7 +34,7 @@ from .kv_cache import KVCache, Placement
 class StepInputs:
     """Where each row of a step reads and writes (see the module docstring)."""
 
-    slots: torch.Tensor
+    tables: torch.Tensor
     starts: torch.Tensor
     lengths: torch.Tensor
 
@@ -109,27 +109,27 @@ class StageRunner:
         else:
             h = x
         mask = step.attention_mask(positions, valid, self.window)
-        where = Placement.of(step.slots, positions, valid)
+        where = Placement.of(step.tables, positions, valid)
         rotary = None
         if self.family == "llama" and self.layers:
             rotary = stage.part("rotary")(h, positions)
         for index, layer in enumerate(self.layers):
             if self.family == "llama":
-                h = self._llama_layer(index, layer, h, step.slots, where, mask, rotary)
+                h = self._llama_layer(index, layer, h, step.tables, where, mask, rotary)
             else:
-                h = self._gpt2_layer(index, layer, h, step.slots, where, mask)
+                h = self._gpt2_layer(index, layer, h, step.tables, where, mask)
         if not stage.last:
             return h
         last = h[torch.arange(h.shape[0]), step.lengths - 1]
         return stage.part("head")(stage.part("norm")(last))
 
-    def _cached_attention(self, index: int, q, k, v, slots: torch.Tensor, where: Placement, mask, scale
+    def _cached_attention(self, index: int, q, k, v, tables: torch.Tensor, where: Placement, mask, scale
                           ) -> torch.Tensor:
         self.cache.write(index, where, k, v)
-        keys, values = self.cache.read(index, slots, mask.shape[-1])
+        keys, values = self.cache.read(index, tables, mask.shape[-1])
         return _attend(q, keys, values, mask, scale)
 
-    def _llama_layer(self, index, layer, h, slots, where, mask, rotary) -> torch.Tensor:
+    def _llama_layer(self, index, layer, h, tables, where, mask, rotary) -> torch.Tensor:
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         hd = attn.head_dim
@@ -138,14 +138,14 @@ class StageRunner:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, k, *rotary)
-        out = self._cached_attention(index, q, k, v, slots, where, mask, attn.scaling)
+        out = self._cached_attention(index, q, k, v, tables, where, mask, attn.scaling)
         h = h + attn.o_proj(out)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _gpt2_layer(self, index, layer, h, slots, where, mask) -> torch.Tensor:
+    def _gpt2_layer(self, index, layer, h, tables, where, mask) -> torch.Tensor:
         attn = layer.attn
         q, k, v = attn.c_attn(layer.ln_1(h)).split(attn.split_size, dim=2)
         q, k, v = (_heads(t, attn.head_dim) for t in (q, k, v))
-        out = self._cached_attention(index, q, k, v, slots, where, mask, attn.scaling)
+        out = self._cached_attention(index, q, k, v, tables, where, mask, attn.scaling)
         h = h + attn.c_proj(out)
         return h + layer.mlp(layer.ln_2(h))

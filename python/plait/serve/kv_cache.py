@@ -30,10 +30,10 @@ class Placement:
     positions: torch.Tensor
 
     @classmethod
-    def of(cls, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> "Placement":
-        """From each row's ``slots`` ``[batch]``, and ``positions`` and ``valid`` ``[batch, seq]``."""
+    def of(cls, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> "Placement":
+        """From each row's table ``[batch, 1]`` (its slot), and ``positions`` and ``valid`` ``[batch, seq]``."""
         rows, cols = valid.nonzero(as_tuple=True)
-        return cls(rows, cols, slots[rows], positions[rows, cols])
+        return cls(rows, cols, tables[:, 0][rows], positions[rows, cols])
 
 
 class KVCache:
@@ -58,8 +58,10 @@ class KVCache:
         self.k[layer][index] = k.transpose(1, 2)[where.rows, where.cols]
         self.v[layer][index] = v.transpose(1, 2)[where.rows, where.cols]
 
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[batch, kv_heads, length, head_dim]`` of positions ``[0, length)`` of ``slots``."""
+    def read(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[batch, kv_heads, length, head_dim]`` of positions ``[0, length)`` of each row's
+        slot (``tables[:, 0]``)."""
+        slots = tables[:, 0]
         return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
 
 

@@ -152,9 +152,12 @@ class Router:
             thread.join(timeout=2)
 
     # ----------------------------------------------------------------- requests
-    def submit(self, prompt: list[int], params: SamplingParams, timeout_s: Optional[float]) -> Tracked:
-        """Track a request and send it to the least loaded replica (Overloaded / NoReplica when none can take it)."""
-        tracked = Tracked(f"req-{next(self.ids)}", prompt, params, timeout_s, asyncio.Queue())
+    def submit(self, prompt: list[int], params: SamplingParams, timeout_s: Optional[float],
+               events: Optional[asyncio.Queue] = None) -> Tracked:
+        """Track a request and send it to the least loaded replica (Overloaded / NoReplica when none can take it).
+        Its events go to ``events`` (default: a queue of its own; several requests may share one)."""
+        tracked = Tracked(f"req-{next(self.ids)}", prompt, params, timeout_s,
+                          asyncio.Queue() if events is None else events)
         self._send(tracked)
         return tracked
 

@@ -20,14 +20,15 @@ past it the request ends with finish reason ``"deadline"`` and an error, and fre
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from .batch import StepBatch
+from .batch import Row, StepBatch
 from .kv_cache import SlotPool
-from .sampling import MAX_SEED, SamplingParams
+from .sampling import MAX_SEED, Sampled, SamplingParams
 from .text import TextStream
 
 
@@ -49,6 +50,13 @@ class Request:
     stream: Optional[TextStream] = None
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: Optional[float] = None
+    seq_id: int = -1                          # the request's id in step messages (set by the scheduler)
+    mirrored: int = 0                         # positions the sampler has recorded (penalized requests)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every token of the request so far: the prompt, then the generated ones."""
+        return self.prompt + self.generated
 
 
 @dataclass
@@ -63,6 +71,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: Optional[float] = None
+    logprob: Optional[float] = None           # of ``token``, when the request asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 def check_prompt(prompt: list[int], max_len: int, vocab_size: Optional[int]) -> None:
@@ -90,6 +100,8 @@ class Scheduler:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[str, Request] = {}
+        self.seq_ids = itertools.count()
+        self.releases: list[int] = []          # ended penalized requests, for the next step message
 
     # ----------------------------------------------------------------- intake
     def submit(self, request: Request) -> None:
@@ -103,6 +115,7 @@ class Scheduler:
             own = request.submitted + request.params.timeout
             request.deadline = own if request.deadline is None else min(request.deadline, own)
         request.stream = TextStream(self.tokenizer, request.params.stop)
+        request.seq_id = next(self.seq_ids)
         self.waiting.append(request)
 
     def cancel(self, rid: str, reason: str = "cancelled") -> list[Event]:
@@ -172,44 +185,57 @@ class Scheduler:
     def _prefill(self, requests: list[Request]) -> Optional[tuple[StepBatch, list[Request]]]:
         if not requests:
             return None
-        return StepBatch.build([self._row(r, r.prompt, 0) for r in requests]), requests
+        return self._build([self._row(r, r.prompt, 0) for r in requests]), requests
 
     def _decode(self, requests: list[Request]) -> Optional[tuple[StepBatch, list[Request]]]:
         if not requests:
             return None
-        batch = StepBatch.build([self._row(r, r.generated[-1:], len(r.prompt) + len(r.generated) - 1)
-                                 for r in requests])
-        return batch, requests
+        return self._build([self._row(r, r.generated[-1:], len(r.tokens) - 1) for r in requests]), requests
 
-    def _row(self, request: Request, tokens: list[int], start: int) -> dict:
-        p = request.params
-        return dict(slot=request.slot, start=start, tokens=tokens, temperature=p.temperature, top_k=p.top_k,
-                    top_p=p.top_p, seed=p.seed, index=len(request.generated))
+    def _build(self, rows: list[Row]) -> StepBatch:
+        batch = StepBatch.build(rows, self.releases)
+        self.releases = []
+        return batch
 
-    def complete(self, requests: list[Request], tokens: list[int]) -> list[Event]:
-        """Take each request's new token; returns its event (and ends the finished ones)."""
+    def _row(self, request: Request, tokens: list[int], start: int, samples: bool = True) -> Row:
+        history = []
+        if request.params.penalized:           # the sampler records every position once (plait.serve.sampler)
+            history = request.tokens[request.mirrored:start]
+            request.mirrored = start + len(tokens)
+        return Row([request.slot], start, tokens, request.seq_id, len(request.prompt), samples, request.params,
+                   len(request.generated), history)
+
+    def complete(self, requests: list[Request], chosen: list[Optional[Sampled]]) -> list[Event]:
+        """Take each request's new token (None: the row drew none); returns its event (and ends the finished
+        ones)."""
         now = time.monotonic()
         events = []
-        for request, token in zip(requests, tokens):
-            if request.rid not in self.running:     # cancelled while its step ran
+        for request, sampled in zip(requests, chosen):
+            if request.rid not in self.running or sampled is None:     # cancelled while its step ran
                 continue
+            token = sampled.token
             if request.first_token_at is None:
                 request.first_token_at = now
             request.generated.append(token)
-            request.stream.update(request.generated)
+            request.stream.update(request.generated[:-1] if token in request.params.stop_token_ids
+                                  else request.generated)
             reason = self._finish_reason(request, token)
+            logprobs = {}
+            if request.params.logprobs is not None:
+                logprobs = dict(logprob=sampled.logprob, top_logprobs=sampled.top[:request.params.logprobs])
             if reason is None:
                 events.append(Event(request.rid, token, request.stream.delta(final=False),
                                     prompt_tokens=len(request.prompt), completion_tokens=len(request.generated),
-                                    ttft_s=now - request.submitted if len(request.generated) == 1 else None))
+                                    ttft_s=now - request.submitted if len(request.generated) == 1 else None,
+                                    **logprobs))
             else:
-                events.append(self._end(request, reason, token=token))
+                events.append(self._end(request, reason, token=token, **logprobs))
         return events
 
     def _finish_reason(self, request: Request, token: int) -> Optional[str]:
         if token in self.eos and not request.params.ignore_eos:
             return "stop"
-        if request.stream.stopped:
+        if token in request.params.stop_token_ids or request.stream.stopped:
             return "stop"
         if len(request.generated) >= request.params.max_tokens:
             return "length"
@@ -217,13 +243,17 @@ class Scheduler:
             return "length"
         return None
 
-    def _end(self, request: Request, reason: str, token: Optional[int] = None, error: Optional[str] = None) -> Event:
+    def _end(self, request: Request, reason: str, token: Optional[int] = None, error: Optional[str] = None,
+             logprob: Optional[float] = None, top_logprobs: tuple = ()) -> Event:
         request.finish_reason = reason
         if request.slot is not None and self.running.pop(request.rid, None) is not None:
             self.slots.give(request.slot)
+        if request.params.penalized and request.mirrored:
+            self.releases.append(request.seq_id)
         text = request.stream.delta(final=True) if request.stream else ""
         ttft = None
         if token is not None and len(request.generated) == 1:
             ttft = time.monotonic() - request.submitted
         return Event(request.rid, token, text, finish_reason=reason, error=error, prompt_tokens=len(request.prompt),
-                     completion_tokens=len(request.generated), ttft_s=ttft)
+                     completion_tokens=len(request.generated), ttft_s=ttft, logprob=logprob,
+                     top_logprobs=top_logprobs)

@@ -49,10 +49,11 @@ import torch
 
 from ..comm import Communicator
 from ..comm.base import Handle
-from .batch import HEADER, IDLE, STEP, STOP, StepBatch, payload_size
+from .batch import HEADER, IDLE, STEP, STOP, StepBatch, control, payload_size, unpack_outputs
 from .forward import StageRunner
 from .kv_cache import KVCache
-from .sampling import sample
+from .sampler import Histories, sample_step
+from .sampling import Sampled
 
 
 def sliding_window(model_config) -> Optional[int]:
@@ -130,6 +131,7 @@ class Worker:
             self.world = Communicator.create(messages, None, name="serve")
         self.sampler = self.mesh.rank_of(self.mesh.dp_rank, self.mesh.pp - 1, 0)
         self.leader = self.mesh.rank_of(self.mesh.dp_rank, 0, 0)
+        self.histories = Histories(model.dims.vocab_size) if self.mesh.rank == self.sampler else None
         self.received: Optional[list[list[int]]] = [] if record else None
         self.steps: Optional[list[tuple[list[int], list[list[int]]]]] = [] if record else None
         self.max_batch, self.max_len = max_batch, max_len
@@ -137,23 +139,26 @@ class Worker:
     # ----------------------------------------------------------------- leader
     def send_control(self, op: int) -> None:
         """Leader only: tell every rank to idle or stop."""
-        header = torch.tensor([op, 0, 0], dtype=torch.int64)
+        header = control(op)
         if not self.pipelined:
             self.world.broadcast(header, src=self.leader)
             return
         self.stage_comm.broadcast(header, src=0)
         self.line.send(header, dst=1)
 
-    def step(self, batch: StepBatch) -> list[int]:
-        """Leader only: send ``batch`` to every rank, run it, and return the chosen tokens."""
+    def step(self, batch: StepBatch) -> list[Optional[Sampled]]:
+        """Leader only: send ``batch`` to every rank, run it, and return what the sampler chose per row."""
         if self.pipelined:
             return self.collect(self.launch(batch))
         self.world.broadcast(batch.header(), src=self.leader)
         self.world.broadcast(batch.payload(), src=self.leader)
-        tokens = self._compute(batch)
-        if tokens is None:
-            tokens = torch.zeros(batch.tokens.shape[0], dtype=torch.int64)
-        return self._received(self.world.broadcast(tokens, src=self.sampler))
+        return self._answer(batch, self._compute(batch))
+
+    def _answer(self, batch: StepBatch, out: Optional[torch.Tensor]) -> list[Optional[Sampled]]:
+        """pp == 1: the sampler's answer to ``batch``, broadcast to every rank."""
+        if out is None:
+            out = torch.zeros(batch.size, batch.out_width, dtype=torch.int64)
+        return self._received(self.world.broadcast(out, src=self.sampler))
 
     def launch(self, batch: StepBatch) -> Handle:
         """Leader only, pipelined: start ``batch`` down the pipeline; the handle's ``wait`` gives its tokens.
@@ -164,13 +169,13 @@ class Worker:
         header, payload = batch.header(), batch.payload()
         self.stage_comm.broadcast(header, src=0)
         self.stage_comm.broadcast(payload, src=0)
-        tokens = torch.empty(batch.tokens.shape[0], dtype=torch.int64)
-        handle = self.line.recv(tokens, src=self.mesh.pp - 1, async_op=True)
+        answer = torch.empty(batch.size, batch.out_width, dtype=torch.int64)
+        handle = self.line.recv(answer, src=self.mesh.pp - 1, async_op=True)
         self._compute(batch, header, payload)
         return handle
 
-    def collect(self, handle: Handle) -> list[int]:
-        """Leader only, pipelined: wait (bounded) for the tokens of a launched step."""
+    def collect(self, handle: Handle) -> list[Optional[Sampled]]:
+        """Leader only, pipelined: wait (bounded) for the sampler's answer to a launched step."""
         return self._received(handle.wait())
 
     # ----------------------------------------------------------------- followers
@@ -178,7 +183,8 @@ class Worker:
         """Every rank but the leader: run the steps the leader sends until it says stop."""
         while True:
             header = self._receive(torch.empty(HEADER, dtype=torch.int64))
-            op, batch, seq = header.tolist()
+            fields = header.tolist()
+            op = fields[0]
             if op in (STOP, IDLE):
                 if self.pipelined and not self.mesh.is_last_stage:
                     self.line.send(header, dst=self.mesh.pp_rank + 1)
@@ -187,16 +193,14 @@ class Worker:
                 continue
             if op != STEP:
                 raise RuntimeError(f"rank {self.mesh.rank}: unknown step message {op}")
-            payload = self._receive(torch.empty(payload_size(batch, seq), dtype=torch.int64))
-            step = StepBatch.from_payload(payload, batch, seq)
-            tokens = self._compute(step, header, payload)
+            payload = self._receive(torch.empty(payload_size(fields), dtype=torch.int64))
+            step = StepBatch.from_payload(payload, fields)
+            out = self._compute(step, header, payload)
             if not self.pipelined:
-                if tokens is None:
-                    tokens = torch.zeros(batch, dtype=torch.int64)
-                self._received(self.world.broadcast(tokens, src=self.sampler))
-            elif tokens is not None:                       # the sampler of a pipeline
-                self.line.send(tokens, dst=0)
-                self._received(tokens)
+                self._answer(step, out)
+            elif out is not None:                          # the sampler of a pipeline
+                self.line.send(out, dst=0)
+                self._received(out)
 
     def _receive(self, buffer: torch.Tensor) -> torch.Tensor:
         """The next part of a step message: from the leader (pp == 1, or stage 0), else from stage p-1."""
@@ -210,11 +214,11 @@ class Worker:
     def _compute(self, batch: StepBatch, header: Optional[torch.Tensor] = None,
                  payload: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Run this rank's stage on ``batch``: pass message and hidden states on (pipelined, not the last
-        stage), or gather the logits (last stage). Returns the chosen tokens on the sampler, else None."""
+        stage), or gather the logits (last stage). Returns the sampler's answer on the sampler, else None."""
         mesh = self.mesh
         if self.steps is not None:
-            self.steps.append((batch.slots.tolist(),
-                               [row[:n].tolist() for row, n in zip(batch.tokens, batch.lengths.tolist())]))
+            self.steps.append((batch.tables.tolist(),
+                               [row[:n].tolist() for row, n in zip(batch.tokens, batch.column("length").tolist())]))
         if mesh.is_first_stage:
             x = batch.tokens
         else:
@@ -228,16 +232,9 @@ class Worker:
         logits = self.tp_comm.all_gather(y.contiguous(), dim=-1)[..., :self.model.dims.vocab_size]
         if mesh.rank != self.sampler:
             return None
-        return self._sample(logits.cpu(), batch)
+        return sample_step(logits.cpu(), batch, self.histories)
 
-    def _received(self, tokens: torch.Tensor) -> list[int]:
-        chosen = tokens.tolist()
+    def _received(self, out: torch.Tensor) -> list[Optional[Sampled]]:
         if self.received is not None:
-            self.received.append(chosen)
-        return chosen
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        return torch.tensor([sample(logits[r], float(batch.temperature[r]), int(batch.top_k[r]),
-                                    float(batch.top_p[r]), int(batch.seed[r]), int(batch.index[r]))
-                             for r in range(logits.shape[0])], dtype=torch.int64)
+            self.received.append(out[:, 0].tolist())
+        return unpack_outputs(out)
