@@ -59,11 +59,18 @@ def save_model(kind: str, directory, seed: int = 0, tokenizer: bool = True) -> s
     return str(directory)
 
 
-def reference_greedy(directory, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy ``generate`` on ``prompt`` alone, new tokens only (ending at EOS if it comes)."""
+def reference_greedy(directory, prompt: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+    """transformers' greedy ``generate`` on ``prompt`` alone, new tokens only (ending at EOS if it comes, unless
+    ``stop_at_eos`` is False: then every token is the argmax of transformers' logits, EOS or not)."""
     import transformers as T
 
     model = T.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float64)
+    if not stop_at_eos:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[len(prompt):]
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     return out[0, len(prompt):].tolist()

@@ -97,7 +97,7 @@ def test_seeded_sampling_repeatable_and_identical_across_ranks(models, reference
 
 
 def test_scheduler_refuses_and_bounds_queue():
-    scheduler = Scheduler(max_batch=1, max_queue=1, max_len=8, vocab_size=37)
+    scheduler = Scheduler(max_batch=1, max_queue=1, max_len=8, vocab_size=37, block_size=4)
     with pytest.raises(ValueError, match="more than the context"):
         scheduler.submit(Request("long", list(range(9)), SamplingParams()))
     with pytest.raises(ValueError, match="empty"):
@@ -105,16 +105,20 @@ def test_scheduler_refuses_and_bounds_queue():
     with pytest.raises(ValueError, match=r"\[0, 37\)"):
         scheduler.submit(Request("oov", [40], SamplingParams()))
     scheduler.submit(Request("a", [1], SamplingParams()))
-    scheduler.submit(Request("b", [1], SamplingParams()))      # one slot free + one queue place
+    scheduler.submit(Request("b", [1], SamplingParams()))      # one batch place + one queue place
     with pytest.raises(QueueFull):
         scheduler.submit(Request("c", [1], SamplingParams()))
-    batch, admitted = scheduler.prefill_batch()
+    admitted = scheduler.admit()
     assert [r.rid for r in admitted] == ["a"] and [r.rid for r in scheduler.waiting] == ["b"]
+    assert scheduler.pool.used == 1
     events = scheduler.cancel("a")
-    assert events[0].finish_reason == "cancelled" and scheduler.slots.free == [0]
+    assert events[0].finish_reason == "cancelled" and scheduler.pool.used == 0
     scheduler.waiting[0].deadline = 0.0
     events = scheduler.expire()
     assert events[0].rid == "b" and events[0].finish_reason == "deadline" and not scheduler.busy
+    small = Scheduler(max_batch=2, max_queue=1, max_len=8, vocab_size=37, block_size=2, num_blocks=3)
+    with pytest.raises(ValueError, match="needs 4 KV-cache blocks of 2 tokens, the cache has 3"):
+        small.submit(Request("big", list(range(2, 9)), SamplingParams()))
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),

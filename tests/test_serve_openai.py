@@ -28,7 +28,8 @@ PROMPT = [2, 5, 7, 9]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = save_model("llama", tmp_path_factory.mktemp("openai") / MODEL, seed=3)
-    with serving(directory, "--max-batch", "4", "--dtype", "float64", "--request-timeout", "120") as running:
+    with serving(directory, "--max-batch", "4", "--dtype", "float64", "--request-timeout", "120", "--block-size", "4",
+                 "--max-step-tokens", "8", "--kv-memory", "0.001") as running:
         yield dict(running, dir=directory,
                    client=openai.OpenAI(base_url=running["url"] + "/v1", api_key="none", max_retries=0))
 
@@ -108,6 +109,17 @@ def test_chat_logprobs_stream_usage_and_max_completion_tokens(server):
     streamed = [e.logprob for c in chunks[:-1] if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert streamed == [e.logprob for e in content]
     assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_a_repeated_prompt_is_read_from_the_prefix_cache(server):
+    client, prompt = server["client"], list(range(3, 23))           # 20 tokens: chunked, 5 blocks of 4
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 16      # all but the block of the last token
+    assert second.choices[0].model_extra["token_ids"] == reference_greedy(server["dir"], prompt, 3)
+    metrics = httpx.get(server["url"] + "/metrics").text
+    assert 'plait_prefix_cache_hit_tokens{replica="0"} 16.0' in metrics
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(server):

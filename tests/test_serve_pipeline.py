@@ -92,10 +92,10 @@ def test_sampling_params_refuse_bad_timeout(bad):
         SamplingParams(timeout=bad)
 
 
-def test_scheduler_deadline_from_params_frees_slot():
+def test_scheduler_deadline_from_params_frees_blocks():
     from plait.serve import Request, Scheduler
 
-    scheduler = Scheduler(max_batch=1, max_queue=1, max_len=16, vocab_size=37, groups=2)
+    scheduler = Scheduler(max_batch=1, max_queue=1, max_len=16, vocab_size=37, groups=2, block_size=4)
     late = Request("late", [2, 3], SamplingParams(timeout=0.5))
     scheduler.submit(late)
     assert late.deadline == pytest.approx(late.submitted + 0.5)
@@ -103,26 +103,26 @@ def test_scheduler_deadline_from_params_frees_slot():
     scheduler.submit(capped)
     assert capped.deadline == late.submitted + 1.0          # the server's bound is the nearer one
     scheduler.admit()
-    batch, requests = scheduler.group_step(0)
-    assert [r.rid for r in requests] == ["late"] and scheduler.group_step(1) is None
+    planned = scheduler.plan(0)
+    assert [r.rid for r in planned.requests] == ["late"] and scheduler.plan(1) is None
     [event] = scheduler.expire(now=late.submitted + 0.6)
     assert event.rid == "late" and event.finish_reason == "deadline" and "0.5 s" in event.error
-    assert scheduler.slots.free == [0] and scheduler.admit() == [capped]
+    assert scheduler.pool.used == 0 and scheduler.admit() == [capped]
 
 
-def test_new_requests_go_to_the_emptiest_slot_group():
+def test_new_requests_go_to_the_emptiest_group():
     from plait.serve import Request, Scheduler
 
-    scheduler = Scheduler(max_batch=8, max_queue=8, max_len=16, vocab_size=37, groups=2)
+    scheduler = Scheduler(max_batch=8, max_queue=8, max_len=16, vocab_size=37, groups=2, block_size=4)
     for i in range(7):
-        scheduler.submit(Request(str(i), [2], SamplingParams()))
-    assert [r.slot for r in scheduler.admit()] == list(range(7))
-    for rid in ("0", "3", "5"):                      # slots 0, 3, 5: group 0 keeps 2, 4, 6; group 1 keeps 1
+        scheduler.submit(Request(str(i), [2, i], SamplingParams()))
+    assert [r.group for r in scheduler.admit()] == [0, 1, 0, 1, 0, 1, 0]
+    for rid in ("0", "2", "4"):                      # group 0 keeps 6; group 1 keeps 1, 3, 5
         scheduler.cancel(rid)
-    scheduler.submit(Request("new", [2], SamplingParams()))
+    scheduler.submit(Request("new", [2, 9], SamplingParams()))
     [new] = scheduler.admit()
-    assert new.slot == 3, "the lowest free slot (0) would leave group 1 with one request against four"
-    assert sorted(r.rid for r in scheduler.group_step(1)[1]) == ["1", "new"]
+    assert new.group == 0, "group 0 has one request against three"
+    assert sorted(r.rid for r in scheduler.plan(0).requests) == ["6", "new"]
 
 
 def _stage_silent(rank: int, world: int, directory: str) -> str:

@@ -159,10 +159,15 @@ def training_memory(model: ModelSpec, job: JobSpec, layout: Layout, recompute: s
     return best
 
 
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, value_bytes: int) -> int:
+    """K and V of one token over `layers` layers of `kv_heads` heads each (what a serving rank holds per token)."""
+    return 2 * layers * kv_heads * head_dim * value_bytes
+
+
 def kv_cache_bytes(model: ModelSpec, requests: int, tokens: int, layers: int, tp: int, value_bytes: int) -> float:
     """K and V of `tokens` tokens for `requests` sequences over `layers` layers on one GPU."""
     kv_heads_local = max(1, model.num_kv_heads // tp)
-    return 2 * requests * tokens * layers * kv_heads_local * model.head_dim * value_bytes
+    return requests * tokens * kv_bytes_per_token(layers, kv_heads_local, model.head_dim, value_bytes)
 
 
 def inference_memory(model: ModelSpec, job: JobSpec, layout: Layout) -> MemoryBreakdown:

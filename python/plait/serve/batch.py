@@ -1,6 +1,6 @@
 """The step message the leader sends to every rank of a replica: what to run next.
 
-A fixed header of int64 ``[op, batch, seq, width, history, releases]``, then (for a step) one
+A fixed header of int64 ``[op, batch, tokens, width, history, releases]``, then (for a step) one
 int64 payload. Floats (temperature, top_p, penalties) travel as their float64 bits, so every rank
 sees exactly the values the leader has.
 
@@ -8,7 +8,7 @@ sees exactly the values the leader has.
 payload part       shape                    what
 =================  =======================  ==================================================
 rows               ``[batch, ROW_FIELDS]``  per row: see :data:`ROW_FIELDS`
-tokens             ``[batch, seq]``         new tokens of each row (0-padded)
+tokens             ``[tokens]``             new tokens of every row, packed row after row
 tables             ``[batch, width]``       each row's KV-cache block table (0-padded)
 history            ``[history]``            tokens the sampler has not seen for rows that track
                                             penalties (a prefix read from the cache), row by row
@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from .forward import StepInputs
+from .attention import StepInputs
 from .sampling import Sampled, SamplingParams
 
 STEP, IDLE, STOP = 1, 2, 3
@@ -90,13 +90,11 @@ class StepBatch:
 
     @classmethod
     def build(cls, rows: list[Row], releases: Optional[list[int]] = None) -> "StepBatch":
-        seq = max(len(r.tokens) for r in rows)
         width = max(1, max(len(r.table) for r in rows))
-        tokens = torch.zeros(len(rows), seq, dtype=torch.int64)
         tables = torch.zeros(len(rows), width, dtype=torch.int64)
         for i, r in enumerate(rows):
-            tokens[i, :len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.int64)
             tables[i, :len(r.table)] = torch.tensor(r.table, dtype=torch.int64)
+        tokens = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.int64)
         history = [t for r in rows for t in r.history]
         return cls(torch.tensor([r.fields() for r in rows], dtype=torch.int64).view(len(rows), len(ROW_FIELDS)),
                    tokens, tables, torch.tensor(history, dtype=torch.int64),
@@ -111,9 +109,13 @@ class StepBatch:
     def size(self) -> int:
         return self.rows.shape[0]
 
-    @property
-    def inputs(self) -> StepInputs:
-        return StepInputs(self.tables, self.column("start"), self.column("length"))
+    def inputs(self, device=None) -> StepInputs:
+        """The step's layout for the forward (:mod:`plait.serve.attention`), its tensors on ``device``."""
+        return StepInputs(self.tables, self.column("start"), self.column("length"), device)
+
+    def row_tokens(self) -> list[list[int]]:
+        """The new tokens of each row."""
+        return [part.tolist() for part in self.tokens.split(self.column("length").tolist())]
 
     @property
     def out_width(self) -> int:
@@ -122,24 +124,23 @@ class StepBatch:
         return 1 if k < 0 else 2 + 2 * k
 
     def header(self) -> torch.Tensor:
-        return torch.tensor([STEP, self.size, self.tokens.shape[1], self.tables.shape[1], self.history.numel(),
+        return torch.tensor([STEP, self.size, self.tokens.numel(), self.tables.shape[1], self.history.numel(),
                              self.releases.numel()], dtype=torch.int64)
 
     def payload(self) -> torch.Tensor:
-        return torch.cat([self.rows.reshape(-1), self.tokens.reshape(-1), self.tables.reshape(-1), self.history,
-                          self.releases])
+        return torch.cat([self.rows.reshape(-1), self.tokens, self.tables.reshape(-1), self.history, self.releases])
 
     @classmethod
     def from_payload(cls, payload: torch.Tensor, header: list[int]) -> "StepBatch":
-        _, batch, seq, width, history, releases = header
-        sizes = [batch * len(ROW_FIELDS), batch * seq, batch * width, history, releases]
-        rows, tokens, tables, hist, rel = (part.clone() for part in payload.split(sizes))
-        return cls(rows.view(batch, len(ROW_FIELDS)), tokens.view(batch, seq), tables.view(batch, width), hist, rel)
+        _, batch, tokens, width, history, releases = header
+        sizes = [batch * len(ROW_FIELDS), tokens, batch * width, history, releases]
+        rows, toks, tables, hist, rel = (part.clone() for part in payload.split(sizes))
+        return cls(rows.view(batch, len(ROW_FIELDS)), toks, tables.view(batch, width), hist, rel)
 
 
 def payload_size(header: list[int]) -> int:
-    _, batch, seq, width, history, releases = header
-    return batch * (len(ROW_FIELDS) + seq + width) + history + releases
+    _, batch, tokens, width, history, releases = header
+    return batch * (len(ROW_FIELDS) + width) + tokens + history + releases
 
 
 def unpack_outputs(out: torch.Tensor) -> list[Optional[Sampled]]:

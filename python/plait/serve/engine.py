@@ -7,17 +7,16 @@
 
 The leader (first TP rank of the first pipeline stage) owns the :class:`Scheduler`; each
 iteration it takes new commands from a :class:`Source` (a list for ``generate``, queues for
-the server), prefills what it admitted, decodes one token for every running request, and
-hands the events back to the source. The other ranks follow the step messages. When the
-leader is idle it sends a heartbeat every second, so no follower's wait runs into the
-collective timeout.
+the server), admits what the KV cache has room for, runs one step (a decode token for every
+running request and prompt chunks under the step's token budget), and hands the events back
+to the source. The other ranks follow the step messages. When the leader is idle it sends a
+heartbeat every second, so no follower's wait runs into the collective timeout.
 
 With ``pp > 1`` the decode is pipelined (see :mod:`plait.serve.worker`): the running
-requests are split into ``pp`` groups by cache slot, and up to ``pp`` groups are in flight.
-Each iteration the leader launches the step of every group that is not in flight (a prefill
-of its new requests, else a decode), then waits for the oldest group's tokens and hands them
-to the scheduler; that group is launched again in the next iteration while the others are
-still in later stages. In steady state, with at least ``pp`` requests running, every stage
+requests are split into ``pp`` groups, and up to ``pp`` groups are in flight. Each iteration
+the leader launches the step of every group that is not in flight, then waits for the oldest
+group's tokens and hands them to the scheduler; that group is launched again in the next
+iteration while the others are still in later stages. In steady state, with at least ``pp`` requests running, every stage
 computes a different group at the same time. ``flight[k]`` counts the launches after which
 ``k`` groups were in flight.
 """
@@ -31,10 +30,11 @@ from typing import Iterable, Optional, Protocol, Sequence
 import torch.distributed as dist
 
 from .batch import IDLE, STOP
+from .options import BLOCK_SIZE, MAX_STEP_TOKENS
 from .sampling import SamplingParams
 from .scheduler import Event, QueueFull, Request, Scheduler
 from .text import eos_ids
-from .worker import Worker
+from .worker import Worker, cache_blocks, checked_max_len
 
 HEARTBEAT_S = 1.0
 
@@ -68,27 +68,37 @@ class Engine:
 
     Args:
         model: this rank's :class:`~plait.ParallelModel` (one stage per rank, dp=1 inside the replica).
-        max_batch: cache slots, the most requests decoded together.
-        max_queue: the most requests waiting for a slot; more are refused (:class:`QueueFull`).
-        max_len: positions per slot (default: the model's context).
+        max_batch: the most requests running (decoded together) at once.
+        max_queue: the most requests waiting beyond the batch; more are refused (:class:`QueueFull`).
+        max_len: the most positions one request may use (default: the model's context).
         tokenizer: decodes text and stop strings (None: token ids only).
         eos: end-of-sequence ids (default: the model's generation config).
         record: keep the tokens each rank received (``worker.received``) and the step messages it ran
             (``worker.steps``, the same on every rank), for checks.
         tp_backend: communicator of the TP layers during decode ("auto": shm on CPU; "torch": keep gloo/NCCL).
+        kv_blocks: KV-cache blocks per rank; or ``kv_memory``: bytes of KV cache per rank, as many blocks as fit
+            on the rank that fits fewest (default: ``max_batch`` requests at ``max_len``).
+        block_size: positions per KV-cache block.
+        prefix_caching: share the blocks of equal prompt prefixes (:mod:`plait.serve.blocks`).
+        max_step_tokens: new tokens per step, at most (prompts longer than that are prefilled in chunks).
     """
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: Optional[int] = None,
                  tokenizer=None, eos: Optional[Iterable[int]] = None, record: bool = False,
-                 tp_backend: str = "auto") -> None:
+                 tp_backend: str = "auto", kv_blocks: Optional[int] = None, kv_memory: Optional[float] = None,
+                 block_size: int = BLOCK_SIZE, prefix_caching: bool = True,
+                 max_step_tokens: int = MAX_STEP_TOKENS) -> None:
         self.model = model
-        self.worker = Worker(model, max_batch, max_len, record, tp_backend)
+        max_len = checked_max_len(model.model_config, max_len)
+        num_blocks = cache_blocks(model, max_batch, max_len, block_size, kv_blocks, kv_memory)
+        self.worker = Worker(model, num_blocks, block_size, max_len, record, tp_backend)
         self.is_leader = model.mesh.rank == self.worker.leader
         if eos is None:
             eos = eos_ids(model.model_config, getattr(model, "source_dir", None))
         self.pipeline = model.mesh.pp
-        self.scheduler = Scheduler(max_batch, max_queue, self.worker.max_len, eos, tokenizer,
-                                   model.dims.vocab_size, groups=self.pipeline)
+        self.scheduler = Scheduler(max_batch, max_queue, max_len, eos, tokenizer, model.dims.vocab_size,
+                                   groups=self.pipeline, num_blocks=num_blocks, block_size=block_size,
+                                   prefix_caching=prefix_caching, max_step_tokens=max_step_tokens)
         self.flight: collections.Counter[int] = collections.Counter()
         self._stopping = False
 
@@ -107,24 +117,21 @@ class Engine:
             if self._stopping and not scheduler.busy:
                 self.worker.send_control(STOP)
                 return
-            ran = False
-            for build in (scheduler.prefill_batch, scheduler.decode_batch):
-                planned = build()
-                if planned is not None:
-                    batch, requests = planned
-                    source.emit(scheduler.complete(requests, self.worker.step(batch)))
-                    ran = True
+            scheduler.admit()
+            planned = scheduler.plan()
+            source.emit(scheduler.take_ended())
             now = time.monotonic()
-            if ran:
+            if planned is not None:
+                source.emit(scheduler.complete(planned, self.worker.step(planned.batch)))
                 last_message = now
             elif now - last_message > HEARTBEAT_S:
                 self.worker.send_control(IDLE)
                 last_message = now
 
     def _run_pipelined(self, source: Source) -> None:
-        """The leader's loop for ``pp > 1``: up to ``pp`` slot groups in flight (see the module docstring)."""
+        """The leader's loop for ``pp > 1``: up to ``pp`` groups in flight (see the module docstring)."""
         scheduler, worker = self.scheduler, self.worker
-        in_flight: collections.deque = collections.deque()       # (group, requests, handle), oldest first
+        in_flight: collections.deque = collections.deque()       # (group, planned, handle), oldest first
         last_message = time.monotonic()
         while True:
             self._take_commands(source, block=not scheduler.busy and not in_flight)
@@ -134,15 +141,15 @@ class Engine:
             scheduler.admit()
             flying = {group for group, _, _ in in_flight}
             for group in range(self.pipeline):
-                planned = None if group in flying else scheduler.group_step(group)
+                planned = None if group in flying else scheduler.plan(group)
                 if planned is not None:
-                    batch, requests = planned
-                    in_flight.append((group, requests, worker.launch(batch)))
+                    in_flight.append((group, planned, worker.launch(planned.batch)))
                     self.flight[len(in_flight)] += 1
+            source.emit(scheduler.take_ended())
             now = time.monotonic()
             if in_flight:
-                _, requests, handle = in_flight.popleft()
-                source.emit(scheduler.complete(requests, worker.collect(handle)))
+                _, planned, handle = in_flight.popleft()
+                source.emit(scheduler.complete(planned, worker.collect(handle)))
                 last_message = now
             elif now - last_message > HEARTBEAT_S:
                 worker.send_control(IDLE)

@@ -1,16 +1,28 @@
-"""The KV cache of one rank: preallocated keys and values of its layers and heads, in slots.
+"""The KV cache of one rank: keys and values of its layers and heads, in fixed-size blocks.
 
-Each running request owns one slot (a row) until it finishes. A slot holds
-``max_len`` positions of every local layer:
+A request holds a **block table**, the ids of the blocks that keep its positions in order:
+position ``p`` lives in block ``table[p // block_size]`` at offset ``p % block_size``. Blocks
+are handed out and taken back by the leader (:mod:`plait.serve.blocks`), so the memory a
+request holds grows with its tokens, and requests with the same prompt prefix can share the
+blocks of that prefix. Every rank of a replica receives the same tables in the step message,
+so every rank's cache has the same layout.
 
-=========  =================================================
+=========  =====================================================================
 tensor     shape
-=========  =================================================
-``k, v``   ``[layers on this rank, slots, local KV heads, max_len, head_dim]``
-=========  =================================================
+=========  =====================================================================
+``k, v``   ``[layers on this rank, blocks, block_size, local KV heads, head_dim]``
+=========  =====================================================================
 
-Local KV heads are the ones this TP rank's query heads read (replicated KV heads
-appear on every rank that reads them, as in the parallel model).
+Local KV heads are the ones this TP rank's query heads read (replicated KV heads appear on
+every rank that reads them, as in the parallel model).
+
+The attention of a step talks to the cache through two methods (see :mod:`plait.serve.forward`):
+``write(layer, placement, k, v)`` stores the step's new keys and values (every new token of the
+step, packed), then ``read(layer, tables, num_keys)`` gives each row of an attention group its
+keys and values ``[rows, heads, num_keys, head_dim]`` in position order, masked by the group's
+``mask`` (:class:`~plait.serve.forward.StepInputs`). A token's keys are written before any row
+reads in the same layer, so a row sees the tokens other rows of its step wrote (a shared
+prefix, or the earlier positions of its own prompt chunk).
 """
 from __future__ import annotations
 
@@ -18,69 +30,62 @@ from dataclasses import dataclass
 
 import torch
 
+from ..plan.memory import kv_bytes_per_token
+
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a step's valid tokens go in the cache: found once per step, since every layer writes the same
-    places. Token ``(rows[i], cols[i])`` of the step goes to slot ``slots[i]``, position ``positions[i]``."""
+    """Where each new token of a step goes: block ``blocks[i]``, offset ``offsets[i]`` for packed token ``i``.
+    Found once per step, since every layer writes the same places."""
 
-    rows: torch.Tensor
-    cols: torch.Tensor
-    slots: torch.Tensor
-    positions: torch.Tensor
+    blocks: torch.Tensor
+    offsets: torch.Tensor
 
     @classmethod
-    def of(cls, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> "Placement":
-        """From each row's table ``[batch, 1]`` (its slot), and ``positions`` and ``valid`` ``[batch, seq]``."""
-        rows, cols = valid.nonzero(as_tuple=True)
-        return cls(rows, cols, tables[:, 0][rows], positions[rows, cols])
+    def of(cls, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> "Placement":
+        """From each row's block table ``[batch, width]``, and each packed token's row and position ``[tokens]``."""
+        return cls(tables[rows, positions // block_size], positions % block_size)
 
 
 class KVCache:
-    """Keys and values of ``num_layers`` layers for ``slots`` requests of up to ``max_len`` positions."""
+    """Keys and values of ``num_layers`` layers in ``num_blocks`` blocks of ``block_size`` positions; ``max_len``
+    is the most positions one request may hold (the model's context, or less)."""
 
-    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device) -> None:
-        if min(slots, max_len) < 1:
-            raise ValueError(f"a KV cache needs slots >= 1 and max_len >= 1, got {slots} and {max_len}")
-        shape = (num_layers, slots, kv_heads, max_len, head_dim)
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 max_len: int, dtype: torch.dtype, device) -> None:
+        if min(num_blocks, block_size, max_len) < 1:
+            raise ValueError(f"a KV cache needs blocks, block_size and max_len >= 1, got {num_blocks}, "
+                             f"{block_size} and {max_len}")
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots, self.max_len = slots, max_len
+        self.num_blocks, self.block_size, self.max_len = num_blocks, block_size, max_len
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def write(self, layer: int, where: "Placement", k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values ``[batch, kv_heads, seq, head_dim]`` of the valid tokens at ``where``."""
-        index = (where.slots, slice(None), where.positions)
-        self.k[layer][index] = k.transpose(1, 2)[where.rows, where.cols]
-        self.v[layer][index] = v.transpose(1, 2)[where.rows, where.cols]
-
-    def read(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[batch, kv_heads, length, head_dim]`` of positions ``[0, length)`` of each row's
-        slot (``tables[:, 0]``)."""
-        slots = tables[:, 0]
-        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
-
-
-class SlotPool:
-    """Which cache slots are free (rank 0's bookkeeping; the lowest free slot goes first)."""
-
-    def __init__(self, slots: int) -> None:
-        self.free = list(range(slots))
-        self.size = slots
-
-    def take(self) -> int:
-        self.free.sort()
-        return self.free.pop(0)
-
-    def give(self, slot: int) -> None:
-        if slot in self.free or not 0 <= slot < self.size:
-            raise ValueError(f"slot {slot} is not in use")
-        self.free.append(slot)
-
     @property
-    def used(self) -> int:
-        return self.size - len(self.free)
+    def bytes_per_token(self) -> int:
+        """K and V bytes of one position on this rank (what a held token costs here)."""
+        _, _, _, heads, head_dim = self.k.shape
+        return kv_bytes_per_token(self.k.shape[0], heads, head_dim, self.k.element_size())
+
+    def write(self, layer: int, where: Placement, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the step's new keys/values ``[1, kv_heads, tokens, head_dim]`` (packed) at ``where``."""
+        self.k[layer][where.blocks, where.offsets] = k[0].transpose(0, 1)
+        self.v[layer][where.blocks, where.offsets] = v[0].transpose(0, 1)
+
+    def read(self, layer: int, tables: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[rows, kv_heads, num_keys, head_dim]`` of positions ``[0, num_keys)`` of each row's
+        block table ``[rows, width]`` (positions past a row's own are whatever its table points at: mask them)."""
+        used = -(-num_keys // self.block_size)
+        ids = tables[:, :used].reshape(-1)
+        rows = tables.shape[0]
+
+        def gather(store: torch.Tensor) -> torch.Tensor:
+            blocks = store[layer].index_select(0, ids)                     # [rows * used, block, heads, dim]
+            keys = blocks.view(rows, used * self.block_size, *blocks.shape[2:])[:, :num_keys]
+            return keys.transpose(1, 2)
+
+        return gather(self.k), gather(self.v)

@@ -8,7 +8,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 class Metrics:
     """requests by outcome, time to first token, time per output token, and per replica: running,
-    waiting, KV cache slots in use (fraction) and whether it is up."""
+    waiting, KV-cache blocks in use (fraction), prompt tokens read from the prefix cache, preemptions,
+    and whether it is up."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -22,7 +23,11 @@ class Metrics:
         self.running = Gauge("plait_running_requests", "Requests in the running batch", ["replica"], registry=r)
         self.waiting = Gauge("plait_waiting_requests", "Requests waiting for a KV cache slot", ["replica"],
                              registry=r)
-        self.kv_used = Gauge("plait_kv_cache_usage", "Fraction of KV cache slots in use", ["replica"], registry=r)
+        self.kv_used = Gauge("plait_kv_cache_usage", "Fraction of KV-cache blocks in use", ["replica"], registry=r)
+        self.cache_hits = Gauge("plait_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache",
+                                ["replica"], registry=r)
+        self.preemptions = Gauge("plait_preemptions", "Requests sent back to the queue for KV-cache room",
+                                 ["replica"], registry=r)
         self.replica_up = Gauge("plait_replica_up", "1 when the replica serves, else 0", ["replica"], registry=r)
 
     def replica_stats(self, replica: int, stats: dict) -> None:
@@ -30,6 +35,8 @@ class Metrics:
         self.running.labels(label).set(stats["running"])
         self.waiting.labels(label).set(stats["waiting"])
         self.kv_used.labels(label).set(stats["kv_used"])
+        self.cache_hits.labels(label).set(stats["cache_hits"])
+        self.preemptions.labels(label).set(stats["preemptions"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+BLOCK_SIZE = 16           # positions per KV-cache block (plait.serve.kv_cache)
+MAX_STEP_TOKENS = 512     # new tokens per engine step (plait.serve.scheduler)
 
 
 def checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
@@ -33,6 +35,7 @@ nonnegative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a fin
 probability = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 port = checked(int, lambda v: 1 <= v <= 65535, "a port in [1, 65535]")
 seconds = checked(float, lambda v: 0 < v < 1e7, "seconds in (0, 1e7)")
+gib = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number of GiB")
 
 
 def model_dir(text: str) -> str:

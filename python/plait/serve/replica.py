@@ -15,6 +15,7 @@ from typing import Optional
 from .scheduler import Event, Request
 
 STATS_EVERY_S = 0.25
+ENGINE_OPTIONS = ("kv_blocks", "kv_memory", "block_size", "max_step_tokens", "prefix_caching")
 
 
 class QueueSource:
@@ -51,9 +52,7 @@ class QueueSource:
         if not events and now - self.last_stats < STATS_EVERY_S:
             return
         self.last_stats = now
-        s = self.scheduler
-        stats = {"running": len(s.running), "waiting": len(s.waiting), "kv_used": s.slots.used / s.slots.size}
-        self.outbox.put(("events", self.replica, events, stats))
+        self.outbox.put(("events", self.replica, events, self.scheduler.stats()))
 
 
 def replica_rank(rank: int, world: int, replica: int, job: dict, inbox, outbox) -> None:
@@ -69,7 +68,7 @@ def replica_rank(rank: int, world: int, replica: int, job: dict, inbox, outbox) 
         model = plait.from_pretrained(job["model"], plait.current_mesh(), dtype=getattr(torch, job["dtype"]))
         tokenizer = load_tokenizer(job["model"]) if rank == 0 else None
         engine = Engine(model, max_batch=job["max_batch"], max_queue=job["max_queue"], max_len=job["max_len"],
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, **{k: job[k] for k in ENGINE_OPTIONS if k in job})
         source: Optional[QueueSource] = None
         if engine.is_leader:
             source = QueueSource(replica, inbox, outbox, engine.scheduler)

@@ -35,6 +35,7 @@ class Choice:
     logprobs: bool = False
     started: bool = False                 # a stream has sent this choice's first chunk
     offset: int = -1                      # text offset of the next token in a stream (completions)
+    cached_tokens: int = 0                # prompt tokens the replica read from its prefix cache
 
     def add(self, event: Event) -> None:
         if event.token is not None:
@@ -42,6 +43,7 @@ class Choice:
             if self.logprobs:
                 self.entries.append((event.token, event.logprob, event.top_logprobs))
         self.text += event.text
+        self.cached_tokens = event.cached_tokens
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
 
@@ -109,7 +111,12 @@ class Shapes:
 
 
 def usage(choices: list[Choice]) -> dict:
-    """Token counts: each prompt once (the ``n`` choices of a prompt share it), every choice's completion."""
-    prompt = sum({c.prompt: c.prompt_tokens for c in choices}.values())
+    """Token counts: each prompt once (the ``n`` choices of a prompt share it, and its first choice says how
+    many of its tokens came from the prefix cache), every choice's completion."""
+    first = {}
+    for c in choices:
+        first.setdefault(c.prompt, c)
+    prompt = sum(c.prompt_tokens for c in first.values())
     completion = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in first.values())}}

@@ -64,7 +64,8 @@ class Replica:
     outbox: object
     status: str = "starting"
     reason: str = ""
-    stats: dict = field(default_factory=lambda: {"running": 0, "waiting": 0, "kv_used": 0.0})
+    stats: dict = field(default_factory=lambda: {"running": 0, "waiting": 0, "kv_used": 0.0, "cache_hits": 0,
+                                                 "preemptions": 0})
     inflight: dict = field(default_factory=dict)
 
     def outstanding(self) -> int:
@@ -91,7 +92,7 @@ class Router:
 
     @property
     def capacity(self) -> int:
-        """Requests one replica holds at once: its cache slots plus its waiting queue."""
+        """Requests one replica holds at once: its batch plus its waiting queue."""
         return self.job["max_batch"] + self.job["max_queue"]
 
     # ----------------------------------------------------------------- life cycle

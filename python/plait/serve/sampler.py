@@ -68,15 +68,14 @@ def sample_step(logits: torch.Tensor, batch: StepBatch, histories: Histories) ->
     """The answer ``[batch, out_width]`` (see :mod:`plait.serve.batch`) for full-vocabulary ``logits``
     ``[batch, vocab]`` of each row's last new token; updates ``histories`` first."""
     col = {name: batch.column(name).tolist() for name in ROW_FIELDS}
-    tokens = batch.tokens.tolist()
+    tokens = batch.row_tokens() if any(col["track"]) else []
     offset = 0
     for r in range(batch.size):
         if col["track"][r]:
             count = col["history"][r]
             before = batch.history[offset:offset + count].tolist()
             offset += count
-            new = tokens[r][:col["length"][r]]
-            histories.feed(col["seq_id"][r], col["start"][r] - count, before + new, col["prompt_len"][r])
+            histories.feed(col["seq_id"][r], col["start"][r] - count, before + tokens[r], col["prompt_len"][r])
     histories.release(batch.releases.tolist())
     out = torch.full((batch.size, batch.out_width), -1, dtype=torch.int64)
     for r in range(batch.size):

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .options import add_model_options, nonnegative_int, port, positive_int, seconds
+from .options import (BLOCK_SIZE, MAX_STEP_TOKENS, add_model_options, gib, nonnegative_int, port, positive_int,
+                      seconds)
 
 
 def _terminate_startup(signum, frame) -> None:
@@ -27,7 +28,19 @@ def setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--max-batch", type=positive_int, default=8,
-                        help="requests decoded together per replica (KV cache slots, default 8)")
+                        help="requests running (decoded together) per replica (default 8)")
+    kv = parser.add_mutually_exclusive_group()
+    kv.add_argument("--kv-blocks", type=positive_int, default=None,
+                    help="KV-cache blocks per rank (default: --max-batch requests at --max-len)")
+    kv.add_argument("--kv-memory", type=gib, default=None, metavar="GIB",
+                    help="KV-cache memory per rank in GiB; as many blocks as fit on the rank that fits fewest")
+    parser.add_argument("--block-size", type=positive_int, default=BLOCK_SIZE,
+                        help=f"positions per KV-cache block (default {BLOCK_SIZE})")
+    parser.add_argument("--max-step-tokens", type=positive_int, default=MAX_STEP_TOKENS,
+                        help="new tokens per step at most; longer prompts are prefilled in chunks beside the "
+                             f"running decodes (default {MAX_STEP_TOKENS})")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="do not share the KV-cache blocks of equal prompt prefixes")
     parser.add_argument("--max-queue", type=nonnegative_int, default=64,
                         help="requests waiting per replica beyond the batch; more get 503 (default 64)")
     parser.add_argument("--request-timeout", type=seconds, default=600.0,
@@ -77,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     from .router import Router
 
     job = dict(model=args.model, tp=args.tp, pp=args.pp, dtype=args.dtype, max_batch=args.max_batch,
-               max_queue=args.max_queue, max_len=args.max_len)
+               max_queue=args.max_queue, max_len=args.max_len, kv_blocks=args.kv_blocks,
+               kv_memory=None if args.kv_memory is None else args.kv_memory * 2 ** 30, block_size=args.block_size,
+               max_step_tokens=args.max_step_tokens, prefix_caching=not args.no_prefix_caching)
     served = ServedModel(served_names(args.model, args.served_model_name), tokenizer, args.max_len or limit,
                          config.vocab_size, args.request_timeout)
     router = Router(job, args.dp)

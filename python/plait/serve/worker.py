@@ -14,7 +14,7 @@ every rank          receives those tokens (a broadcast from the sampler)
 ==================  ==============================================================
 
 With ``pp > 1`` the decode is **pipelined**: the leader keeps up to ``pp`` steps (groups of
-requests with disjoint cache slots) in flight, so stage 0 computes one group while later
+requests) in flight, so stage 0 computes one group while later
 stages compute the others. No message spans the replica, since a collective over the world
 would make every stage wait for the slowest again:
 
@@ -46,8 +46,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..comm import Communicator
+from ..plan.memory import kv_bytes_per_token
 from ..comm.base import Handle
 from .batch import HEADER, IDLE, STEP, STOP, StepBatch, control, payload_size, unpack_outputs
 from .forward import StageRunner
@@ -81,6 +83,45 @@ def context_length(model_config) -> int:
     raise ValueError("the model config names no context length (max_position_embeddings); pass max_len")
 
 
+def checked_max_len(model_config, max_len: Optional[int]) -> int:
+    """``max_len``, or the model's context when None (ValueError unless in [1, context])."""
+    limit = context_length(model_config)
+    max_len = limit if max_len is None else max_len
+    if not isinstance(max_len, int) or not 1 <= max_len <= limit:
+        raise ValueError(f"max_len must be an integer in [1, {limit}] (the model's context), got {max_len!r}")
+    return max_len
+
+
+def cache_bytes_per_token(model) -> int:
+    """KV-cache bytes one position costs on this rank: its layers and local KV heads, in the model's dtype."""
+    layers = len(model.stages[0].layer_paths)
+    value = torch.empty((), dtype=model.dtype).element_size()
+    return kv_bytes_per_token(layers, local_kv_heads(model), model.dims.head_dim, value)
+
+
+def cache_blocks(model, max_batch: int, max_len: int, block_size: int, kv_blocks: Optional[int] = None,
+                 kv_memory: Optional[float] = None) -> int:
+    """Blocks of every rank's KV cache: ``kv_blocks``; or as many as ``kv_memory`` bytes hold on the rank that
+    holds fewest (a collective over the replica); or by default ``max_batch`` requests at ``max_len``."""
+    if kv_blocks is not None and kv_memory is not None:
+        raise ValueError("give kv_blocks or kv_memory, not both")
+    if kv_blocks is not None:
+        if not isinstance(kv_blocks, int) or kv_blocks < 1:
+            raise ValueError(f"kv_blocks must be an integer >= 1, got {kv_blocks!r}")
+        return kv_blocks
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if kv_memory is None:
+        return max_batch * -(-max_len // block_size)
+    fits = torch.tensor([int(kv_memory // (block_size * cache_bytes_per_token(model)))], device=model.mesh.device)
+    if model.mesh.world_size > 1:
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    if int(fits) < 1:
+        raise ValueError(f"kv_memory of {kv_memory:.3g} bytes holds no block of {block_size} positions "
+                         f"({cache_bytes_per_token(model)} bytes per position on rank {model.mesh.rank})")
+    return int(fits)
+
+
 def use_comm(stage, old, new) -> None:
     """Point every TP module of ``stage`` that talks over ``old`` at ``new`` (e.g. shm instead of gloo)."""
     for module in stage.modules():
@@ -92,11 +133,11 @@ class Worker:
     """This rank's part of a replica: its stage, its KV cache, and the step protocol (see module docstring).
 
     With ``record=True`` it keeps ``received``, the tokens this rank was sent per step (every rank when
-    ``pp == 1``; the leader and the sampler when pipelined), and ``steps``, the ``(slots, tokens)`` of every
+    ``pp == 1``; the leader and the sampler when pipelined), and ``steps``, the ``(block tables, tokens)`` of every
     step message this rank ran, which is the same list on every rank of the replica.
     """
 
-    def __init__(self, model, max_batch: int, max_len: Optional[int] = None, record: bool = False,
+    def __init__(self, model, num_blocks: int, block_size: int, max_len: int, record: bool = False,
                  tp_backend: str = "auto") -> None:
         if len(model.stages) != 1:
             raise ValueError(f"serving needs one pipeline stage per rank (num_virtual=1), this rank has "
@@ -104,17 +145,11 @@ class Worker:
         if model.mesh.dp != 1:
             raise ValueError(f"a serving replica is one (pp, tp) group; run dp replicas as separate worlds "
                              f"(plait serve --dp), not a mesh with dp={model.mesh.dp}")
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        limit = context_length(model.model_config)
-        max_len = limit if max_len is None else max_len
-        if not isinstance(max_len, int) or not 1 <= max_len <= limit:
-            raise ValueError(f"max_len must be an integer in [1, {limit}] (the model's context), got {max_len!r}")
         self.model, self.mesh = model, model.mesh
         stage = model.stages[0]
         self.dtype = model.dtype
-        self.cache = KVCache(len(stage.layer_paths), max_batch, local_kv_heads(model), max_len,
-                             model.dims.head_dim, self.dtype, self.mesh.device)
+        self.cache = KVCache(len(stage.layer_paths), num_blocks, block_size, local_kv_heads(model),
+                             model.dims.head_dim, max_len, self.dtype, self.mesh.device)
         self.tp_comm = self.mesh.tp_comm
         if tp_backend != "torch" and self.mesh.tp > 1:      # collective over the TP group
             self.tp_comm = Communicator.create(tp_backend, self.mesh.tp_group, name="tp")
@@ -134,7 +169,7 @@ class Worker:
         self.histories = Histories(model.dims.vocab_size) if self.mesh.rank == self.sampler else None
         self.received: Optional[list[list[int]]] = [] if record else None
         self.steps: Optional[list[tuple[list[int], list[list[int]]]]] = [] if record else None
-        self.max_batch, self.max_len = max_batch, max_len
+        self.max_len = max_len
 
     # ----------------------------------------------------------------- leader
     def send_control(self, op: int) -> None:
@@ -217,14 +252,13 @@ class Worker:
         stage), or gather the logits (last stage). Returns the sampler's answer on the sampler, else None."""
         mesh = self.mesh
         if self.steps is not None:
-            self.steps.append((batch.tables.tolist(),
-                               [row[:n].tolist() for row, n in zip(batch.tokens, batch.column("length").tolist())]))
+            self.steps.append((batch.tables.tolist(), batch.row_tokens()))
         if mesh.is_first_stage:
-            x = batch.tokens
+            x = batch.tokens[None]
         else:
-            x = torch.empty(*batch.tokens.shape, self.model.dims.hidden, dtype=self.dtype, device=mesh.device)
+            x = torch.empty(1, batch.tokens.numel(), self.model.dims.hidden, dtype=self.dtype, device=mesh.device)
             self.line.recv(x, src=mesh.pp_rank - 1)
-        y = self.runner(x.to(mesh.device), batch.inputs)
+        y = self.runner(x.to(mesh.device), batch.inputs(mesh.device))
         if not mesh.is_last_stage:
             for part in (header, payload, y):
                 self.line.send(part, dst=mesh.pp_rank + 1)
