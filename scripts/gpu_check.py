@@ -9,6 +9,8 @@ killed with its whole process group and marked TIMEOUT, and the next one runs:
 
   build            make build with this python's torch (offline), nvcc for this GPU only
   pytest-gpu       pytest -m gpu: kernels, IPC and fused tests (processes share the GPU)
+  serve-gpu        tests/test_serve_gpu.py: plait.serve's engine and plait serve on the GPU (tp=1),
+                   greedy tokens and log-probabilities against transformers
   memcheck         compute-sanitizer --tool memcheck on the IPC and fused tests, small sizes
   racecheck        compute-sanitizer --tool racecheck on the same
   bench-gemm       plait bench gemm: a Llama-3 8B and a 70B TP shard, 4096 and 16384 tokens

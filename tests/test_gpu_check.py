@@ -110,7 +110,7 @@ def test_dry_run_lists_stages_commands_and_limits(how: str, tmp_path: Path) -> N
     for name, seconds in limits.items():
         assert any(line.split()[:3] == [name, "limit", f"{seconds:g}"] for line in text.splitlines()), (name, text)
     assert f"limits {sum(limits.values()):g} s in all" in text
-    for fragment in ("make build", "PIP_NO_INDEX=1", "-m pytest tests -m gpu", "--tool memcheck", "--tool racecheck",
+    for fragment in ("make build", "PIP_NO_INDEX=1", "-m pytest tests -m gpu", "tests/test_serve_gpu.py", "--tool memcheck", "--tool racecheck",
                      "--target-processes all", "PLAIT_GPU_TEST_SIZES=small", "bench gemm --shard 8b:2 70b:8",
                      "--tokens 4096 16384", "bench comm_gpu", "bench tp_layers", "--overlap none chunked fused"):
         assert fragment in text, fragment

@@ -5,7 +5,8 @@ At (tp, pp) in (1, 2), (2, 2), with more requests than stages, of different prom
 
 - greedy tokens equal transformers' greedy ``generate`` of each prompt alone;
 - the slot groups really overlap: the leader had ``pp`` groups in flight at once;
-- ranks never diverge: every rank ran the same step messages (slots and tokens), and the
+- step messages travel on control groups of their own (gloo), hidden states on the mesh's groups;
+- ranks never diverge: every rank ran the same step messages (block tables and tokens), and the
   tokens the leader received are the ones the sampler chose;
 - seeded sampling draws the same tokens batched as alone;
 - a request with a deadline too short for its tokens ends with finish reason ``"deadline"``
@@ -37,6 +38,8 @@ def llama(tmp_path_factory):
 
 
 def _pipelined(rank: int, world: int, pp: int, tp: int, directory: str) -> dict:
+    import torch.distributed as dist
+
     import plait
     from plait.serve import Engine
 
@@ -49,9 +52,12 @@ def _pipelined(rank: int, world: int, pp: int, tp: int, directory: str) -> dict:
     one_slot = Engine(model, max_batch=1)
     late = one_slot.generate([LATE, PROMPTS[0]], [SamplingParams(max_tokens=50, ignore_eos=True, timeout=1e-3),
                                                   SamplingParams(max_tokens=8)])
-    plait.destroy_mesh()
     worker = engine.worker
-    return dict(greedy=[(c.token_ids, c.finish_reason) for c in greedy], flight=dict(engine.flight),
+    split = (dist.get_backend(worker.control_line.group) == "gloo" and worker.hidden_line.group is model.mesh.pp_group
+             and worker.control_line.group is not model.mesh.pp_group
+             and worker.stage_comm.group is not model.mesh.tp_group)
+    plait.destroy_mesh()
+    return dict(split=split, greedy=[(c.token_ids, c.finish_reason) for c in greedy], flight=dict(engine.flight),
                 batched=[c.token_ids for c in batched], alone=[c.token_ids for c in alone],
                 late=[(c.token_ids, c.finish_reason, c.error) for c in late],
                 steps=worker.steps, received=worker.received, leader=engine.is_leader,
@@ -67,6 +73,8 @@ def test_pipelined_decode(llama, tp, pp):
         assert got == want, f"tp={tp} pp={pp} rank {rank}: {got} != transformers' {want}"
         assert [r for _, r in result["greedy"]] == ["stop" if t[-1] == 1 else "length" for t in want]
 
+    assert all(r["split"] for r in results), "step messages must travel on their own (gloo) groups, hidden states " \
+                                             "on the mesh's"
     leader = next(r for r in results if r["leader"])
     assert max(leader["flight"]) == pp, f"never {pp} groups in flight: {leader['flight']}"
 

@@ -27,8 +27,9 @@ SANITIZER_TESTS = ("tests/test_comm_ipc_gpu.py::test_ipc_every_operation_exact[2
                    "tests/test_comm_ipc_gpu.py::test_ipc_tp_mlp_matches_dense",
                    "tests/test_fused_gpu.py::test_reduce_rows_is_bitwise_rank_order_sum[2]",
                    "tests/test_fused_gpu.py::test_fused_layers_match_dense[2]")
-DEFAULT_LIMITS = {"versions": 10, "build": 80, "pytest-gpu": 145, "memcheck": 55, "racecheck": 55,
-                  "bench-gemm": 60, "bench-comm-gpu": 35, "bench-tp-layers": 35}
+SERVE_TESTS = "tests/test_serve_gpu.py"     # its own stage, so the serving engine's result stands apart
+DEFAULT_LIMITS = {"versions": 10, "build": 80, "pytest-gpu": 125, "serve-gpu": 40, "memcheck": 50, "racecheck": 50,
+                  "bench-gemm": 55, "bench-comm-gpu": 35, "bench-tp-layers": 35}
 EVERY_STAGE_ENV = {"TRITON_CACHE_AUTOTUNING": "1", "PYTHONUNBUFFERED": "1"}
 
 PROBE = """
@@ -125,7 +126,8 @@ def bench_stage(stage: str, name: str, args: tuple[str, ...], python: str, limit
 
 def plait_stages(out_dir: Path, system_python: str, arch: str, sanitizer: str | None,
                  limits: dict[str, float] | None = None) -> list[Stage]:
-    """The check, in order: versions, build, GPU tests, two sanitizers, three benchmarks."""
+    """The check, in order: versions, build, GPU tests, the serving engine on the GPU, two sanitizers, three
+    benchmarks."""
     limit = {**DEFAULT_LIMITS, **(limits or {})}
     py = VENV_PYTHON
     junit = out_dir / "pytest-gpu.xml"
@@ -134,9 +136,12 @@ def plait_stages(out_dir: Path, system_python: str, arch: str, sanitizer: str | 
         Stage("build", ("make", "build", f"PYTHON={system_python}"), limit["build"],
               # offline: a missing optional extra must fail at once, not after pip's retries
               env={"PLAIT_CUDA": "1", "PLAIT_CUDA_ARCHS": arch, "PIP_NO_INDEX": "1"}, report=summary.build_lines),
-        Stage("pytest-gpu", (py, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rfE", "--durations=10",
-                             "-p", "no:cacheprovider", f"--junitxml={junit}"),
+        Stage("pytest-gpu", (py, "-m", "pytest", "tests", "-m", "gpu", f"--ignore={SERVE_TESTS}", "-q", "-rfE",
+                             "--durations=10", "-p", "no:cacheprovider", f"--junitxml={junit}"),
               limit["pytest-gpu"], env={"PLAIT_TIMEOUT_S": "60"}, needs=("build",), report=summary.pytest_lines),
+        Stage("serve-gpu", (py, "-m", "pytest", SERVE_TESTS, "-q", "-rfE", "-p", "no:cacheprovider",
+                            f"--junitxml={out_dir / 'serve-gpu.xml'}"),
+              limit["serve-gpu"], env={"PLAIT_TIMEOUT_S": "60"}, needs=("build",), report=summary.pytest_lines),
         sanitizer_stage("memcheck", sanitizer, py, limit["memcheck"]),
         sanitizer_stage("racecheck", sanitizer, py, limit["racecheck"]),
         bench_stage("bench-gemm", "gemm", ("--shard", "8b:2", "70b:8", "--tokens", "4096", "16384",

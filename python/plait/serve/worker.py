@@ -35,11 +35,10 @@ Control messages (IDLE, STOP) take the same path, so they reach every rank in or
 the steps before them. Every wait is bounded by ``PLAIT_TIMEOUT_S`` and fails with an error
 naming rank, group and operation (:mod:`plait.comm`).
 
-Decode sends a few kilobytes per all-reduce, so the TP layers are moved to the ``auto``
-communicator (plait's shared-memory backend on one CPU host) unless ``tp_backend="torch"``;
-the model is then for inference only. Without pipelining, step messages go over the world group
-with the same backend (shm on one CPU host: a waiting rank spins briefly, then sleeps on a futex,
-so an idle rank costs no core); pipelined replicas send them over torch (gloo).
+Step messages and answers travel on CPU control groups (gloo), hidden states and logits on the
+device's groups (NCCL on CUDA): see :mod:`plait.serve.channels`. Decode sends a few kilobytes per
+all-reduce, so the TP layers are moved to the ``auto`` communicator (plait's shared-memory backend
+on one CPU host) unless ``tp_backend="torch"``; the model is then for inference only.
 """
 from __future__ import annotations
 
@@ -49,9 +48,10 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Communicator
-from ..plan.memory import kv_bytes_per_token
 from ..comm.base import Handle
+from ..plan.memory import kv_bytes_per_token
 from .batch import HEADER, IDLE, STEP, STOP, StepBatch, control, payload_size, unpack_outputs
+from .channels import Channels
 from .forward import StageRunner
 from .kv_cache import KVCache
 from .sampler import Histories, sample_step
@@ -156,14 +156,9 @@ class Worker:
             use_comm(stage, self.mesh.tp_comm, self.tp_comm)
         self.runner = StageRunner(stage, model.plan.family, self.cache, sliding_window(model.model_config))
         self.pipelined = self.mesh.pp > 1
-        if self.pipelined:
-            self.stage_comm = Communicator.create("torch", self.mesh.tp_group, name="serve-stage")
-            self.line = Communicator.create("torch", self.mesh.pp_group, name="serve-pp")
-        else:
-            # Step messages: a few int64s every step, so the same backend as the TP layers (shm on one CPU
-            # host, about 20 us a broadcast against gloo's 1-2 ms); its idle waiters sleep on a futex.
-            messages = "torch" if tp_backend == "torch" or self.mesh.world_size == 1 else tp_backend
-            self.world = Communicator.create(messages, None, name="serve")
+        self.channels = Channels.of(self.mesh, tp_backend)
+        self.world, self.stage_comm = self.channels.messages, self.channels.stage
+        self.control_line, self.hidden_line = self.channels.control_line, self.channels.hidden_line
         self.sampler = self.mesh.rank_of(self.mesh.dp_rank, self.mesh.pp - 1, 0)
         self.leader = self.mesh.rank_of(self.mesh.dp_rank, 0, 0)
         self.histories = Histories(model.dims.vocab_size) if self.mesh.rank == self.sampler else None
@@ -179,7 +174,7 @@ class Worker:
             self.world.broadcast(header, src=self.leader)
             return
         self.stage_comm.broadcast(header, src=0)
-        self.line.send(header, dst=1)
+        self.control_line.send(header, dst=1)
 
     def step(self, batch: StepBatch) -> list[Optional[Sampled]]:
         """Leader only: send ``batch`` to every rank, run it, and return what the sampler chose per row."""
@@ -205,7 +200,7 @@ class Worker:
         self.stage_comm.broadcast(header, src=0)
         self.stage_comm.broadcast(payload, src=0)
         answer = torch.empty(batch.size, batch.out_width, dtype=torch.int64)
-        handle = self.line.recv(answer, src=self.mesh.pp - 1, async_op=True)
+        handle = self.control_line.recv(answer, src=self.mesh.pp - 1, async_op=True)
         self._compute(batch, header, payload)
         return handle
 
@@ -222,7 +217,7 @@ class Worker:
             op = fields[0]
             if op in (STOP, IDLE):
                 if self.pipelined and not self.mesh.is_last_stage:
-                    self.line.send(header, dst=self.mesh.pp_rank + 1)
+                    self.control_line.send(header, dst=self.mesh.pp_rank + 1)
                 if op == STOP:
                     return
                 continue
@@ -234,7 +229,7 @@ class Worker:
             if not self.pipelined:
                 self._answer(step, out)
             elif out is not None:                          # the sampler of a pipeline
-                self.line.send(out, dst=0)
+                self.control_line.send(out, dst=0)
                 self._received(out)
 
     def _receive(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -243,7 +238,7 @@ class Worker:
             return self.world.broadcast(buffer, src=self.leader)
         if self.mesh.is_first_stage:
             return self.stage_comm.broadcast(buffer, src=0)
-        return self.line.recv(buffer, src=self.mesh.pp_rank - 1)
+        return self.control_line.recv(buffer, src=self.mesh.pp_rank - 1)
 
     # ----------------------------------------------------------------- compute
     def _compute(self, batch: StepBatch, header: Optional[torch.Tensor] = None,
@@ -257,11 +252,12 @@ class Worker:
             x = batch.tokens[None]
         else:
             x = torch.empty(1, batch.tokens.numel(), self.model.dims.hidden, dtype=self.dtype, device=mesh.device)
-            self.line.recv(x, src=mesh.pp_rank - 1)
+            self.hidden_line.recv(x, src=mesh.pp_rank - 1)
         y = self.runner(x.to(mesh.device), batch.inputs(mesh.device))
         if not mesh.is_last_stage:
-            for part in (header, payload, y):
-                self.line.send(part, dst=mesh.pp_rank + 1)
+            self.control_line.send(header, dst=mesh.pp_rank + 1)
+            self.control_line.send(payload, dst=mesh.pp_rank + 1)
+            self.hidden_line.send(y.contiguous(), dst=mesh.pp_rank + 1)
             return None
         logits = self.tp_comm.all_gather(y.contiguous(), dim=-1)[..., :self.model.dims.vocab_size]
         if mesh.rank != self.sampler:
