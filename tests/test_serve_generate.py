@@ -81,3 +81,26 @@ def test_generate_under_torchrun(model_dir):
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     assert json.loads(lines[0])["token_ids"] == reference_greedy(model_dir, [2, 5, 7, 9], 6)
+
+
+@pytest.mark.parametrize("capabilities,want", [
+    ({"amx_bf16": True, "avx512_bf16": True}, ("bfloat16", "auto: the CPU has AMX-BF16")),
+    ({"amx_bf16": False, "avx512_bf16": True}, ("bfloat16", "auto: the CPU has AVX512-BF16")),
+    ({"amx_bf16": False, "avx512_bf16": False, "avx2": True}, ("float32", "auto: the CPU has neither AMX-BF16 nor "
+                                                                          "AVX512-BF16")),
+])
+def test_auto_dtype_follows_the_cpu(monkeypatch, capabilities, want):
+    import torch
+
+    from plait.serve.options import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    assert resolve_dtype("auto") == want
+    assert resolve_dtype("float64") == ("float64", "as asked")
+
+
+def test_generate_with_the_auto_dtype_runs(model_dir):
+    out = _plait("generate", "--model", model_dir, "--prompt-ids", "2,5,7,9", "--max-new-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout.strip().splitlines()[-1])["token_ids"]) >= 1

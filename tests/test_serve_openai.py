@@ -74,7 +74,8 @@ def test_completion_logprobs_whole_and_streamed(server):
     want = _reference_logprobs(server["dir"], PROMPT, tokens)
     got = choice.logprobs
     assert len(got.tokens) == len(got.token_logprobs) == len(got.top_logprobs) == len(tokens)
-    assert torch.allclose(torch.tensor(got.token_logprobs, dtype=torch.float64), want[torch.arange(len(tokens)), tokens], atol=1e-9)
+    chosen = want[torch.arange(len(tokens)), tokens]
+    assert torch.allclose(torch.tensor(got.token_logprobs, dtype=torch.float64), chosen, atol=1e-9)
     for top, row in zip(got.top_logprobs, want):
         assert sorted(top.values(), reverse=True) == pytest.approx(torch.topk(row, 3).values.tolist(), abs=1e-9)
     assert got.text_offset == sorted(got.text_offset) and got.text_offset[0] == 0
@@ -181,4 +182,8 @@ def test_unknown_model_is_not_found(server):
     with pytest.raises(openai.NotFoundError) as err:
         server["client"].completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=2)
     assert err.value.body["code"] == "model_not_found" and err.value.status_code == 404
-    assert [m.id for m in server["client"].models.list().data] == [server["dir"], MODEL]
+    cards = server["client"].models.list().data
+    assert [m.id for m in cards] == [server["dir"], MODEL]
+    assert cards[0].model_extra["plait"] == {"dtype": "float64", "dtype_choice": "as asked", "device": "cpu",
+                                             "tp": 1, "pp": 1, "dp": 1}
+    assert 'plait_served_info{device="cpu",dtype="float64"} 1.0' in httpx.get(server["url"] + "/metrics").text

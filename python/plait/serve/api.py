@@ -32,7 +32,7 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -69,6 +69,7 @@ class ServedModel:
     max_len: int
     vocab_size: int
     request_timeout_s: float
+    info: dict = field(default_factory=dict)     # how it is served: dtype (and why), device, layout
 
     @property
     def name(self) -> str:
@@ -81,12 +82,15 @@ class ServedModel:
                                 f"{', '.join(f'`{n}`' for n in self.names)}.", param="model", code="model_not_found")
 
     def card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "plait"}
+        """OpenAI's model object; ``plait`` (an extension) says how it is served."""
+        return {"id": name, "object": "model", "created": 0, "owned_by": "plait", "max_model_len": self.max_len,
+                "plait": self.info}
 
 
 def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] = None) -> FastAPI:
     """The FastAPI app; its lifespan attaches the router to the loop and closes it (draining) at shutdown."""
     metrics = metrics or Metrics()
+    metrics.describe(served.info)
     router.on_stats = metrics.replica_stats
 
     @asynccontextmanager

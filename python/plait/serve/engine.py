@@ -16,8 +16,8 @@ With ``pp > 1`` the decode is pipelined (see :mod:`plait.serve.worker`): the run
 requests are split into ``pp`` groups, and up to ``pp`` groups are in flight. Each iteration
 the leader launches the step of every group that is not in flight, then waits for the oldest
 group's tokens and hands them to the scheduler; that group is launched again in the next
-iteration while the others are still in later stages. In steady state, with at least ``pp`` requests running, every stage
-computes a different group at the same time. ``flight[k]`` counts the launches after which
+iteration while the others are still in later stages. In steady state, with at least ``pp`` requests running,
+every stage computes a different group at the same time. ``flight[k]`` counts the launches after which
 ``k`` groups were in flight.
 """
 from __future__ import annotations

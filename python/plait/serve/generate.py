@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Optional
 
-from .options import add_model_options, nonnegative_float, nonnegative_int, positive_int, probability
+from .options import add_model_options, nonnegative_float, nonnegative_int, positive_int, probability, resolve_dtype
 
 
 def setup(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +87,7 @@ def prepare(args: argparse.Namespace) -> dict:
         raise ValueError(f"the prompt has {len(ids)} tokens, more than the context of {context}")
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-    return dict(model=args.model, ids=ids, params=params, dtype=args.dtype, max_len=args.max_len,
+    return dict(model=args.model, ids=ids, params=params, dtype=resolve_dtype(args.dtype)[0], max_len=args.max_len,
                 tokenizer=tokenizer is not None)
 
 

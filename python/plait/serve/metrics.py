@@ -30,6 +30,12 @@ class Metrics:
                                  ["replica"], registry=r)
         self.replica_up = Gauge("plait_replica_up", "1 when the replica serves, else 0", ["replica"], registry=r)
 
+    def describe(self, info: dict) -> None:
+        """``plait_served_info{dtype, device}`` 1: how the model is served."""
+        if info:
+            Gauge("plait_served_info", "How the model is served", ["dtype", "device"],
+                  registry=self.registry).labels(str(info.get("dtype")), str(info.get("device"))).set(1)
+
     def replica_stats(self, replica: int, stats: dict) -> None:
         label = str(replica)
         self.running.labels(label).set(stats["running"])

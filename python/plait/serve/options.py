@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}     # /proc/cpuinfo and torch names
 BLOCK_SIZE = 16           # positions per KV-cache block (plait.serve.kv_cache)
 MAX_STEP_TOKENS = 512     # new tokens per engine step (plait.serve.scheduler)
 
@@ -52,6 +53,41 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=model_dir, help="transformers model directory")
     parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks (default 1)")
     parser.add_argument("--pp", type=positive_int, default=1, help="pipeline stages (default 1)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="compute dtype (default auto: bfloat16 on a GPU or on a CPU with AMX-BF16 or "
+                             "AVX512-BF16, else float32)")
     parser.add_argument("--max-len", type=positive_int, default=None,
                         help="positions per request in the KV cache (default: the model's context)")
+
+
+def cpu_bf16_feature() -> str | None:
+    """The bfloat16 instructions of this CPU that torch uses (AMX-BF16, else AVX512-BF16), or None: from
+    ``torch.cpu.get_capabilities()`` where torch has it, else the flags of /proc/cpuinfo."""
+    import torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        flags = {name for name, value in capabilities().items() if value is True}
+    else:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                          if line.startswith("flags")), []))
+    return next((label for flag, label in CPU_BF16_FLAGS.items() if flag in flags), None)
+
+
+def resolve_dtype(name: str) -> tuple[str, str]:
+    """``(dtype, why)`` for ``--dtype name``: ``auto`` is bfloat16 on a CUDA GPU or on a CPU with bfloat16
+    instructions (:func:`cpu_bf16_feature`), float32 on any other CPU; any other name is itself."""
+    if name != "auto":
+        return name, "as asked"
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16", f"auto: CUDA GPU {torch.cuda.get_device_name(0)}"
+    feature = cpu_bf16_feature()
+    if feature is not None:
+        return "bfloat16", f"auto: the CPU has {feature}"
+    return "float32", "auto: the CPU has neither AMX-BF16 nor AVX512-BF16"

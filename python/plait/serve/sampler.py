@@ -66,7 +66,10 @@ class Histories:
 
 def sample_step(logits: torch.Tensor, batch: StepBatch, histories: Histories) -> torch.Tensor:
     """The answer ``[batch, out_width]`` (see :mod:`plait.serve.batch`) for full-vocabulary ``logits``
-    ``[batch, vocab]`` of each row's last new token; updates ``histories`` first."""
+    ``[batch, vocab]`` of each row's last new token (16-bit logits are read in float32); updates ``histories``
+    first."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
     col = {name: batch.column(name).tolist() for name in ROW_FIELDS}
     tokens = batch.row_tokens() if any(col["track"]) else []
     offset = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .options import (BLOCK_SIZE, MAX_STEP_TOKENS, add_model_options, gib, nonnegative_int, port, positive_int,
-                      seconds)
+                      resolve_dtype, seconds)
 
 
 def _terminate_startup(signum, frame) -> None:
@@ -86,15 +86,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"plait serve: error: {err}", file=sys.stderr)
         return 2
+    import torch
+
     from .api import ServedModel, create_app
     from .router import Router
 
-    job = dict(model=args.model, tp=args.tp, pp=args.pp, dtype=args.dtype, max_batch=args.max_batch,
+    dtype, why = resolve_dtype(args.dtype)
+    job = dict(model=args.model, tp=args.tp, pp=args.pp, dtype=dtype, max_batch=args.max_batch,
                max_queue=args.max_queue, max_len=args.max_len, kv_blocks=args.kv_blocks,
                kv_memory=None if args.kv_memory is None else args.kv_memory * 2 ** 30, block_size=args.block_size,
                max_step_tokens=args.max_step_tokens, prefix_caching=not args.no_prefix_caching)
     served = ServedModel(served_names(args.model, args.served_model_name), tokenizer, args.max_len or limit,
-                         config.vocab_size, args.request_timeout)
+                         config.vocab_size, args.request_timeout,
+                         {"dtype": dtype, "dtype_choice": why, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                          "tp": args.tp, "pp": args.pp, "dp": args.dp})
     router = Router(job, args.dp)
     signal.signal(signal.SIGTERM, _terminate_startup)
     try:
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         app = create_app(router, served)
         print(f"plait serve: {served.name} on http://{args.host}:{args.port} (dp={args.dp} pp={args.pp} "
-              f"tp={args.tp})", flush=True)
+              f"tp={args.tp}, {served.info['device']}, {dtype}: {why})", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=int(args.request_timeout) + 5)
     finally:
