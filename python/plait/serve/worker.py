@@ -55,21 +55,9 @@ from .kv_cache import KVCache
 from .sampling import sample
 
 
-def sliding_window(model_config) -> Optional[int]:
-    """The attention window of a model config, None when attention is global."""
-    window = getattr(model_config, "sliding_window", None)
-    if isinstance(window, int) and window > 0 and getattr(model_config, "use_sliding_window", True):
-        return window
-    return None
-
-
 def local_kv_heads(model) -> int:
-    """KV heads of this TP rank, as the parallel model's projections hold them."""
-    from ..parallel.apply import heads_for
-
-    if model.plan.family == "gpt2":
-        return model.dims.num_heads // model.mesh.tp
-    return len(heads_for(model.dims, model.mesh.tp, model.mesh.tp_rank).kv_heads)
+    """KV heads of this TP rank, as the parallel model's projections hold them (the family knows)."""
+    return model.stages[0].family.local_kv_heads(model.dims, model.mesh.tp, model.mesh.tp_rank)
 
 
 def context_length(model_config) -> int:
@@ -110,6 +98,7 @@ class Worker:
         if not isinstance(max_len, int) or not 1 <= max_len <= limit:
             raise ValueError(f"max_len must be an integer in [1, {limit}] (the model's context), got {max_len!r}")
         self.model, self.mesh = model, model.mesh
+        model.eval()                     # serving never trains: no dropout, whatever mode the model came in
         stage = model.stages[0]
         self.dtype = model.dtype
         self.cache = KVCache(len(stage.layer_paths), max_batch, local_kv_heads(model), max_len,
@@ -118,7 +107,7 @@ class Worker:
         if tp_backend != "torch" and self.mesh.tp > 1:      # collective over the TP group
             self.tp_comm = Communicator.create(tp_backend, self.mesh.tp_group, name="tp")
             use_comm(stage, self.mesh.tp_comm, self.tp_comm)
-        self.runner = StageRunner(stage, model.plan.family, self.cache, sliding_window(model.model_config))
+        self.runner = StageRunner(stage, self.cache)
         self.pipelined = self.mesh.pp > 1
         if self.pipelined:
             self.stage_comm = Communicator.create("torch", self.mesh.tp_group, name="serve-stage")
