@@ -21,6 +21,7 @@ from torch import nn
 from ..comm import Communicator
 from ..config import ParallelConfig
 from ..parallel import Plan
+from ..parallel.families import gpt_plan
 from ..parallel.stage import DecoderStage, balanced_partition
 from ..tp import vocab_parallel_cross_entropy
 from .config import GPTConfig
@@ -59,17 +60,6 @@ class GPT(nn.Module):
         """Relative cost of one block, the embedding and the head (for the pipeline split)."""
         embed, block, head = chunk_costs(self.config)
         return block, embed, head
-
-
-def gpt_plan() -> Plan:
-    """The GPT's plan: whole heads per rank (QKV rows are head-interleaved), vocab-parallel table and head."""
-    return Plan(
-        name="plait-gpt", family="plait",
-        styles={"embedding.tokens": "vocab_embed", "head.proj": "vocab_head", "blocks.*.attn": "attention",
-                "blocks.*.attn.qkv": "colwise", "blocks.*.attn.out": "rowwise", "blocks.*.mlp.fc1": "colwise",
-                "blocks.*.mlp.fc2": "rowwise"},
-        embed="embedding.tokens", positions="embedding.positions", layers="blocks", norm="head.ln",
-        head="head.proj", tied=False)
 
 
 def chunk_costs(cfg: GPTConfig) -> tuple[float, float, float]:

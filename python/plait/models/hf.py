@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..comm import Communicator
 from ..config import ParallelConfig
-from ..parallel import ParallelModel, SafetensorsSource, parallelize
+from ..parallel import ParallelModel, SafetensorsSource, check_config, parallelize
 
 # Files beside the weights that a saved checkpoint should carry along (tokenizer, generation settings).
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -81,16 +81,19 @@ def from_pretrained(path: Union[str, Path], mesh, dtype: Optional[torch.dtype] =
     """Load a transformers model directory onto ``mesh``; each rank reads only its slices.
 
     ``dtype`` None keeps the checkpoint config's dtype (float32 when it names none). Returns a
-    :class:`~plait.ParallelModel` holding this rank's stages.
+    :class:`~plait.ParallelModel` holding this rank's stages, in eval mode as transformers returns it
+    (call ``.train()`` to train with dropout). A config field whose math plait does not support is
+    refused by name before any tensor is read (:mod:`plait.parallel.families`).
     """
     hf_config = load_config(path)
+    check_config(hf_config)
     source = SafetensorsSource(path)
     model = build_on_meta(hf_config)
     _check_names(model, source, path)
     dtype = dtype or _config_dtype(hf_config) or torch.float32
     parallel = parallelize(model, mesh, plan, config=config, overlap=overlap, source=source, dtype=dtype)
     parallel.source_dir = str(path)
-    return parallel
+    return parallel.eval()
 
 
 def _check_names(model, source: SafetensorsSource, path) -> None:

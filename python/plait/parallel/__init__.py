@@ -6,11 +6,12 @@ See :mod:`plait.parallel.plan` for plans and styles, :mod:`plait.parallel.stage`
 the pipeline split, :mod:`plait.parallel.model` for :class:`ParallelModel`.
 """
 from .apply import check_plan
-from .families import PLANS, for_model, gpt2_plan, llama_plan, translate_hf_plan
+from .families import FAMILIES, PLANS, check_config, family, for_model, gpt2_plan, llama_plan, translate_hf_plan
 from .model import ParallelModel, parallelize
-from .plan import FAMILIES, STYLES, Plan
+from .plan import STYLES, Plan
 from .shard import HeadLayout, SafetensorsSource, ShardSpec, StateDictSource
 
-__all__ = ["parallelize", "ParallelModel", "Plan", "STYLES", "FAMILIES", "check_plan", "for_model", "PLANS",
+__all__ = ["parallelize", "ParallelModel", "Plan", "STYLES", "FAMILIES", "check_plan", "check_config", "family",
+           "for_model", "PLANS",
            "llama_plan", "gpt2_plan", "translate_hf_plan", "HeadLayout", "ShardSpec", "StateDictSource",
            "SafetensorsSource"]

@@ -184,6 +184,8 @@ def set_local_heads(attention: nn.Module, heads: HeadLayout) -> None:
     for attr, value in updates.items():
         if hasattr(attention, attr) and isinstance(getattr(attention, attr), int):
             setattr(attention, attr, value)
+    # which query heads of the whole model these are (layout-invariant attention dropout keys by them)
+    attention.plait_head_offset, attention.plait_num_heads = heads.q_heads.start, heads.num_heads
 
 
 def _load(source, spec: ShardSpec, dtype: Optional[torch.dtype], device) -> torch.Tensor:

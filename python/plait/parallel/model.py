@@ -12,6 +12,7 @@ replaced, so pass a copy to keep the original. Parameter names stay the model's 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Iterator, Optional, Union
 
@@ -22,6 +23,8 @@ from torch import nn
 from ..config import ParallelConfig
 from ..tp import vocab_parallel_cross_entropy
 from .apply import ModelDims, Rewriter, check_plan, heads_for, set_local_heads
+from .dropout import DropoutScope, dropout_scope
+from .families import check_config, family
 from .plan import Plan
 from .shard import ShardSpec, StateDictSource
 from .stage import DecoderStage, build_stages
@@ -90,6 +93,7 @@ class ParallelModel(nn.Module):
         self.tied = tied
         self.source_dir: Optional[str] = None
         self._eval_engine = None
+        self.dropout_seed = 0      # keys the layout-invariant dropout masks (plait.train sets the job's seed)
 
     # ----------------------------------------------------------------- names
     def named_model_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -121,19 +125,40 @@ class ParallelModel(nn.Module):
         return vocab_parallel_cross_entropy(logits, targets, self.mesh.tp_comm)
 
     def pipeline(self, schedule: Optional[str] = None, num_microbatches: int = 1, **kwargs):
-        """A :class:`~plait.PipelineEngine` over this rank's stages with this model's loss."""
+        """A :class:`~plait.PipelineEngine` over this rank's stages with this model's loss, keying the
+        layout-invariant dropout of each microbatch (see :meth:`dropout_scope`)."""
         from ..pp import PipelineEngine
 
         kwargs.setdefault("loss_fn", self.loss_fn)
+        kwargs.setdefault("microbatch_context", self.dropout_scope)
         return PipelineEngine(list(self.stages), self.mesh, schedule or self.config.schedule, num_microbatches,
                               num_virtual=self.config.num_virtual, **kwargs)
 
+    def dropout_scope(self, step: int, first_row: int, rows: int):
+        """The dropout scope of a microbatch: keyed by (``dropout_seed``, ``step``), its rows numbered in the
+        global batch, whose DP rank ``d`` holds rows ``[d * rows, (d + 1) * rows)`` (plait.train's order).
+        See :mod:`plait.parallel.dropout`."""
+        scope = DropoutScope(self.dropout_seed, step, self.mesh.dp_rank * rows + first_row)
+        return dropout_scope(scope)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Run the block in eval mode (no dropout), then restore each module's mode."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
     def forward_local(self, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
-        """Vocab-parallel logits ``[batch, seq, V/tp]`` on the last pipeline rank (None elsewhere)."""
+        """Vocab-parallel logits ``[batch, seq, V/tp]`` on the last pipeline rank (None elsewhere), in eval mode."""
         if self.mesh.pp == 1:
             x = input_ids
-            for stage in self.stages:
-                x = stage(x)
+            with self.evaluating():
+                for stage in self.stages:
+                    x = stage(x)
             return x
         if self._eval_engine is None:
             schedule = "gpipe" if self.config.num_virtual == 1 else self.config.schedule
@@ -143,7 +168,8 @@ class ParallelModel(nn.Module):
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits ``[batch, seq, vocab]`` on every rank: a collective over the PP and TP groups."""
+        """Full-vocabulary logits ``[batch, seq, vocab]`` on every rank: a collective over the PP and TP groups.
+        Always in eval mode (no dropout), whatever mode the model is in."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"logits takes token ids [batch, seq] (an integer tensor), got "
                              f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
@@ -287,13 +313,16 @@ def parallelize(model: nn.Module, mesh, plan: Union[Plan, dict, str, None] = Non
             :class:`~plait.parallel.shard.SafetensorsSource` for a model built on the meta device.
         dtype: cast parameters to this dtype (default: keep each tensor's).
 
-    Everything is checked on each rank before any communication.
+    Everything is checked on each rank before any communication. The result keeps ``model``'s mode
+    (a model built from a config trains; one from transformers' ``from_pretrained`` is in eval mode).
     """
     config = _config_for(mesh, config, sequence_parallel, overlap)
     plan = resolve_plan(model, plan)
+    if plan.family != "plait":
+        check_config(model.config)
     styles = check_plan(model, plan, mesh.tp)
     dims = ModelDims.of(model)
-    if config.sequence_parallel and plan.family != "plait":
+    if config.sequence_parallel and not family(plan.family).sequence_parallel:
         raise ValueError(f"sequence_parallel is not supported for {plan.name!r} models yet (their activations "
                          f"are [batch, seq, hidden]); run with sequence_parallel=False")
     stack = model.get_submodule(plan.layers)
@@ -311,11 +340,13 @@ def parallelize(model: nn.Module, mesh, plan: Union[Plan, dict, str, None] = Non
         _rewrite_stage(stage, styles, rewriter, dims, mesh.tp)
         _materialize_rest(stage, rewriter)
         _rebuild_meta_buffers(stage, getattr(model, "config", None))
+        stage.family.prepare_stage(stage)
         stage.to(mesh.device)
         if config.sequence_parallel and mesh.tp > 1:
             _sum_replicated_grads_over_tp(stage, mesh.tp_comm)
     _tie_on_this_rank(stages, tied)
-    return ParallelModel(stages, mesh, config, plan, getattr(model, "config", None), dims, tied)
+    parallel = ParallelModel(stages, mesh, config, plan, getattr(model, "config", None), dims, tied)
+    return parallel.train(model.training)
 
 
 def _check_ranks_agree(mesh, model: nn.Module, plan: Plan, config: ParallelConfig, dims: ModelDims, dtype) -> None:

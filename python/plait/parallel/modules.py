@@ -65,11 +65,15 @@ class VocabParallelHead(ColumnParallelLinear):
         self.vocab_size, self.valid = vocab_size, valid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        if self.valid < y.shape[-1]:
-            mask = torch.arange(y.shape[-1], device=y.device) >= self.valid
-            y = y.masked_fill(mask, float("-inf"))
-        return y
+        return self.mask_padding(super().forward(x))
+
+    def mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[..., local vocab]`` with this rank's padding rows set to ``-inf`` (again, after a
+        family's elementwise transform such as a soft-cap)."""
+        if self.valid < logits.shape[-1]:
+            mask = torch.arange(logits.shape[-1], device=logits.device) >= self.valid
+            logits = logits.masked_fill(mask, float("-inf"))
+        return logits
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", vocab_size={getattr(self, 'vocab_size', None)}"

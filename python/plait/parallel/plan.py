@@ -22,9 +22,9 @@ style              what happens to the matched module
 ``replicate``      left whole on every rank (norms, position embeddings, small layers)
 =================  ====================================================================
 
-The decoder's pieces (``embed``, ``positions``, ``layers``, ``norm``, ``head``, ``rotary``)
-are module paths; ``family`` says how a layer is called (``"llama"``: hidden states with
-rotary position embeddings; ``"gpt2"``: hidden states only; ``"plait"``: plait's GPT).
+The decoder's pieces (``embed``, ``positions``, ``embed_dropout``, ``layers``, ``norm``, ``head``,
+``rotary``) are module paths; ``family`` names the model family that runs the stages
+(:mod:`plait.parallel.families`: ``"llama"``, ``"gpt2"``, ``"gemma2"``, ``"plait"``).
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from typing import Any, Mapping, Optional
 
 STYLES = ("colwise", "colwise_q", "colwise_kv", "colwise_qkv", "rowwise", "vocab_embed", "vocab_head",
           "attention", "replicate")
-FAMILIES = ("llama", "gpt2", "plait")
 
 
 @dataclass
@@ -51,13 +50,16 @@ class Plan:
     head: str
     positions: Optional[str] = None
     rotary: Optional[str] = None
+    embed_dropout: Optional[str] = None
     tied: bool = False
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from .families import FAMILIES   # the registry imports this module
+
         if self.family not in FAMILIES:
-            raise ValueError(f"plan {self.name!r}: unknown family {self.family!r}; use one of {FAMILIES}")
+            raise ValueError(f"plan {self.name!r}: unknown family {self.family!r}; use one of {sorted(FAMILIES)}")
         if not isinstance(self.styles, Mapping) or not self.styles:
             raise ValueError(f"plan {self.name!r}: styles must be a non-empty mapping of pattern -> style")
         for pattern, style in self.styles.items():
@@ -104,7 +106,8 @@ class Plan:
     def __str__(self) -> str:
         width = max(len(p) for p in self.styles)
         rows = [f"Plan {self.name!r} (family {self.family}{', tied embeddings' if self.tied else ''})",
-                f"  stages: embed={self.embed} positions={self.positions} layers={self.layers} "
+                f"  stages: embed={self.embed} positions={self.positions} embed_dropout={self.embed_dropout} "
+                f"layers={self.layers} "
                 f"norm={self.norm} head={self.head} rotary={self.rotary}"]
         rows += [f"  {pattern:<{width}}  {style}" for pattern, style in self.styles.items()]
         return "\n".join(rows)

@@ -2,9 +2,10 @@
 
 A chunk keeps the model's own submodules under their own names (``model.layers.5...``),
 so its ``named_parameters()`` are the checkpoint's names in any layout. The first chunk
-also holds the embedding (and learned positions), the last the final norm and the head;
-every chunk with layers holds the rotary embedding (a parameter-free module) and computes
-position ids, rotary tables and the causal mask for itself.
+also holds the embedding (and learned positions, embedding dropout), the last the final norm
+and the head; every chunk with layers holds the rotary embedding (a parameter-free module).
+How a chunk runs is its model family's business (:mod:`plait.parallel.families`): the
+stage's ``forward`` is the family's.
 
 =============  ============================  ============================
 chunk          input                         output
@@ -22,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .families import family
 from .plan import Plan
 
 
@@ -67,27 +69,6 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
     node.add_module(leaf, module)
 
 
-def _causal_mask(config, seq: int, dtype: torch.dtype, device) -> Optional[torch.Tensor]:
-    """None where SDPA's own causal flag is exact; else an explicit mask for the attention implementation.
-
-    Eager attention adds its mask (``[1, 1, seq, seq]``, finfo.min above the diagonal); a
-    sliding window shorter than the sequence needs an explicit mask too.
-    """
-    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
-    window = getattr(config, "sliding_window", None)
-    windowed = isinstance(window, int) and 0 < window < seq and getattr(config, "use_sliding_window", True)
-    if implementation != "eager" and not windowed:
-        return None
-    i = torch.arange(seq, device=device)
-    allowed = i[None, :] <= i[:, None]
-    if windowed:
-        allowed &= i[:, None] - i[None, :] < window
-    if implementation == "sdpa":
-        return allowed[None, None]
-    mask = torch.zeros(seq, seq, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
 class DecoderStage(nn.Module):
     """One pipeline chunk of a decoder: see the module docstring. Tensor in, tensor out."""
 
@@ -95,12 +76,14 @@ class DecoderStage(nn.Module):
         super().__init__()
         self.plan, self.layer_range, self.first, self.last = plan, layers, first, last
         self.hf_config = getattr(model, "config", None)
-        self.paths: dict[str, Optional[str]] = {"embed": None, "positions": None, "norm": None, "head": None,
-                                                "rotary": None}
+        self.family = family(plan.family)
+        self.paths: dict[str, Optional[str]] = {"embed": None, "positions": None, "embed_dropout": None,
+                                                "norm": None, "head": None, "rotary": None}
         if first:
             self._keep(model, "embed", plan.embed)
-            if plan.positions:
-                self._keep(model, "positions", plan.positions)
+            for role in ("positions", "embed_dropout"):
+                if getattr(plan, role):
+                    self._keep(model, role, getattr(plan, role))
         stack = model.get_submodule(plan.layers)
         self.layer_paths = [f"{plan.layers}.{i}" for i in layers]
         for i, path in zip(layers, self.layer_paths):
@@ -126,56 +109,10 @@ class DecoderStage(nn.Module):
     comm = None
     sequence_parallel = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plan.family == "plait":
-            return self._forward_seq_first(x)
-        if self.first:
-            if x.dim() != 2 or x.is_floating_point():
-                raise ValueError(f"the first pipeline stage takes token ids [batch, seq], got {x.dtype} "
-                                 f"{list(x.shape)}")
-            seq = x.shape[1]
-            positions = torch.arange(seq, device=x.device).unsqueeze(0)
-            h = self.part("embed")(x)
-            if self.paths["positions"]:
-                h = h + self.part("positions")(positions)
-        else:
-            h = x
-            seq = h.shape[1]
-            positions = torch.arange(seq, device=h.device).unsqueeze(0)
-        h = self.run_layers(h, positions)
-        if self.last:
-            h = self.part("head")(self.part("norm")(h))
-        return h
-
-    def _forward_seq_first(self, x: torch.Tensor) -> torch.Tensor:
-        """plait's GPT: ``[seq(/tp), batch, hidden]`` inside (sequence shards under SP), logits ``[batch, seq, V/tp]``."""
-        if self.first:
-            if x.dim() != 2 or x.is_floating_point():
-                raise ValueError(f"the first pipeline stage takes token ids [batch, seq], got {x.dtype} "
-                                 f"{list(x.shape)}")
-            h = self.part("embed")(x.t().contiguous())                 # [seq(/tp), batch, H]
-            positions = self.part("positions")(x.shape[1])             # [seq, H]
-            if self.sequence_parallel:
-                positions = positions.chunk(self.comm.size, dim=0)[self.comm.rank]
-            x = h + positions.unsqueeze(1)
-        for layer in self.layers():
-            x = layer(x)
-        if self.last:
-            x = self.part("head")(self.part("norm")(x)).transpose(0, 1)
-        return x
-
-    def run_layers(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if not self.layer_paths:
-            return h
-        mask = _causal_mask(self.hf_config, h.shape[1], h.dtype, h.device)
-        kwargs = {"attention_mask": mask}
-        if self.plan.family == "llama":
-            kwargs["position_ids"] = positions
-            kwargs["position_embeddings"] = self.part("rotary")(h, positions)
-        for layer in self.layers():
-            out = layer(h, **kwargs)
-            h = out[0] if isinstance(out, tuple) else out
-        return h
+    def forward(self, x: torch.Tensor, step=None) -> torch.Tensor:
+        """The stage's forward, as its model family runs it (``step``: a serving step, see
+        :meth:`plait.parallel.families.Family.forward`)."""
+        return self.family.forward(self, x, step)
 
     def extra_repr(self) -> str:
         layers = self.layer_range

@@ -38,12 +38,21 @@ A microbatch's activations are released by its B (or W); ``peak_activations`` an
 ``track_memory=True``, ``activation_bytes_peak`` report the step's high-water mark.
 Every wait is bounded (``PLAIT_TIMEOUT_S``): a dead or stuck peer becomes a
 :class:`~plait.errors.CommTimeoutError` naming the rank, the group and the pipeline action.
+
+Modes: ``train_step`` runs the stages as they are (``model.train()`` to train with dropout);
+``eval_step`` always runs them in eval mode and restores their modes afterwards, so an
+evaluation never drops out. ``microbatch_context(step, first_row, rows)``, when given, is
+entered around each microbatch's forward: ``step`` is ``train_steps`` (the train steps run so
+far; set it when resuming), ``first_row`` the microbatch's first row in this rank's batch
+and ``rows`` the batch's rows (``plait.ParallelModel`` keys its layout-invariant dropout by it).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import weakref
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, ContextManager, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -103,7 +112,8 @@ class PipelineEngine:
                  schedule: Union[str, Schedule] = "1f1b", num_microbatches: Optional[int] = None,
                  loss_fn: Optional[Callable] = None, *, num_virtual: Optional[int] = None,
                  loss_reduction: str = "mean", record_timeline: bool = True, track_memory: bool = False,
-                 comm: Optional[Communicator] = None) -> None:
+                 comm: Optional[Communicator] = None,
+                 microbatch_context: Optional[Callable[[int, int, int], ContextManager]] = None) -> None:
         modules = [stage_modules] if isinstance(stage_modules, nn.Module) else list(stage_modules)
         if not modules or not all(isinstance(m, nn.Module) for m in modules):
             raise ValueError("stage_modules must be an nn.Module or a non-empty sequence of them (this rank's "
@@ -138,6 +148,8 @@ class PipelineEngine:
         self.recorder = Recorder(self.rank, record_timeline, mesh.device)
         self._memory = ActivationMemory([p for m in modules for p in m.parameters()]) if track_memory else None
         self.peak_activations = 0
+        self.microbatch_context = microbatch_context
+        self.train_steps = 0
         self.last_output_microbatches: Optional[list[torch.Tensor]] = None
 
     def _check_ranks_agree(self, mesh, modules: list[nn.Module]) -> None:
@@ -177,7 +189,9 @@ class PipelineEngine:
         (float64 scalar) on every rank."""
         if self.loss_fn is None:
             raise ValueError("train_step needs a loss: pass loss_fn=... to PipelineEngine")
-        return self._step(TRAIN, inputs, targets)
+        loss = self._step(TRAIN, inputs, targets)
+        self.train_steps += 1
+        return loss
 
     def eval_step(self, inputs: Optional[torch.Tensor], targets: Optional[torch.Tensor] = None
                   ) -> Optional[torch.Tensor]:
@@ -185,8 +199,15 @@ class PipelineEngine:
         (``targets`` needed on the last stage); without one, the last stage's outputs
         (microbatches concatenated along dim 0) on its rank and None elsewhere. The outputs are
         also kept on the last stage's rank, per microbatch in ``engine.last_output_microbatches``
-        and concatenated in ``engine.last_outputs``."""
-        return self._step(EVAL, inputs, targets)
+        and concatenated in ``engine.last_outputs``. The stages run in eval mode (no dropout)."""
+        modes = [(m, m.training) for module in self.modules.values() for m in module.modules()]
+        for module in self.modules.values():
+            module.eval()
+        try:
+            return self._step(EVAL, inputs, targets)
+        finally:
+            for module, training in modes:
+                module.training = training
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of this rank's stages (for the optimizer)."""
@@ -264,10 +285,17 @@ class PipelineEngine:
         if self._memory is not None:
             self._memory.peak = self._memory.live
         known = self._metas.get(signature)
+        _, shapes = decode_signature(list(signature))
+        first_rows = [0, *itertools.accumulate(meta.shape[0] for meta in shapes)]
+        context = None
+        if self.microbatch_context is not None:
+            step, rows, make = self.train_steps, first_rows[-1], self.microbatch_context
+            context = lambda mb: make(step, first_rows[mb], rows)   # noqa: E731
         runner = StepRunner(program=self.program if training else self.eval_program, schedule=self.schedule,
                             rank=self.rank, modules=self.modules, params=self.params, transport=self.transport,
                             training=training, loss_fn=self.loss_fn, inputs=micro_in, targets=micro_tgt,
-                            weights=weights, metas=known, recorder=self.recorder, memory=self._memory)
+                            weights=weights, metas=known, recorder=self.recorder, memory=self._memory,
+                            context=context)
         if training:
             runner.run()
         else:

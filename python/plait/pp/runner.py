@@ -6,7 +6,8 @@ Activations live from a stage's F until its B (or W) and are dropped then.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import contextlib
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import nn
@@ -62,7 +63,8 @@ class StepRunner:
     def __init__(self, *, program: Sequence[Action], schedule: Schedule, rank: int, modules: dict[int, nn.Module],
                  params: dict[int, list], transport: Transport, training: bool, loss_fn: Optional[Callable],
                  inputs: Optional[list], targets: Optional[list], weights: Optional[list[float]],
-                 metas: Optional[dict], recorder: Recorder, memory: Optional[ActivationMemory]) -> None:
+                 metas: Optional[dict], recorder: Recorder, memory: Optional[ActivationMemory],
+                 context: Optional[Callable[[int], ContextManager]] = None) -> None:
         self.program, self.schedule, self.rank = program, schedule, rank
         self.place, self.last = schedule.placement, schedule.num_stages - 1
         self.modules, self.params, self.transport = modules, params, transport
@@ -71,6 +73,7 @@ class StepRunner:
         self.known = metas  # None: a new signature, headers travel and new_metas fills
         self.new_metas: dict = {}
         self.recorder, self.memory = recorder, memory
+        self.context = context or (lambda mb: contextlib.nullcontext())
         self.recvs: dict[Action, PendingRecv] = {}
         self.outbox: dict[Action, torch.Tensor] = {}
         self.local: dict[tuple, torch.Tensor] = {}  # hand-offs between stages on this rank
@@ -158,7 +161,7 @@ class StepRunner:
         if self.training and s > 0 and x.is_floating_point():
             x.requires_grad_(True)
         start = self.recorder.start()
-        with torch.set_grad_enabled(self.training):
+        with torch.set_grad_enabled(self.training), self.context(mb):
             if self.memory is not None and self.training:
                 with self.memory.hooks():
                     y = self.modules[s](x)

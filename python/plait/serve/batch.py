@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from .attention import StepInputs
+from .forward import StepInputs
 from .sampling import Sampled, SamplingParams
 
 STEP, IDLE, STOP = 1, 2, 3
@@ -109,9 +109,23 @@ class StepBatch:
     def size(self) -> int:
         return self.rows.shape[0]
 
-    def inputs(self, device=None) -> StepInputs:
-        """The step's layout for the forward (:mod:`plait.serve.attention`), its tensors on ``device``."""
-        return StepInputs(self.tables, self.column("start"), self.column("length"), device)
+    def parts(self) -> list["Part"]:
+        """The step as the forward runs it: its one-token rows, and its longer rows, each a padded batch (see
+        :mod:`plait.serve.forward`; no row reads what another row of its step writes, so the order is free)."""
+        lengths = self.column("length")
+        single = lengths == 1
+        offsets = torch.cumsum(lengths, 0) - lengths
+        parts = []
+        for which in (~single, single):
+            rows = which.nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            seq = int(lengths[rows].max())
+            tokens = torch.zeros(rows.numel(), seq, dtype=torch.int64)
+            for i, r in enumerate(rows.tolist()):
+                tokens[i, :lengths[r]] = self.tokens[offsets[r]:offsets[r] + lengths[r]]
+            parts.append(Part(rows, tokens, self.tables[rows], self.column("start")[rows], lengths[rows]))
+        return parts
 
     def row_tokens(self) -> list[list[int]]:
         """The new tokens of each row."""
@@ -136,6 +150,21 @@ class StepBatch:
         sizes = [batch * len(ROW_FIELDS), tokens, batch * width, history, releases]
         rows, toks, tables, hist, rel = (part.clone() for part in payload.split(sizes))
         return cls(rows.view(batch, len(ROW_FIELDS)), toks, tables.view(batch, width), hist, rel)
+
+
+@dataclass
+class Part:
+    """Rows ``rows`` of a step as one padded batch: ``tokens`` ``[rows, seq]``, block tables, starts, lengths."""
+
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    tables: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+
+    def inputs(self, device=None) -> StepInputs:
+        """The part's layout for the forward (:class:`~plait.serve.forward.StepInputs`), on ``device``."""
+        return StepInputs(self.tables, self.starts, self.lengths, device)
 
 
 def payload_size(header: list[int]) -> int:

@@ -1,19 +1,34 @@
 """One forward step of this rank's pipeline stage over a batch of requests, reading and writing the KV cache.
 
-The step calls the decoder's own submodules (norms, TP projections, MLP) and does only the
-attention itself, over the cache (:func:`plait.serve.attention.cached_attention`). The step's new
-tokens are packed into one sequence (see :mod:`plait.serve.attention` for the step's layout):
+The step is the model family's own stage forward (:mod:`plait.parallel.families`, the same code
+as training and ``logits``) given a :class:`CachedStep`: plait's attention function then writes
+the new keys and values into the (paged) cache and attends over the cached ones with the step's
+mask. Row ``r`` brings ``lengths[r]`` new tokens starting at position ``starts[r]`` (a prompt
+chunk, or one token at decode); rows are padded to the longest:
 
 ==============  =========================  ==========================================
 name            shape                      meaning
 ==============  =========================  ==========================================
-``tokens``      ``[1, tokens]``            new token ids of every row, packed (first stage)
-``hidden``      ``[1, tokens, H]``         what the previous stage sent (other stages)
-``step``        :class:`StepInputs`        rows, block tables, positions
-result          ``[1, tokens, H]``         hidden states for the next stage, or on the
+``tokens``      ``[batch, seq]``           new token ids (first stage), padded with 0
+``hidden``      ``[batch, seq, H]``        what the previous stage sent (other stages)
+``tables``      ``[batch, width]``         each row's KV-cache block table (:mod:`.kv_cache`)
+``starts``      ``[batch]``                position of each row's first new token
+``lengths``     ``[batch]``                how many of its ``seq`` tokens are real
+result          ``[batch, seq, H]``        hidden states for the next stage, or on the
                 ``[batch, V/tp]``          last stage the vocab-parallel logits of each
-                                           row's last new token
+                                           row's last real token
 ==============  =========================  ==========================================
+
+Padding tokens never reach the cache and no real token attends to them. So that a one-token
+decode row never pays for a long prompt chunk's padding, the engine runs a step's decode rows
+and its chunk rows as two such batches (:meth:`plait.serve.batch.StepBatch.parts`).
+
+**The cache seam** (what plait's attention function calls, :mod:`plait.parallel.attention`):
+``CachedStep.keys_values(layer_idx, k, v, window)`` stores the new keys and values of model layer
+``layer_idx`` (:meth:`KVCache.write`) and returns every row's cached keys and values up to the
+step's last position (:meth:`KVCache.read` through the block tables) with the boolean mask
+``[batch, 1, seq, keys]`` (:meth:`StepInputs.attention_mask`). The family forward also reads
+``positions`` and calls ``last_tokens``.
 """
 from __future__ import annotations
 
@@ -21,81 +36,75 @@ from typing import Optional
 
 import torch
 
-from .attention import StepInputs, cached_attention
 from .kv_cache import KVCache, Placement
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``[x1, x2] -> [-x2, x1]`` over the last dim (the rotary convention of Llama-style models)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class StepInputs:
+    """Where each row of a step reads and writes (see the module docstring): built from CPU tensors, kept on
+    ``device``."""
+
+    def __init__(self, tables: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, device=None) -> None:
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        seq = int(lengths.max())
+        offsets = torch.arange(seq)
+        positions = starts[:, None] + offsets[None, :]
+        valid = offsets[None, :] < lengths[:, None]
+        self.num_keys = int((starts + lengths).max())
+        self._cpu = (positions, valid)
+        self.tables, self.starts, self.lengths, self.positions, self.valid = (
+            t.to(self.device) for t in (tables, starts, lengths, positions, valid))
+
+    def placement(self, block_size: int) -> Placement:
+        return Placement.of(self.tables, self.positions, self.valid, block_size)
+
+    def attention_mask(self, window: Optional[int]) -> torch.Tensor:
+        """Boolean ``[batch, 1, seq, keys]``: a token sees cached positions up to its own (within the window).
+
+        Padding queries see position 0 only, so no row of the softmax is empty.
+        """
+        positions, valid = self._cpu
+        keys = torch.arange(self.num_keys)
+        allowed = keys[None, None, :] <= positions[:, :, None]
+        if window:
+            allowed &= positions[:, :, None] - keys[None, None, :] < window
+        allowed |= (~valid)[:, :, None] & (keys == 0)[None, None, :]
+        return allowed[:, None].to(self.device)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding of ``q``, ``k`` ``[batch, heads, seq, head_dim]`` by ``cos``, ``sin`` ``[batch, seq, head_dim]``."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+class CachedStep:
+    """A serving step as the model family's forward sees it (its ``step`` argument): where each token sits,
+    and the KV cache that plait's attention function reads and writes (:mod:`plait.parallel.attention`)."""
 
+    def __init__(self, inputs: StepInputs, cache: KVCache, first_layer: int) -> None:
+        self.inputs, self.cache, self.first_layer = inputs, cache, first_layer
+        self.positions = inputs.positions
+        self.where = inputs.placement(cache.block_size)
+        self._masks: dict[Optional[int], torch.Tensor] = {}
 
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``[batch, seq, heads*head_dim] -> [batch, heads, seq, head_dim]``."""
-    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+    def keys_values(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, window: Optional[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store this step's keys and values ``[batch, kv_heads, seq, head_dim]`` of model layer ``layer_idx``;
+        return all the rows' cached keys and values and the boolean mask ``[batch, 1, seq, keys]``."""
+        if window not in self._masks:
+            self._masks[window] = self.inputs.attention_mask(window)
+        layer = layer_idx - self.first_layer
+        self.cache.write(layer, self.where, k, v)
+        keys, values = self.cache.read(layer, self.inputs.tables, self.inputs.num_keys)
+        return keys, values, self._masks[window]
+
+    def last_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """Each row's hidden state at its last real token: ``[batch, seq, H] -> [batch, H]``."""
+        return h[torch.arange(h.shape[0], device=h.device), self.inputs.lengths - 1]
 
 
 class StageRunner:
     """Runs one :class:`~plait.parallel.stage.DecoderStage` step by step against its own KV cache."""
 
-    def __init__(self, stage, family: str, cache: KVCache, window: Optional[int] = None) -> None:
-        if family not in ("llama", "gpt2"):
-            raise ValueError(f"plait serve runs the 'llama' and 'gpt2' families, not {family!r}")
-        self.stage, self.family, self.cache, self.window = stage, family, cache, window
-        self.layers = stage.layers()
+    def __init__(self, stage, cache: KVCache) -> None:
+        if not stage.family.serves:
+            raise ValueError(f"plait serve does not run the {stage.family.name!r} family")
+        self.stage, self.cache = stage, cache
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        stage = self.stage
-        positions = step.positions[None]
-        if stage.first:
-            h = stage.part("embed")(x)
-            if stage.part("positions") is not None:
-                h = h + stage.part("positions")(positions)
-        else:
-            h = x
-        where = step.placement(self.cache.block_size)
-        rotary = None
-        if self.family == "llama" and self.layers:
-            rotary = stage.part("rotary")(h, positions)
-        for index, layer in enumerate(self.layers):
-            if self.family == "llama":
-                h = self._llama_layer(index, layer, h, step, where, rotary)
-            else:
-                h = self._gpt2_layer(index, layer, h, step, where)
-        if not stage.last:
-            return h
-        last = h[0, step.last]
-        return stage.part("head")(stage.part("norm")(last))
-
-    def _cached_attention(self, index: int, q, k, v, step: StepInputs, where: Placement, scale) -> torch.Tensor:
-        return cached_attention(self.cache, index, q, k, v, step, where, self.window, scale)
-
-    def _llama_layer(self, index, layer, h, step, where, rotary) -> torch.Tensor:
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        hd = attn.head_dim
-        q, k, v = (proj(x).view(*x.shape[:2], -1, hd) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        if getattr(attn, "q_norm", None) is not None:       # Qwen3: per-head RMSNorm before rotary
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary(q, k, *rotary)
-        out = self._cached_attention(index, q, k, v, step, where, attn.scaling)
-        h = h + attn.o_proj(out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-
-    def _gpt2_layer(self, index, layer, h, step, where) -> torch.Tensor:
-        attn = layer.attn
-        q, k, v = attn.c_attn(layer.ln_1(h)).split(attn.split_size, dim=2)
-        q, k, v = (_heads(t, attn.head_dim) for t in (q, k, v))
-        out = self._cached_attention(index, q, k, v, step, where, attn.scaling)
-        h = h + attn.c_proj(out)
-        return h + layer.mlp(layer.ln_2(h))
+        return self.stage(x, CachedStep(step, self.cache, self.stage.layer_range.start))

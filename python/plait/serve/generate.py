@@ -51,10 +51,15 @@ def check_layout(directory: str, tp: int, pp: int) -> None:
     from ..parallel.apply import ModelDims, check_plan
     from ..parallel.model import resolve_plan
 
-    model = build_on_meta(load_config(directory))
+    from ..parallel.families import FAMILIES, check_config, family
+
+    config = load_config(directory)
+    check_config(config)
+    model = build_on_meta(config)
     plan = resolve_plan(model, None)
-    if plan.family not in ("llama", "gpt2"):
-        raise ValueError(f"plait serves the 'llama' and 'gpt2' model families, not {plan.family!r}")
+    if not family(plan.family).serves:
+        raise ValueError(f"plait serves the {sorted(n for n, f in FAMILIES.items() if f.serves)} model families, "
+                         f"not {plan.family!r}")
     check_plan(model, plan, tp)
     layers = len(model.get_submodule(plan.layers))
     ParallelConfig(pp=pp, tp=tp).check_model(num_layers=layers, num_heads=ModelDims.of(model).num_heads)

@@ -16,13 +16,13 @@ tensor     shape
 Local KV heads are the ones this TP rank's query heads read (replicated KV heads appear on
 every rank that reads them, as in the parallel model).
 
-The attention of a step talks to the cache through two methods (see :mod:`plait.serve.forward`):
-``write(layer, placement, k, v)`` stores the step's new keys and values (every new token of the
-step, packed), then ``read(layer, tables, num_keys)`` gives each row of an attention group its
-keys and values ``[rows, heads, num_keys, head_dim]`` in position order, masked by the group's
-``mask`` (:class:`~plait.serve.forward.StepInputs`). A token's keys are written before any row
-reads in the same layer, so a row sees the tokens other rows of its step wrote (a shared
-prefix, or the earlier positions of its own prompt chunk).
+The attention of a step talks to the cache through two methods, called by
+:meth:`plait.serve.forward.CachedStep.keys_values` (the seam plait's attention function uses):
+``write(layer, placement, k, v)`` stores the step's new keys and values (the real tokens of
+every row), then ``read(layer, tables, num_keys)`` gives each row its keys and values
+``[rows, heads, num_keys, head_dim]`` in position order, to be masked with the step's mask
+(:meth:`plait.serve.forward.StepInputs.attention_mask`). A step's keys are written before any
+row reads in the same layer.
 """
 from __future__ import annotations
 
@@ -35,16 +35,20 @@ from ..plan.memory import kv_bytes_per_token
 
 @dataclass(frozen=True)
 class Placement:
-    """Where each new token of a step goes: block ``blocks[i]``, offset ``offsets[i]`` for packed token ``i``.
-    Found once per step, since every layer writes the same places."""
+    """Where a step's real tokens go in the cache: found once per step, since every layer writes the same
+    places. Token ``(rows[i], cols[i])`` of the step goes to block ``blocks[i]``, offset ``offsets[i]``."""
 
+    rows: torch.Tensor
+    cols: torch.Tensor
     blocks: torch.Tensor
     offsets: torch.Tensor
 
     @classmethod
-    def of(cls, tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> "Placement":
-        """From each row's block table ``[batch, width]``, and each packed token's row and position ``[tokens]``."""
-        return cls(tables[rows, positions // block_size], positions % block_size)
+    def of(cls, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, block_size: int) -> "Placement":
+        """From each row's block table ``[batch, width]``, and ``positions`` and ``valid`` ``[batch, seq]``."""
+        rows, cols = valid.nonzero(as_tuple=True)
+        at = positions[rows, cols]
+        return cls(rows, cols, tables[rows, at // block_size], at % block_size)
 
 
 class KVCache:
@@ -72,9 +76,9 @@ class KVCache:
         return kv_bytes_per_token(self.k.shape[0], heads, head_dim, self.k.element_size())
 
     def write(self, layer: int, where: Placement, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the step's new keys/values ``[1, kv_heads, tokens, head_dim]`` (packed) at ``where``."""
-        self.k[layer][where.blocks, where.offsets] = k[0].transpose(0, 1)
-        self.v[layer][where.blocks, where.offsets] = v[0].transpose(0, 1)
+        """Store new keys/values ``[batch, kv_heads, seq, head_dim]`` of the real tokens at ``where``."""
+        self.k[layer][where.blocks, where.offsets] = k.transpose(1, 2)[where.rows, where.cols]
+        self.v[layer][where.blocks, where.offsets] = v.transpose(1, 2)[where.rows, where.cols]
 
     def read(self, layer: int, tables: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[rows, kv_heads, num_keys, head_dim]`` of positions ``[0, num_keys)`` of each row's

@@ -58,21 +58,9 @@ from .sampler import Histories, sample_step
 from .sampling import Sampled
 
 
-def sliding_window(model_config) -> Optional[int]:
-    """The attention window of a model config, None when attention is global."""
-    window = getattr(model_config, "sliding_window", None)
-    if isinstance(window, int) and window > 0 and getattr(model_config, "use_sliding_window", True):
-        return window
-    return None
-
-
 def local_kv_heads(model) -> int:
-    """KV heads of this TP rank, as the parallel model's projections hold them."""
-    from ..parallel.apply import heads_for
-
-    if model.plan.family == "gpt2":
-        return model.dims.num_heads // model.mesh.tp
-    return len(heads_for(model.dims, model.mesh.tp, model.mesh.tp_rank).kv_heads)
+    """KV heads of this TP rank, as the parallel model's projections hold them (the family knows)."""
+    return model.stages[0].family.local_kv_heads(model.dims, model.mesh.tp, model.mesh.tp_rank)
 
 
 def context_length(model_config) -> int:
@@ -146,6 +134,7 @@ class Worker:
             raise ValueError(f"a serving replica is one (pp, tp) group; run dp replicas as separate worlds "
                              f"(plait serve --dp), not a mesh with dp={model.mesh.dp}")
         self.model, self.mesh = model, model.mesh
+        model.eval()                     # serving never trains: no dropout, whatever mode the model came in
         stage = model.stages[0]
         self.dtype = model.dtype
         self.cache = KVCache(len(stage.layer_paths), num_blocks, block_size, local_kv_heads(model),
@@ -154,7 +143,7 @@ class Worker:
         if tp_backend != "torch" and self.mesh.tp > 1:      # collective over the TP group
             self.tp_comm = Communicator.create(tp_backend, self.mesh.tp_group, name="tp")
             use_comm(stage, self.mesh.tp_comm, self.tp_comm)
-        self.runner = StageRunner(stage, model.plan.family, self.cache, sliding_window(model.model_config))
+        self.runner = StageRunner(stage, self.cache)
         self.pipelined = self.mesh.pp > 1
         self.channels = Channels.of(self.mesh, tp_backend)
         self.world, self.stage_comm = self.channels.messages, self.channels.stage
@@ -243,23 +232,34 @@ class Worker:
     # ----------------------------------------------------------------- compute
     def _compute(self, batch: StepBatch, header: Optional[torch.Tensor] = None,
                  payload: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """Run this rank's stage on ``batch``: pass message and hidden states on (pipelined, not the last
-        stage), or gather the logits (last stage). Returns the sampler's answer on the sampler, else None."""
+        """Run this rank's stage on ``batch`` (its parts one after the other, see :meth:`StepBatch.parts`): pass
+        message and hidden states on (pipelined, not the last stage), or gather the logits (last stage).
+        Returns the sampler's answer on the sampler, else None."""
         mesh = self.mesh
         if self.steps is not None:
             self.steps.append((batch.tables.tolist(), batch.row_tokens()))
-        if mesh.is_first_stage:
-            x = batch.tokens[None]
-        else:
-            x = torch.empty(1, batch.tokens.numel(), self.model.dims.hidden, dtype=self.dtype, device=mesh.device)
-            self.hidden_line.recv(x, src=mesh.pp_rank - 1)
-        y = self.runner(x.to(mesh.device), batch.inputs(mesh.device))
-        if not mesh.is_last_stage:
+        last = mesh.is_last_stage
+        if not last:
             self.control_line.send(header, dst=mesh.pp_rank + 1)
             self.control_line.send(payload, dst=mesh.pp_rank + 1)
-            self.hidden_line.send(y.contiguous(), dst=mesh.pp_rank + 1)
+        rows, outputs = [], []
+        for part in batch.parts():
+            if mesh.is_first_stage:
+                x = part.tokens.to(mesh.device)
+            else:
+                x = torch.empty(*part.tokens.shape, self.model.dims.hidden, dtype=self.dtype, device=mesh.device)
+                self.hidden_line.recv(x, src=mesh.pp_rank - 1)
+            y = self.runner(x, part.inputs(mesh.device))
+            if not last:
+                self.hidden_line.send(y.contiguous(), dst=mesh.pp_rank + 1)
+                continue
+            rows.append(part.rows)
+            outputs.append(y)
+        if not last:
             return None
-        logits = self.tp_comm.all_gather(y.contiguous(), dim=-1)[..., :self.model.dims.vocab_size]
+        local = torch.empty(batch.size, outputs[0].shape[-1], dtype=outputs[0].dtype, device=mesh.device)
+        local[torch.cat(rows).to(mesh.device)] = torch.cat(outputs)
+        logits = self.tp_comm.all_gather(local, dim=-1)[..., :self.model.dims.vocab_size]
         if mesh.rank != self.sampler:
             return None
         return sample_step(logits.cpu(), batch, self.histories)

@@ -136,7 +136,10 @@ def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, o
     if resume_state:
         load_optimizer_state(checkpoint, resume_state, model, optimizer)
         restore_rng(resume_state)
+    model.train()                     # dropout on (eval_step and evaluation switch it off for themselves)
+    model.dropout_seed = job.seed     # layout-invariant dropout: masks keyed by (seed, step, site, element)
     engine = model.pipeline(job.schedule, num_microbatches=job.microbatches)
+    engine.train_steps = start
     batches = Batches(train_data, job.global_batch, job.dp, job.shuffle, job.seed)
     evaluation = Batches(eval_data, job.global_batch, job.dp) if eval_data is not None else None
     autocast = (lambda: torch.autocast(mesh.device.type, dtype=torch.bfloat16)) if job.mixed == "bf16" \

@@ -35,9 +35,12 @@ def model_config(job: TrainJob):
 
         return gpt_config(job.gpt, job.seq, DTYPES[job.dtype], job.sp)
     from ..models.hf import _transformers, load_config
+    from ..parallel.families import check_config
 
     if job.model is not None:
-        return load_config(job.model)
+        config = load_config(job.model)
+        check_config(config)
+        return config
     path = Path(job.config)
     if not path.is_file():
         raise ValueError(f"{path}: config file not found")
@@ -47,9 +50,11 @@ def model_config(job: TrainJob):
     except (ValueError, KeyError, AttributeError, TypeError) as err:
         raise ValueError(f"{path}: not a transformers config.json with a model_type ({err})") from None
     try:
-        return _transformers().AutoConfig.for_model(model_type, **data)
+        config = _transformers().AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a usable transformers config ({err})") from None
+    check_config(config)
+    return config
 
 
 def _is_gpt(config) -> bool:

@@ -12,13 +12,18 @@ mode                    what is wrapped in ``torch.utils.checkpoint`` (non-reent
 Modules keep their names and parameters (the wrapper replaces the instance's ``forward``),
 so checkpoints, optimizer state and gradients are unchanged; only memory and time move.
 Tensor-parallel collectives inside a recomputed region run again in backward, in the same
-order on every TP rank.
+order on every TP rank, and the recomputation runs in the dropout scope of the forward, so its
+layout-invariant dropout masks are the forward's (:mod:`plait.parallel.dropout`).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..parallel.dropout import current_scope, dropout_scope
 
 ATTENTION_NAMES = ("self_attn", "attn")   # transformers' Llama/Mistral/Qwen2 and GPT-2
 
@@ -30,7 +35,9 @@ def recompute(module: nn.Module) -> None:
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        scope = current_scope()     # the recomputation must draw the forward's dropout masks
+        return checkpoint(forward, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), dropout_scope(scope)), **kwargs)
 
     module.forward = run
 

@@ -1,0 +1,146 @@
+"""The Llama family: Llama (1-3), Mistral, Qwen2, Qwen3, and Llama-like decoders with a transformers TP plan.
+
+Layers take hidden states plus rotary tables (``position_embeddings``) computed once per stage
+by the model's rotary module; q/k/v are column-parallel by heads (KV heads replicated when
+tp exceeds them), o row-parallel; gate/up column-parallel, down row-parallel.
+
+Rotary types whose tables depend on the longest position of the call (``dynamic``,
+``longrope``) are computed as transformers computes them for one sequence from a fresh model:
+per row, from the module's initial state, so a row's tables never depend on which other
+requests share its batch or ran before it.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from ..plan import Plan
+from .base import Field, HFDecoder
+
+STATEFUL_ROPE = ("dynamic", "longrope")
+
+
+def llama_plan(name: str = "llama", root: str = "model", family: str = "llama") -> Plan:
+    """Llama, Mistral, Qwen2 (QKV bias), Qwen3: q/k/v column by heads, o row; gate/up column, down row."""
+    layer = f"{root}.layers.*"
+    return Plan(
+        name=name, family=family,
+        styles={
+            f"{root}.embed_tokens": "vocab_embed",
+            "lm_head": "vocab_head",
+            f"{layer}.self_attn": "attention",
+            f"{layer}.self_attn.q_proj": "colwise_q",
+            f"{layer}.self_attn.k_proj": "colwise_kv",
+            f"{layer}.self_attn.v_proj": "colwise_kv",
+            f"{layer}.self_attn.o_proj": "rowwise",
+            f"{layer}.mlp.gate_proj": "colwise",
+            f"{layer}.mlp.up_proj": "colwise",
+            f"{layer}.mlp.down_proj": "rowwise",
+        },
+        embed=f"{root}.embed_tokens", layers=f"{root}.layers", norm=f"{root}.norm", head="lm_head",
+        rotary=f"{root}.rotary_emb", tied=True,
+        notes="KV heads are replicated when tp exceeds num_key_value_heads")
+
+
+# transformers' TP styles -> plait's; a colwise k/v projection becomes colwise_kv (see translate_hf_plan).
+_HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "colwise_rep": "colwise", "rowwise_rep": "rowwise",
+              "replicated_with_grad_allreduce": "replicate", "sequence_parallel": "replicate",
+              "colwise_gather_output": "vocab_head", "replicate": "replicate"}
+
+
+def translate_hf_plan(model: nn.Module) -> Plan:
+    """A plan from the model config's ``base_model_tp_plan`` and ``base_model_pp_plan`` (Llama-like decoders)."""
+    config = getattr(model, "config", None)
+    tp_plan = getattr(config, "base_model_tp_plan", None)
+    pp_plan = getattr(config, "base_model_pp_plan", None)
+    prefix = getattr(model, "base_model_prefix", "model")
+    if not tp_plan or not pp_plan or not hasattr(getattr(model, prefix, None), "rotary_emb"):
+        raise ValueError("no translatable transformers TP plan")
+    heads = getattr(config, "num_attention_heads")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    styles: dict[str, str] = {f"{prefix}.embed_tokens": "vocab_embed", "lm_head": "vocab_head"}
+    modules = dict(model.named_modules())
+    for pattern, hf_style in tp_plan.items():
+        if hf_style not in _HF_STYLES:
+            raise ValueError(f"transformers TP style {hf_style!r} (for {pattern!r}) has no plait equivalent; "
+                             f"known: {sorted(_HF_STYLES)}")
+        full = f"{prefix}.{pattern}"
+        style = _HF_STYLES[hf_style]
+        example = next((m for n, m in modules.items() if fnmatch.fnmatchcase(n, full)), None)
+        if style == "colwise" and isinstance(example, nn.Linear) and example.out_features == kv * head_dim \
+                and kv != heads:
+            style = "colwise_kv"
+        if style == "colwise" and pattern.endswith("q_proj"):
+            style = "colwise_q"
+        styles[full] = style
+        if pattern.endswith(".q_proj"):
+            styles[full.rsplit(".", 1)[0]] = "attention"
+    return Plan(name=f"{config.model_type} (from transformers' base_model_tp_plan)", family="llama",
+                styles=styles, embed=f"{prefix}.embed_tokens", layers=f"{prefix}.layers", norm=f"{prefix}.norm",
+                head="lm_head", rotary=f"{prefix}.rotary_emb", tied=True)
+
+
+def _fresh_state(rotary: nn.Module) -> dict:
+    return {"inv_freq": rotary.inv_freq.clone(), "max_seq_len_cached": getattr(rotary, "max_seq_len_cached", None),
+            "attention_scaling": getattr(rotary, "attention_scaling", None)}
+
+
+def rotary_tables(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``[batch, seq, head_dim]`` of ``positions`` ``[batch or 1, seq]`` (see the module docstring)."""
+    if getattr(rotary, "rope_type", None) not in STATEFUL_ROPE:
+        return rotary(h, positions)
+    fresh = rotary.__dict__.setdefault("_plait_fresh_state", _fresh_state(rotary))
+    tables = []
+    for row in positions:
+        rotary.inv_freq = fresh["inv_freq"].clone()
+        for attr in ("max_seq_len_cached", "attention_scaling"):
+            if fresh[attr] is not None:
+                setattr(rotary, attr, fresh[attr])
+        tables.append(rotary(h, row.unsqueeze(0)))
+    return torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
+
+
+ROPE = Field("rope_parameters", "the model's rotary module computes the tables (default, linear, dynamic, yarn, "
+                                "longrope, llama3); dynamic and longrope per sequence, as for one request")
+LLAMA_FIELDS = (
+    Field("vocab_size", "embedding and head split by rows over TP, padded to a multiple of tp"),
+    Field("hidden_size", "the layers' own modules"),
+    Field("intermediate_size", "MLP split by columns over TP (must divide by tp)"),
+    Field("num_hidden_layers", "cut into pipeline stages"),
+    Field("num_attention_heads", "whole query heads per TP rank (must divide by tp)"),
+    Field("num_key_value_heads", "split over TP when tp divides them, else replicated on the ranks that read them"),
+    Field("head_dim", "q/k/v rows split by whole heads of head_dim (may differ from hidden/heads)"),
+    Field("hidden_act", "the MLP module's own activation"),
+    Field("rms_norm_eps", "the norm modules"),
+    Field("max_position_embeddings", "context limit of plait serve/generate; rotary scaling reads it"),
+    ROPE,
+    Field("attention_bias", "q/k/v biases split with their rows, o bias added once after the all-reduce"),
+    Field("mlp_bias", "gate/up biases split with their rows, down bias added once after the all-reduce"),
+    Field("attention_dropout", "layout-invariant dropout of the attention probabilities in training; off in eval"),
+    Field("tie_word_embeddings", "one shared tensor for the embedding and the head (summed gradients over PP)"),
+    Field("pretraining_tp", "not read by transformers 5 (no effect on the math), so none in plait either"),
+    Field("dtype", "default dtype of from_pretrained when none is given"),
+    Field("sliding_window", "per-layer attention window in the mask (Mistral: every layer; Qwen: per layer_types)"),
+    Field("use_sliding_window", "Qwen2/3: turns the window on (through layer_types)"),
+    Field("max_window_layers", "Qwen2/3: which layers use the window (through layer_types)"),
+    Field("layer_types", "per-layer full or sliding attention, read by each attention module"),
+)
+
+
+class LlamaFamily(HFDecoder):
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    fields = LLAMA_FIELDS
+
+    def plan(self, model: nn.Module) -> Plan:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type in self.model_types:
+            return llama_plan(model_type)
+        return translate_hf_plan(model)
+
+    def layer_kwargs(self, stage, h: torch.Tensor, positions: torch.Tensor, step) -> dict:
+        return {"attention_mask": None, "position_ids": positions,
+                "position_embeddings": rotary_tables(stage.part("rotary"), h, positions)}
