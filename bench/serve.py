@@ -20,6 +20,19 @@ every process runs one torch thread per rank:
 - **transformers generate** in one process (one row per ``--hf-threads`` value): the C requests
   one after another, the sequential baseline.
 
+Load scenarios (bench/_serve_load.py; plait's engine at tp=``--load-tp`` in ``--load-dtype``, each request
+generating ``--load-new`` tokens, every contender with a fresh engine):
+
+- **plait prefix cache** / **plait no prefix cache**: ``--prefix-requests`` requests sharing a
+  ``--shared-prefix``-token system prompt (and a ``--prefix-suffix``-token suffix each), all at once;
+- **plait mixed chunked** / **plait mixed whole prompts**: ``--mixed-clients`` closed-loop clients, each
+  sending ``--mixed-per-client`` requests with prompts of ``--mixed-lengths`` tokens (uniform), prefilled in
+  chunks of ``--step-tokens`` beside the decodes, or whole;
+- **plait batch 1 (load)**: one request alone, the TPOT the mixed load is held against.
+
+Their gaps between consecutive tokens (p99, a stall shows there) and the KV-cache memory per held token
+go to ``load`` in the JSON.
+
 Time to first token (TTFT) and time per output token after the first (TPOT) are p50 and p99
 over requests and runs (after ``--warmup`` runs); output tokens/s and requests/s use the
 median run's wall. ``same_tokens`` says whether a contender's greedy tokens equal plait's at the
@@ -37,6 +50,7 @@ from typing import Optional
 import torch
 
 from plait.bench import _serve_http as serve_http
+from plait.bench import _serve_load as serve_load
 from plait.bench._comm_deepspeed import available as deepspeed_available
 from plait.bench._serve_peers import peer_rank, transformers_run
 from plait.bench.common import command_line, print_table, save_plot, write_result
@@ -166,12 +180,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate (1 process)")
     parser.add_argument("--no-http", action="store_true", help="skip plait serve through HTTP")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed AutoTP")
+    parser.add_argument("--shared-prefix", type=int, default=1024, help="system prompt tokens (0: no such run)")
+    parser.add_argument("--prefix-requests", type=int, default=32)
+    parser.add_argument("--prefix-suffix", type=int, default=32)
+    parser.add_argument("--mixed-clients", type=int, default=16, help="closed-loop clients (0: no mixed load)")
+    parser.add_argument("--mixed-lengths", type=int, nargs=2, default=[64, 2048], metavar=("MIN", "MAX"))
+    parser.add_argument("--mixed-per-client", type=int, default=2)
+    parser.add_argument("--load-new", type=int, default=32, help="tokens each load request generates")
+    parser.add_argument("--load-tp", type=int, default=None, help="TP size of the load runs (default: max --tp)")
+    parser.add_argument("--load-dtype", default="auto", help="dtype of the load runs (default auto: see plait serve)")
+    parser.add_argument("--step-tokens", type=int, default=256, help="the engine's step budget in the load runs")
     args = parser.parse_args(argv)
     if (min(args.clients + args.tp + args.dp + args.pp + args.peer_batch + [args.runs, args.new - 1, args.prompt,
                                                                    args.peer_tp, args.server_max_batch]) < 1
             or args.warmup < 0):
         parser.error("sizes must be positive (--new at least 2)")
-    rows = []
+    rows, load = [], {}
     with tempfile.TemporaryDirectory(prefix="plait-bench-serve-") as tmp:
         directory = args.model or tmp
         if args.model is None:
@@ -184,33 +208,116 @@ def main(argv: Optional[list[str]] = None) -> int:
                 same = "reference" if r["tokens"] is reference else r["tokens"] == reference
                 rows.append(_row(name, tp, dp, clients, args.new, r, same))
             print_table(COLUMNS, rows[-len(done):])
+        load_rows, load = load_scenarios(args, directory)
+        rows += load_rows
     print()
     print_table(COLUMNS, rows)
     goals = targets(rows, max(args.tp), args.peer_tp, max(args.clients), max(args.dp))
+    goals.update(load_targets(rows, load, args))
     for name, goal in goals.items():
         print(f"{name}: {goal}")
     shape = {k: getattr(args, k.replace("-", "_")) for k in ("layers", "hidden", "heads", "kv-heads", "vocab", "ffn",
                                                              "prompt", "new", "runs", "warmup", "server-max-batch")}
-    path = write_result("serve", {"shape": shape, "table": {"columns": COLUMNS, "rows": rows}, "targets": goals},
-                        command_line("serve", argv))
+    path = write_result("serve", {"shape": shape, "table": {"columns": COLUMNS, "rows": rows}, "targets": goals,
+                                  "load": load}, command_line("serve", argv))
     print(f"wrote {path}")
     save_plot(plot, rows, path.with_suffix(".png"))
     return 0
+
+
+def load_scenarios(args, directory: str) -> tuple[list[list], dict]:
+    """The rows of the load scenarios (see the module docstring) and their ``load`` record (gaps, KV memory)."""
+    from plait.models.hf import load_config
+    from plait.plan.memory import kv_bytes_per_token
+    from plait.serve.options import resolve_dtype
+
+    tp = args.load_tp or max(args.tp)
+    dtype, why = resolve_dtype(args.load_dtype)
+    config = load_config(directory)
+    low, high = args.mixed_lengths
+    runs = []                                          # (name, clients, prompts, engine options)
+    if args.shared_prefix:
+        prompts = serve_load.shared_prefix_prompts(args.prefix_requests, args.shared_prefix, args.prefix_suffix,
+                                                   args.vocab, seed=7)
+        for name, caching in (("plait prefix cache", True), ("plait no prefix cache", False)):
+            runs.append((name, args.prefix_requests, prompts, dict(prefix_caching=caching,
+                                                                    max_step_tokens=args.step_tokens)))
+    if args.mixed_clients:
+        prompts = serve_load.mixed_prompts(args.mixed_clients, args.mixed_per_client, (low, high), args.vocab, 8)
+        runs.append(("plait batch 1 (load)", 1, serve_load.mixed_prompts(1, 1, ((low + high) // 2,) * 2,
+                                                                           args.vocab, 9),
+                     dict(max_step_tokens=args.step_tokens)))
+        runs.append(("plait mixed chunked", args.mixed_clients, prompts, dict(max_step_tokens=args.step_tokens)))
+        runs.append(("plait mixed whole prompts", args.mixed_clients, prompts,
+                     dict(max_step_tokens=high + args.mixed_clients)))
+    if not runs:
+        return [], {}
+    rows, load = [], {"tp": tp, "dtype": dtype, "dtype_choice": why, "gaps_ms_p99": {}, "kv_memory": {}}
+    model_bytes = kv_bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
+                                     config.hidden_size // config.num_attention_heads,
+                                     torch.empty((), dtype=getattr(torch, dtype)).element_size())
+    max_len = max(len(p) for _, _, prompts, _ in runs for client in prompts for p in client) + args.load_new + 1
+    same = {}
+    for name, clients, prompts, options in runs:
+        results = run_ranks(serve_load.load_rank, tp, tp, directory, prompts, args.load_new, dtype, options, max_len,
+                            timeout=7200)
+        leader = results[0]
+        requests = sum(len(client) for client in prompts)
+        row = _row(name, tp, 1, clients, args.load_new, leader, None)
+        row[COLUMNS.index("output_tokens_per_s")] = round(requests * args.load_new / leader["walls"][0], 1)
+        row[COLUMNS.index("requests_per_s")] = round(requests / leader["walls"][0], 3)
+        twin = same.setdefault(clients, leader["tokens"])
+        row[COLUMNS.index("same_tokens")] = "reference" if twin is leader["tokens"] else twin == leader["tokens"]
+        rows.append(row)
+        load["gaps_ms_p99"][name] = round(_pct(leader["gaps"], 0.99) * 1e3, 2) if leader["gaps"] else None
+        load["kv_memory"][name] = serve_load.kv_ratio(leader, results, model_bytes)
+        print_table(COLUMNS, [row])
+    return rows, load
+
+
+def load_targets(rows: list[list], load: dict, args) -> dict:
+    """The load ratios issue #23 sets: TTFT with prefix caching against without (p50, at most 0.2), p99 TPOT of
+    the chunked mixed load against batch 1 (at most 1.5), KV memory per held token against the model's
+    bytes per token (mean over the mixed load's steps, at most 1.1); and, as a reference without a bound,
+    the mixed load's p99 TPOT with whole-prompt prefill."""
+    if not load:
+        return {}
+    tp, prefix, clients = load["tp"], args.prefix_requests, args.mixed_clients
+    batch1 = _find(rows, "plait batch 1 (load)", tp, 1, 1)
+    goals = {
+        "ttft_prefix_cache_over_none": _ratio(_find(rows, "plait prefix cache", tp, 1, prefix),
+                                              _find(rows, "plait no prefix cache", tp, 1, prefix),
+                                              "ttft_ms_p50", 0.2, at_most=True),
+        "tpot_p99_mixed_chunked_over_batch1": _ratio(_find(rows, "plait mixed chunked", tp, 1, clients), batch1,
+                                                     "tpot_ms_p99", 1.5, at_most=True, bottom_column="tpot_ms_p50"),
+        "tpot_p99_mixed_whole_prompts_over_batch1": _ratio(_find(rows, "plait mixed whole prompts", tp, 1, clients),
+                                                           batch1, "tpot_ms_p99", None, at_most=True,
+                                                           bottom_column="tpot_ms_p50"),
+    }
+    kv = load["kv_memory"].get("plait mixed chunked")
+    goals["kv_bytes_per_held_token_over_model"] = (
+        {"value": kv["mean"], "target": 1.1, "met": kv["mean"] <= 1.1,
+         "of": f"mean over {kv['steps']} steps of the chunked mixed load (max {kv['max']})"} if kv else
+        {"value": None, "target": 1.1, "met": None, "why": "no mixed load ran"})
+    return goals
 
 
 def _find(rows: list[list], name: str, tp: int, dp: int, clients: int) -> Optional[list]:
     return next((r for r in rows if r[:4] == [name, tp, dp, clients]), None)
 
 
-def _ratio(top: Optional[list], bottom: Optional[list], column: str, target: float, at_most: bool) -> dict:
-    """``top[column] / bottom[column]`` against ``target`` (an upper bound when ``at_most``, else a lower one)."""
+def _ratio(top: Optional[list], bottom: Optional[list], column: str, target: Optional[float], at_most: bool,
+           bottom_column: Optional[str] = None) -> dict:
+    """``top[column] / bottom[bottom_column or column]`` against ``target`` (an upper bound when ``at_most``, else
+    a lower one; None: reported without a bound)."""
     if top is None or bottom is None:
         return {"value": None, "target": target, "met": None, "why": "a contender did not run"}
-    index = COLUMNS.index(column)
-    value = round(top[index] / bottom[index], 3)
-    return {"value": value, "target": target, "met": value <= target if at_most else value >= target,
-            "of": f"{column}: {top[0]} tp={top[1]} dp={top[2]} / {bottom[0]} tp={bottom[1]} dp={bottom[2]}, "
-                  f"{top[3]} clients"}
+    under = bottom_column or column
+    value = round(top[COLUMNS.index(column)] / bottom[COLUMNS.index(under)], 3)
+    met = None if target is None else (value <= target if at_most else value >= target)
+    of = f"{column}: {top[0]} tp={top[1]} dp={top[2]}, {top[3]} clients"
+    return {"value": value, "target": target, "met": met,
+            "of": f"{of} / {under}: {bottom[0]} tp={bottom[1]} dp={bottom[2]}, {bottom[3]} clients"}
 
 
 def targets(rows: list[list], tp: int, peer_tp: int, clients: int, dp: int) -> dict:

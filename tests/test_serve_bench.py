@@ -16,17 +16,29 @@ def test_bench_serve_smoke(tmp_path, monkeypatch):
     assert serve.main(["--layers", "1", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "64",
                        "--ffn", "64", "--prompt", "4", "--new", "3", "--clients", "2", "--tp", "1", "2",
                        "--dp", "2", "--runs", "1", "--warmup", "0", "--hf-threads", "1", "--peer-batch", "2",
-                       "--no-http", "--no-deepspeed"]) == 0
+                       "--no-http", "--no-deepspeed", "--shared-prefix", "16", "--prefix-requests", "3",
+                       "--prefix-suffix", "2", "--mixed-clients", "2", "--mixed-lengths", "4", "20",
+                       "--mixed-per-client", "2", "--load-new", "3", "--step-tokens", "6",
+                       "--load-dtype", "float32"]) == 0
     [path] = (tmp_path / "plait-bench-results").glob("serve-*.json")
     results = json.loads(path.read_text())["results"]
     table = results["table"]
     contenders = [(row[0], row[1], row[2]) for row in table["rows"]]
+    load = [("plait prefix cache", 2, 1), ("plait no prefix cache", 2, 1), ("plait batch 1 (load)", 2, 1),
+            ("plait mixed chunked", 2, 1), ("plait mixed whole prompts", 2, 1)]
     assert contenders == [("plait", 1, 1), ("plait", 2, 1), ("transformers TP", 2, 1),
-                          ("transformers generate (1 threads)", 1, 1)]
+                          ("transformers generate (1 threads)", 1, 1)] + load
+    same = [row[-1] for row in table["rows"][4:]]
+    assert same == ["reference", True, "reference", "reference", True], same     # float32, greedy
+    kv = results["load"]["kv_memory"]["plait mixed chunked"]
+    assert 1.0 <= kv["mean"] <= kv["max"] and kv["replica_bytes_per_token"] == kv["model_bytes_per_token"]
+    for name in ("ttft_prefix_cache_over_none", "tpot_p99_mixed_chunked_over_batch1",
+                 "kv_bytes_per_held_token_over_model"):
+        assert results["targets"][name]["value"] > 0
     column = {name: i for i, name in enumerate(table["columns"])}
     assert all(row[column["output_tokens_per_s"]] > 0 for row in table["rows"])
     # greedy float32 on a tiny model: every contender produces plait tp=2's tokens
-    assert [row[column["same_tokens"]] for row in table["rows"]] == [True, "reference", True, True]
+    assert [row[column["same_tokens"]] for row in table["rows"][:4]] == [True, "reference", True, True]
     goals = results["targets"]
     assert goals["tpot_plait_b1_over_deepspeed_autotp"]["value"] is None      # no batch-1 row, no DeepSpeed
     ratio = goals["tokens_per_s_plait_over_sequential_transformers"]
@@ -42,7 +54,8 @@ def test_bench_serve_pp_row(tmp_path, monkeypatch):
     assert serve.main(["--layers", "2", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--vocab", "64",
                        "--ffn", "64", "--prompt", "4", "--new", "3", "--clients", "2", "--tp", "1", "--dp", "1",
                        "--pp", "2", "--runs", "1", "--warmup", "0", "--no-transformers",
-                       "--no-http", "--no-deepspeed", "--peer-batch", "99"]) == 0
+                       "--no-http", "--no-deepspeed", "--peer-batch", "99", "--shared-prefix", "0",
+                       "--mixed-clients", "0"]) == 0
     [path] = (tmp_path / "plait-bench-results").glob("serve-*.json")
     table = json.loads(path.read_text())["results"]["table"]
     assert [(row[0], row[1], row[2]) for row in table["rows"]] == [("plait", 1, 1), ("plait pp=2", 1, 1)]

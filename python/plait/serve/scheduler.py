@@ -192,8 +192,8 @@ class Scheduler:
 
     @property
     def held_tokens(self) -> int:
-        """Positions the running requests hold in the cache."""
-        return sum(r.computed for r in self.running.values())
+        """Tokens the running requests hold (prompt and generated; their blocks are allocated for them)."""
+        return sum(len(r.prompt) + len(r.generated) for r in self.running.values())
 
     def stats(self) -> dict:
         """What a replica reports: requests running and waiting, the cache's use, prefix cache hits."""
