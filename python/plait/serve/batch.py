@@ -27,6 +27,7 @@ token's log-probability and ``k`` (id, log-probability) pairs, the log-probabili
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -75,7 +76,7 @@ class Row:
 
 def float_bits(value: float) -> int:
     """The float64 bits of ``value`` as an int64 (how floats travel in int64 messages)."""
-    return int(torch.tensor(value, dtype=torch.float64).view(torch.int64))
+    return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
 @dataclass
