@@ -23,6 +23,15 @@ from typing import Optional
 import torch
 
 
+def record_tokens(times: dict[str, list[float]], tokens: dict[str, list[int]], events) -> None:
+    """Note the arrival time of every token among ``events``, and the token, per request id."""
+    now = time.perf_counter()
+    for event in events:
+        if event.token is not None:
+            times[event.rid].append(now)
+            tokens[event.rid].append(event.token)
+
+
 class ClosedLoopSource:
     """The leader's source for closed-loop clients: client ``c`` submits ``prompts[c][0]``, and its next prompt
     once the previous request ends; records each request's token times and, after each step, the cache's
@@ -61,11 +70,8 @@ class ClosedLoopSource:
         return commands
 
     def emit(self, events) -> None:
-        now = time.perf_counter()
+        record_tokens(self.times, self.tokens, events)
         for event in events:
-            if event.token is not None:
-                self.times[event.rid].append(now)
-                self.tokens[event.rid].append(event.token)
             if event.finish_reason is not None:
                 client = self.owner[event.rid]
                 if self.next[client] < len(self.prompts[client]):

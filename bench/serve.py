@@ -97,11 +97,7 @@ class _TimedSource:
         return [("submit", r) for r in self.requests] + [("stop",)]
 
     def emit(self, events) -> None:
-        now = time.perf_counter()
-        for event in events:
-            if event.token is not None:
-                self.times[event.rid].append(now)
-                self.tokens[event.rid].append(event.token)
+        serve_load.record_tokens(self.times, self.tokens, events)
 
 
 def plait_rank(rank: int, world: int, tp: int, directory: str, prompts: list[list[int]], new: int, runs: int,
