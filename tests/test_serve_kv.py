@@ -4,7 +4,8 @@ Engine runs (float64, Llama with GQA) at (tp, pp) in (1,1), (2,1), (2,2), blocks
 step budget of 6 tokens, requests sharing a 20-token system prompt and arriving while others decode:
 
 - greedy tokens equal transformers' ``generate`` of each prompt alone, also for a request with a
-  repetition penalty whose prompt comes from the prefix cache (the sampler gets the cached tokens);
+  repetition penalty whose prompt comes from the prefix cache (the sampler gets the cached tokens),
+  whether a step runs its chunks and decodes as two padded batches or as one of one-token rows;
 - prompts are read from the prefix cache (the scheduler counts the hits), long prompts are fed in
   chunks in the same steps as other requests' decodes, no step feeds more than the budget, and every
   rank ran the same steps (block tables included);
@@ -56,14 +57,21 @@ def _run(rank: int, world: int, pp: int, tp: int, directory: str) -> dict:
     import plait
     from plait.serve import Engine
 
+    from plait.serve import batch
+
     plait.init_mesh(pp=pp, tp=tp)
     model = plait.from_pretrained(directory, plait.current_mesh(), dtype=torch.float64)
+    params = [_params(i) for i in range(len(PROMPTS))]
+    batch.SPLIT_TOKENS = 0                    # chunks and decodes as two padded batches per step
+    parts = Engine(model, max_batch=3, block_size=BLOCK, max_step_tokens=BUDGET)
+    two_parts = [c.token_ids for c in parts.generate(PROMPTS, params, arrivals=ARRIVALS)]
+    batch.SPLIT_TOKENS = BUDGET               # short chunks as one-token rows beside the decodes: one batch
     shared = Engine(model, max_batch=3, block_size=BLOCK, max_step_tokens=BUDGET, record=True)
-    done = shared.generate(PROMPTS, [_params(i) for i in range(len(PROMPTS))], arrivals=ARRIVALS)
+    done = shared.generate(PROMPTS, params, arrivals=ARRIVALS)
     tight = Engine(model, max_batch=3, block_size=BLOCK, max_step_tokens=BUDGET, kv_blocks=12)
     squeezed = tight.generate(DISTINCT, [SamplingParams(max_tokens=NEW, ignore_eos=True)] * 3)
     plait.destroy_mesh()
-    return dict(tokens=[c.token_ids for c in done], steps=shared.worker.steps, leader=shared.is_leader,
+    return dict(tokens=[c.token_ids for c in done], two_parts=two_parts, steps=shared.worker.steps, leader=shared.is_leader,
                 hits=shared.scheduler.cache_hits, squeezed=[c.token_ids for c in squeezed],
                 preemptions=tight.scheduler.preemptions, used=shared.scheduler.pool.used)
 
@@ -84,6 +92,7 @@ def test_paged_prefix_cached_chunked_equals_transformers(llama, tp, pp):
     results = run_ranks(_run, tp * pp, pp, tp, llama, timeout=600)
     for rank, result in enumerate(results):
         assert result["tokens"] == want, f"tp={tp} pp={pp} rank {rank}: {result['tokens']} != {want}"
+        assert result["two_parts"] == want, f"tp={tp} pp={pp} rank {rank}, steps in two parts: differ"
         assert result["steps"] == results[0]["steps"], f"rank {rank} ran other steps than rank 0"
     leader = next(r for r in results if r["leader"])
     assert leader["hits"] >= 20 + 20 + 8 + 20, f"prefix cache hits {leader['hits']}"
@@ -165,3 +174,20 @@ def test_cache_bytes_per_position_equal_transformers_kv_per_token(llama):
         assert cache_bytes_per_token(ours) == per_token
     finally:
         plait.destroy_mesh()
+
+
+def test_a_step_runs_as_one_batch_or_two():
+    from plait.serve.batch import SPLIT_TOKENS, Row, StepBatch
+
+    def step(lengths: list[int]) -> StepBatch:
+        return StepBatch.build([Row([i, 9], 10 * i, list(range(2, 2 + n)), i, 40, True, SamplingParams(seed=0), 0, [])
+                                for i, n in enumerate(lengths)])
+
+    [part] = step([1, 3, 1]).parts()                      # short chunk: every token a one-token row
+    assert part.rows.tolist() == [0, 1, 1, 1, 2] and part.tokens.shape == (5, 1)
+    assert part.starts.tolist() == [0, 10, 11, 12, 20] and part.keep.tolist() == [True, False, False, True, True]
+    assert part.tables.tolist() == [[0, 9], [1, 9], [1, 9], [1, 9], [2, 9]]
+    chunk, decode = step([1, SPLIT_TOKENS + 1, 4]).parts()
+    assert chunk.rows.tolist() == [1, 2] and chunk.tokens.shape == (2, SPLIT_TOKENS + 1)
+    assert chunk.tokens[1].tolist() == [2, 3, 4, 5] + [0] * (SPLIT_TOKENS - 3)
+    assert decode.rows.tolist() == [0] and decode.keep.all()

@@ -37,6 +37,7 @@ from .forward import StepInputs
 from .sampling import Sampled, SamplingParams
 
 STEP, IDLE, STOP = 1, 2, 3
+SPLIT_TOKENS = 32       # a step's multi-token rows up to this many tokens in all run as one-token rows
 HEADER = 6
 ROW_FIELDS = ("start", "length", "seq_id", "prompt_len", "samples", "track", "history", "temperature", "top_k",
               "top_p", "seed", "index", "presence", "frequency", "repetition", "logprobs")
@@ -111,10 +112,20 @@ class StepBatch:
         return self.rows.shape[0]
 
     def parts(self) -> list["Part"]:
-        """The step as the forward runs it: its one-token rows, and its longer rows, each a padded batch (see
-        :mod:`plait.serve.forward`; no row reads what another row of its step writes, so the order is free)."""
-        lengths = self.column("length")
+        """The step as the forward runs it (see :mod:`plait.serve.forward`): one padded batch of its one-token
+        rows and one of its longer rows; or, when the longer rows bring at most :data:`SPLIT_TOKENS` tokens in
+        all, one batch in which each of their tokens is a one-token row of its own (so the whole step reads the
+        weights once). No row reads what another row of its step writes in an earlier part, so the order of
+        the parts is free."""
+        lengths, starts = self.column("length"), self.column("start")
         single = lengths == 1
+        if int(lengths[~single].sum()) <= SPLIT_TOKENS:
+            rows = torch.repeat_interleave(torch.arange(self.size), lengths)
+            first = torch.cumsum(lengths, 0) - lengths
+            offset = torch.arange(rows.numel()) - first[rows]
+            keep = offset == lengths[rows] - 1                           # each row's last token gives its logits
+            return [Part(rows, self.tokens[:, None].clone(), self.tables[rows], starts[rows] + offset,
+                         torch.ones_like(rows), keep)]
         offsets = torch.cumsum(lengths, 0) - lengths
         parts = []
         for which in (~single, single):
@@ -125,7 +136,8 @@ class StepBatch:
             tokens = torch.zeros(rows.numel(), seq, dtype=torch.int64)
             for i, r in enumerate(rows.tolist()):
                 tokens[i, :lengths[r]] = self.tokens[offsets[r]:offsets[r] + lengths[r]]
-            parts.append(Part(rows, tokens, self.tables[rows], self.column("start")[rows], lengths[rows]))
+            parts.append(Part(rows, tokens, self.tables[rows], starts[rows], lengths[rows],
+                              torch.ones(rows.numel(), dtype=torch.bool)))
         return parts
 
     def row_tokens(self) -> list[list[int]]:
@@ -155,17 +167,20 @@ class StepBatch:
 
 @dataclass
 class Part:
-    """Rows ``rows`` of a step as one padded batch: ``tokens`` ``[rows, seq]``, block tables, starts, lengths."""
+    """Part of a step as one padded batch: its row ``i`` runs ``tokens[i]`` of step row ``rows[i]`` (with that
+    row's block table) from position ``starts[i]``; ``keep[i]`` when its last token is the step row's last, so
+    its logits are the step row's."""
 
     rows: torch.Tensor
     tokens: torch.Tensor
     tables: torch.Tensor
     starts: torch.Tensor
     lengths: torch.Tensor
+    keep: torch.Tensor
 
     def inputs(self, device=None) -> StepInputs:
         """The part's layout for the forward (:class:`~plait.serve.forward.StepInputs`), on ``device``."""
-        return StepInputs(self.tables, self.starts, self.lengths, device)
+        return StepInputs(self.tables, self.starts, self.lengths, device, self.keep)
 
 
 def payload_size(header: list[int]) -> int:

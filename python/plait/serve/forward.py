@@ -21,7 +21,8 @@ result          ``[batch, seq, H]``        hidden states for the next stage, or 
 
 Padding tokens never reach the cache and no real token attends to them. So that a one-token
 decode row never pays for a long prompt chunk's padding, the engine runs a step's decode rows
-and its chunk rows as two such batches (:meth:`plait.serve.batch.StepBatch.parts`).
+and its chunk rows as two such batches, or, when the chunks are short, the chunks' tokens as
+one-token rows beside the decodes, one batch (:meth:`plait.serve.batch.StepBatch.parts`).
 
 **The cache seam** (what plait's attention function calls, :mod:`plait.parallel.attention`):
 ``CachedStep.keys_values(layer_idx, k, v, window)`` stores the new keys and values of model layer
@@ -43,8 +44,10 @@ class StepInputs:
     """Where each row of a step reads and writes (see the module docstring): built from CPU tensors, kept on
     ``device``."""
 
-    def __init__(self, tables: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, device=None) -> None:
+    def __init__(self, tables: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, device=None,
+                 keep: Optional[torch.Tensor] = None) -> None:
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.keep = None if keep is None or bool(keep.all()) else keep.nonzero().flatten().to(self.device)
         seq = int(lengths.max())
         offsets = torch.arange(seq)
         positions = starts[:, None] + offsets[None, :]
@@ -93,8 +96,12 @@ class CachedStep:
         return keys, values, self._masks[window]
 
     def last_tokens(self, h: torch.Tensor) -> torch.Tensor:
-        """Each row's hidden state at its last real token: ``[batch, seq, H] -> [batch, H]``."""
-        return h[torch.arange(h.shape[0], device=h.device), self.inputs.lengths - 1]
+        """Each row's hidden state at its last real token: ``[batch, seq, H] -> [batch, H]``; only the rows
+        ``keep`` names, when the step has a ``keep`` (a request's tokens spread over one-token rows)."""
+        rows = self.inputs.keep
+        if rows is None:
+            rows = torch.arange(h.shape[0], device=h.device)
+        return h[rows, self.inputs.lengths[rows] - 1]
 
 
 class StageRunner:

@@ -253,7 +253,7 @@ class Worker:
             if not last:
                 self.hidden_line.send(y.contiguous(), dst=mesh.pp_rank + 1)
                 continue
-            rows.append(part.rows)
+            rows.append(part.rows[part.keep])
             outputs.append(y)
         if not last:
             return None
