@@ -24,10 +24,11 @@ Load scenarios (bench/_serve_load.py; plait's engine at tp=``--load-tp`` in ``--
 generating ``--load-new`` tokens, every contender with a fresh engine):
 
 - **plait prefix cache** / **plait no prefix cache**: ``--prefix-requests`` requests sharing a
-  ``--shared-prefix``-token system prompt (and a ``--prefix-suffix``-token suffix each), all at once;
+  ``--shared-prefix``-token system prompt (and a ``--prefix-suffix``-token suffix each), all at once, a step
+  budget of ``--step-tokens``;
 - **plait mixed chunked** / **plait mixed whole prompts**: ``--mixed-clients`` closed-loop clients, each
   sending ``--mixed-per-client`` requests with prompts of ``--mixed-lengths`` tokens (uniform), prefilled in
-  chunks of ``--step-tokens`` beside the decodes, or whole;
+  chunks beside the decodes (a step budget of ``--mixed-step-tokens``, decodes included), or whole;
 - **plait batch 1 (load)**: one request alone, the TPOT the mixed load is held against.
 
 Their gaps between consecutive tokens (p99, a stall shows there) and the KV-cache memory per held token
@@ -185,7 +186,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--load-new", type=int, default=32, help="tokens each load request generates")
     parser.add_argument("--load-tp", type=int, default=None, help="TP size of the load runs (default: max --tp)")
     parser.add_argument("--load-dtype", default="auto", help="dtype of the load runs (default auto: see plait serve)")
-    parser.add_argument("--step-tokens", type=int, default=256, help="the engine's step budget in the load runs")
+    parser.add_argument("--step-tokens", type=int, default=512,
+                        help="the engine's step budget in the shared prefix runs and batch 1")
+    parser.add_argument("--mixed-step-tokens", type=int, default=48,
+                        help="the engine's step budget in the chunked mixed load (decodes count too)")
     args = parser.parse_args(argv)
     if (min(args.clients + args.tp + args.dp + args.pp + args.peer_batch + [args.runs, args.new - 1, args.prompt,
                                                                    args.peer_tp, args.server_max_batch]) < 1
@@ -243,7 +247,8 @@ def load_scenarios(args, directory: str) -> tuple[list[list], dict]:
         runs.append(("plait batch 1 (load)", 1, serve_load.mixed_prompts(1, 1, ((low + high) // 2,) * 2,
                                                                            args.vocab, 9),
                      dict(max_step_tokens=args.step_tokens)))
-        runs.append(("plait mixed chunked", args.mixed_clients, prompts, dict(max_step_tokens=args.step_tokens)))
+        runs.append(("plait mixed chunked", args.mixed_clients, prompts,
+                     dict(max_step_tokens=args.mixed_step_tokens)))
         runs.append(("plait mixed whole prompts", args.mixed_clients, prompts,
                      dict(max_step_tokens=high + args.mixed_clients)))
     if not runs:

@@ -19,7 +19,7 @@ def test_bench_serve_smoke(tmp_path, monkeypatch):
                        "--no-http", "--no-deepspeed", "--shared-prefix", "16", "--prefix-requests", "3",
                        "--prefix-suffix", "2", "--mixed-clients", "2", "--mixed-lengths", "4", "20",
                        "--mixed-per-client", "2", "--load-new", "3", "--step-tokens", "6",
-                       "--load-dtype", "float32"]) == 0
+                       "--mixed-step-tokens", "5", "--load-dtype", "float32"]) == 0
     [path] = (tmp_path / "plait-bench-results").glob("serve-*.json")
     results = json.loads(path.read_text())["results"]
     table = results["table"]
