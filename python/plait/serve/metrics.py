@@ -21,7 +21,7 @@ class Metrics:
         self.tpot = Histogram("plait_time_per_output_token_seconds", "Time per output token after the first",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("plait_running_requests", "Requests in the running batch", ["replica"], registry=r)
-        self.waiting = Gauge("plait_waiting_requests", "Requests waiting for a KV cache slot", ["replica"],
+        self.waiting = Gauge("plait_waiting_requests", "Requests waiting for room in the batch and the KV cache", ["replica"],
                              registry=r)
         self.kv_used = Gauge("plait_kv_cache_usage", "Fraction of KV-cache blocks in use", ["replica"], registry=r)
         self.cache_hits = Gauge("plait_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache",

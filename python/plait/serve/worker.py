@@ -9,13 +9,13 @@ who                 does (pp == 1)
 ==================  ==============================================================
 every rank          receives the step message (a broadcast from the leader)
 every rank          runs the stage on the step (TP collectives inside)
-sampler (= leader)  gathers the vocab-parallel logits over TP, picks one token per row
-every rank          receives those tokens (a broadcast from the sampler)
+sampler (= leader)  gathers the vocab-parallel logits over TP, picks one token per row (with
+                    its log-probabilities when asked, see :mod:`plait.serve.sampler`)
+every rank          receives that answer (a broadcast from the sampler)
 ==================  ==============================================================
 
 With ``pp > 1`` the decode is **pipelined**: the leader keeps up to ``pp`` steps (groups of
-requests) in flight, so stage 0 computes one group while later
-stages compute the others. No message spans the replica, since a collective over the world
+requests) in flight, so stage 0 computes one group while later stages compute the others. No message spans the replica, since a collective over the world
 would make every stage wait for the slowest again:
 
 ==================  ==============================================================
