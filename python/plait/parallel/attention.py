@@ -57,6 +57,12 @@ def plait_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     window = _window(sliding_window)
     if plait_step is not None:
         key, value, mask = plait_step.keys_values(module.layer_idx, key, value, window)
+        if softcap is None and not module.training:
+            # Serving: one fused call over the cached keys, the query heads reading their shared KV head in place
+            # (no repeated or upcast copies of a long cache; the fused kernels accumulate 16-bit inputs in float32).
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                                 enable_gqa=query.shape[1] != key.shape[1])
+            return out.transpose(1, 2).contiguous(), None
     else:
         length = key.shape[2]
         mask = None if window is None or window >= length else causal_mask(query.shape[2], length, window, query.device)
