@@ -31,8 +31,8 @@ generating ``--load-new`` tokens, every contender with a fresh engine):
   chunks beside the decodes (a step budget of ``--mixed-step-tokens``, decodes included), or whole;
 - **plait batch 1 (load)**: one request alone, the TPOT the mixed load is held against.
 
-Their gaps between consecutive tokens (p99, a stall shows there) and the KV-cache memory per held token
-go to ``load`` in the JSON.
+Their rows name the dtype; their gaps between consecutive tokens (p99, a stall shows there) and the KV-cache
+memory per held token go to ``load`` in the JSON.
 
 Time to first token (TTFT) and time per output token after the first (TPOT) are p50 and p99
 over requests and runs (after ``--warmup`` runs); output tokens/s and requests/s use the
@@ -264,7 +264,7 @@ def load_scenarios(args, directory: str) -> tuple[list[list], dict]:
                             timeout=7200)
         leader = results[0]
         requests = sum(len(client) for client in prompts)
-        row = _row(name, tp, 1, clients, args.load_new, leader, None)
+        row = _row(f"{name}, {dtype}", tp, 1, clients, args.load_new, leader, None)
         row[COLUMNS.index("output_tokens_per_s")] = round(requests * args.load_new / leader["walls"][0], 1)
         row[COLUMNS.index("requests_per_s")] = round(requests / leader["walls"][0], 3)
         twin = same.setdefault(clients, leader["tokens"])
@@ -284,15 +284,18 @@ def load_targets(rows: list[list], load: dict, args) -> dict:
     if not load:
         return {}
     tp, prefix, clients = load["tp"], args.prefix_requests, args.mixed_clients
-    batch1 = _find(rows, "plait batch 1 (load)", tp, 1, 1)
+
+    def find(name: str, count: int) -> Optional[list]:
+        return _find(rows, f"{name}, {load['dtype']}", tp, 1, count)
+
+    batch1 = find("plait batch 1 (load)", 1)
     goals = {
-        "ttft_prefix_cache_over_none": _ratio(_find(rows, "plait prefix cache", tp, 1, prefix),
-                                              _find(rows, "plait no prefix cache", tp, 1, prefix),
+        "ttft_prefix_cache_over_none": _ratio(find("plait prefix cache", prefix), find("plait no prefix cache", prefix),
                                               "ttft_ms_p50", 0.2, at_most=True),
-        "tpot_p99_mixed_chunked_over_batch1": _ratio(_find(rows, "plait mixed chunked", tp, 1, clients), batch1,
-                                                     "tpot_ms_p99", 1.5, at_most=True, bottom_column="tpot_ms_p50"),
-        "tpot_p99_mixed_whole_prompts_over_batch1": _ratio(_find(rows, "plait mixed whole prompts", tp, 1, clients),
-                                                           batch1, "tpot_ms_p99", None, at_most=True,
+        "tpot_p99_mixed_chunked_over_batch1": _ratio(find("plait mixed chunked", clients), batch1, "tpot_ms_p99", 1.5,
+                                                     at_most=True, bottom_column="tpot_ms_p50"),
+        "tpot_p99_mixed_whole_prompts_over_batch1": _ratio(find("plait mixed whole prompts", clients), batch1,
+                                                           "tpot_ms_p99", None, at_most=True,
                                                            bottom_column="tpot_ms_p50"),
     }
     kv = load["kv_memory"].get("plait mixed chunked")

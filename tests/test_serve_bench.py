@@ -24,8 +24,9 @@ def test_bench_serve_smoke(tmp_path, monkeypatch):
     results = json.loads(path.read_text())["results"]
     table = results["table"]
     contenders = [(row[0], row[1], row[2]) for row in table["rows"]]
-    load = [("plait prefix cache", 2, 1), ("plait no prefix cache", 2, 1), ("plait batch 1 (load)", 2, 1),
-            ("plait mixed chunked", 2, 1), ("plait mixed whole prompts", 2, 1)]
+    load = [(f"{name}, float32", 2, 1) for name in ("plait prefix cache", "plait no prefix cache",
+                                                     "plait batch 1 (load)", "plait mixed chunked",
+                                                     "plait mixed whole prompts")]
     assert contenders == [("plait", 1, 1), ("plait", 2, 1), ("transformers TP", 2, 1),
                           ("transformers generate (1 threads)", 1, 1)] + load
     same = [row[-1] for row in table["rows"][4:]]
