@@ -65,13 +65,7 @@ class GPTConfig:
                              f"{pp} x {num_virtual}; use fewer stages or more layers")
 
     def to_dict(self) -> dict:
-        """JSON-able form (for checkpoints)."""
+        """JSON-able form (kept in a training checkpoint's train_state.json)."""
         data = asdict(self)
         data["dtype"] = str(self.dtype).replace("torch.", "")
         return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GPTConfig":
-        data = dict(data)
-        data["dtype"] = getattr(torch, data.get("dtype", "float32"))
-        return cls(**data)

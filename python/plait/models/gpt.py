@@ -84,24 +84,6 @@ def _init_value(name: str, shape: torch.Size, cfg: GPTConfig, gen: torch.Generat
     return torch.randn(shape, generator=gen) * std
 
 
-def full_shape(param: torch.Tensor, tp: int) -> list[int]:
-    """The shape of the whole parameter whose TP shard ``param`` is (its ``tp_split_dim`` times ``tp``)."""
-    shape = list(param.shape)
-    split = getattr(param, "tp_split_dim", None)
-    if split is not None:
-        shape[split] *= tp
-    return shape
-
-
-def tp_shard(full, param: torch.Tensor, comm: Communicator):
-    """This rank's TP shard of ``full`` (a whole parameter, or a per-parameter optimizer value) for
-    ``param``; ``full`` as is when ``param`` is not split or ``full`` is a scalar or already the shard."""
-    split = getattr(param, "tp_split_dim", None)
-    if not torch.is_tensor(full) or split is None or full.dim() == 0 or full.shape == param.shape:
-        return full
-    return full.chunk(comm.size, dim=split)[comm.rank]
-
-
 @torch.no_grad()
 def init_parameters(model: nn.Module, seed: int) -> None:
     """Set every parameter of the whole (unsharded) model from (seed, global name)."""
@@ -146,7 +128,7 @@ def build_stages(cfg: GPTConfig, comm: Communicator, pp: int, pp_rank: int, num_
     parallel = parallelize(model, StageMesh(comm, pp, pp_rank, torch.device("cpu"), config), config=config)
     stages = list(parallel.stages)
     for stage in stages:
-        stage.cfg, stage.comm = cfg, comm
+        stage.comm = comm   # the TP communicator, for full_state_dict
     return stages
 
 
