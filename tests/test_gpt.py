@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from plait.config import ParallelConfig
 from plait.launch import run_ranks
 
 TINY = dict(vocab_size=32, num_layers=4, hidden=16, num_heads=4, seq_len=8, dtype=torch.float64)
@@ -93,8 +94,8 @@ def test_partition_balances_and_rejects_bad_layouts():
     assert [len(r) for r in ranges][0] >= [len(r) for r in ranges][-1]  # the big head takes layers away
     assert sum(len(r) for r in ranges) == 8 and all(len(r) >= 1 for r in ranges)
     with pytest.raises(ValueError, match="num_heads=4 is not divisible by tp=3"):
-        cfg.check_layout(tp=3)
+        ParallelConfig(tp=3).check_model(cfg.shape())
     with pytest.raises(ValueError, match="fewer than pp x virtual"):
-        cfg.check_layout(tp=1, pp=4, num_virtual=3)
+        ParallelConfig(pp=4, num_virtual=3, schedule="interleaved").check_model(cfg.shape())
     with pytest.raises(ValueError, match="divisible by num_heads"):
         GPTConfig(vocab_size=8, num_layers=1, hidden=10, num_heads=4, seq_len=4)

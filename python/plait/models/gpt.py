@@ -117,12 +117,12 @@ def build_stages(cfg: GPTConfig, comm: Communicator, pp: int, pp_rank: int, num_
     over ``comm``: ``plait.parallelize`` with :func:`gpt_plan`."""
     from ..parallel import parallelize
 
-    cfg.check_layout(comm.size, pp, num_virtual)
     if not 0 <= pp_rank < pp:
         raise ValueError(f"pp_rank {pp_rank} is outside 0..{pp - 1}")
     config = ParallelConfig(pp=pp, tp=comm.size, num_virtual=num_virtual,
                             schedule="interleaved" if num_virtual > 1 else "1f1b",
                             sequence_parallel=cfg.sequence_parallel)
+    config.check_model(cfg.shape())
     model = GPT(cfg)
     init_parameters(model, seed)
     parallel = parallelize(model, StageMesh(comm, pp, pp_rank, torch.device("cpu"), config), config=config)

@@ -20,6 +20,9 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import ModelShape
+from ..heads import heads_for
+
 MLP_KINDS = ("gelu", "swiglu")
 RECOMPUTE_MODES = ("none", "selective", "full")
 PRECISIONS = ("bf16", "fp16", "fp8")
@@ -78,6 +81,15 @@ class ModelSpec:
     def kv_dim(self) -> int:
         """Width of K (and of V): num_kv_heads * head_dim."""
         return self.num_kv_heads * self.head_dim
+
+    def shape(self) -> ModelShape:
+        """The dimensions :meth:`plait.ParallelConfig.check_model` judges a layout by (the runtime's verdict)."""
+        return ModelShape(num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                          ffn_hidden=self.ffn_hidden, vocab_size=self.vocab_size, seq_len=self.seq_len)
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        """KV heads one TP rank holds (replicated ones included), as the runtime lays them out."""
+        return len(heads_for(self, tp, 0).kv_heads)
 
     @property
     def mlp_matrices(self) -> int:

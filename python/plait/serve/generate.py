@@ -48,7 +48,7 @@ def check_layout(directory: str, tp: int, pp: int) -> None:
     """ValueError when the model in ``directory`` cannot take the (pp, tp) layout (checked on the meta device)."""
     from ..config import ParallelConfig
     from ..models.hf import build_on_meta, load_config
-    from ..parallel.apply import ModelDims, check_plan
+    from ..parallel.apply import check_plan, model_shape
     from ..parallel.model import resolve_plan
 
     from ..parallel.families import FAMILIES, check_config, family
@@ -60,9 +60,8 @@ def check_layout(directory: str, tp: int, pp: int) -> None:
     if not family(plan.family).serves:
         raise ValueError(f"plait serves the {sorted(n for n, f in FAMILIES.items() if f.serves)} model families, "
                          f"not {plan.family!r}")
+    ParallelConfig(pp=pp, tp=tp).check_model(model_shape(model, plan))   # the verdict parallelize gives
     check_plan(model, plan, tp)
-    layers = len(model.get_submodule(plan.layers))
-    ParallelConfig(pp=pp, tp=tp).check_model(num_layers=layers, num_heads=ModelDims.of(model).num_heads)
 
 
 def prepare(args: argparse.Namespace) -> dict:

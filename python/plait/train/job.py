@@ -135,8 +135,7 @@ class TrainJob:
             from ..models.presets import gpt_config
 
             gpt = gpt_config(self.gpt, self.seq)   # the spec and the layout, before any process starts
-            self.parallel.check_model(num_layers=gpt.num_layers, num_heads=gpt.num_heads,
-                                      ffn_hidden=gpt.ffn_hidden, seq_len=self.seq)
+            self.parallel.check_model(gpt.shape(seq_len=self.seq))
 
     @property
     def parallel(self) -> ParallelConfig:

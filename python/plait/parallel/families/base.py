@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from ...heads import heads_for
 from ..dropout import LayoutInvariantDropout
 from ..plan import Plan
 
@@ -100,9 +101,7 @@ class Family(ABC):
         """One pipeline stage's forward (the table in the stage module's docstring)."""
 
     def local_kv_heads(self, dims, tp: int, rank: int) -> int:
-        """KV heads TP rank ``rank`` keeps (its cache's head count)."""
-        from ..apply import heads_for
-
+        """KV heads TP rank ``rank`` keeps (its cache's head count): :func:`plait.heads.heads_for`'s."""
         return len(heads_for(dims, tp, rank).kv_heads)
 
     def prepare_stage(self, stage) -> None:

@@ -75,6 +75,3 @@ class GPT2Family(HFDecoder):
         h = stage.part("embed")(ids) + stage.part("positions")(positions)
         dropout = stage.part("embed_dropout")
         return h if dropout is None else dropout(h)
-
-    def local_kv_heads(self, dims, tp: int, rank: int) -> int:
-        return dims.num_heads // tp
