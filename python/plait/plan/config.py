@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelShape
+from ..config import ModelShape, head_misfit
 from ..heads import heads_for
 
 MLP_KINDS = ("gelu", "swiglu")
@@ -67,9 +67,9 @@ class ModelSpec:
         if self.hidden % self.num_heads:
             raise ValueError(f"model {self.name!r}: hidden={self.hidden} is not a multiple of "
                              f"num_heads={self.num_heads}; pick heads that divide the hidden size")
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model {self.name!r}: num_kv_heads={self.num_kv_heads} must divide "
-                             f"num_heads={self.num_heads}")
+        reason = head_misfit(self.num_heads, self.num_kv_heads, 1)   # the runtime's rule, at any tp
+        if reason:
+            raise ValueError(f"model {self.name!r}: {reason}")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"model {self.name!r}: unknown mlp {self.mlp!r}; use one of {MLP_KINDS}")
 
