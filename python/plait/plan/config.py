@@ -12,6 +12,7 @@ TFLOP/s (1e12), latency in seconds.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import types
@@ -84,6 +85,10 @@ class ModelSpec:
 
     def shape(self) -> ModelShape:
         """The dimensions :meth:`plait.ParallelConfig.check_model` judges a layout by (the runtime's verdict)."""
+        return self._shape
+
+    @functools.cached_property
+    def _shape(self) -> ModelShape:   # built once: the search judges every candidate layout by it
         return ModelShape(num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                           ffn_hidden=self.ffn_hidden, vocab_size=self.vocab_size, seq_len=self.seq_len)
 

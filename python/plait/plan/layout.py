@@ -18,11 +18,12 @@ runtime; the first is the runtime's, so a layout the planner offers is one plait
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import SCHEDULE_ALIASES, SCHEDULES, ParallelConfig
+from ..config import SCHEDULE_ALIASES, SCHEDULES, ModelShape, ParallelConfig
 from .config import RECOMPUTE_MODES, HardwareSpec, JobSpec, ModelSpec
 
 
@@ -94,11 +95,17 @@ def resolve_sp(job: JobSpec, layout: Layout, model: ModelSpec) -> bool:
     return layout.tp > 1 and model.seq_len % layout.tp == 0
 
 
-def runtime_config(model: ModelSpec, job: JobSpec, layout: Layout) -> ParallelConfig:
-    """The ParallelConfig plait would run `layout` with (sequence parallelism resolved)."""
-    config = layout.parallel_config()
+@functools.lru_cache(maxsize=4096)
+def _misfit(shape: ModelShape, dp: int, pp: int, tp: int, num_virtual: int, schedule: str, sp: bool) -> str | None:
+    """The runtime's verdict, remembered: a search judges many layouts that differ only in microbatching."""
+    return ParallelConfig(dp=dp, pp=pp, tp=tp, num_virtual=num_virtual, schedule=schedule,
+                          sequence_parallel=sp).misfit(shape)
+
+
+def misfit(model: ModelSpec, job: JobSpec, layout: Layout) -> str | None:
+    """Why the runtime cannot run `model` on `layout` (:meth:`ParallelConfig.misfit`), or None."""
     sp = job.training and resolve_sp(job, layout, model)
-    return config if sp == config.sequence_parallel else replace(config, sequence_parallel=sp)
+    return _misfit(model.shape(), layout.dp, layout.pp, layout.tp, layout.num_virtual, layout.schedule, sp)
 
 
 def check_layout(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout: Layout,
@@ -110,7 +117,7 @@ def check_layout(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout: 
     if layout.tp > cluster.gpus_per_node:
         raise ValueError(f"{where}: tp={layout.tp} spans nodes of {cluster.gpus_per_node} GPUs; "
                          f"keep tp <= {cluster.gpus_per_node} and use pp or dp for the rest")
-    reason = runtime_config(model, job, layout).misfit(model.shape())
+    reason = misfit(model, job, layout)
     if reason:
         raise ValueError(f"{where}: {reason}")
     chunks = layout.pp * layout.num_virtual
