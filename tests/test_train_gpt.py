@@ -128,6 +128,7 @@ def test_gpt_spec_errors_before_training(data, tmp_path):
     refused(r"heads must be a positive whole number, got '1.5'", gpt=SPEC + ",heads=1.5")
     refused(r"position table has seq=4 rows, fewer than the job's sequence length 8", gpt=SPEC + ",seq=4")
     refused(r"num_heads=4 is not divisible by tp=8", tp=8)
+    refused(r"vocab_size=3 is too small for tp=4", gpt=SPEC.replace(f"vocab={VOCAB}", "vocab=3"), tp=4)
     refused(r"give exactly one of model .*, config .* and gpt", model="some-dir")
     save = tmp_path / "ck"
     train_rank(TrainJob.from_dict(job_dict(data, steps=1, save=str(save))), show=False)
