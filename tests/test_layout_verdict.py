@@ -274,6 +274,10 @@ def _pp2_tp2_rank(rank: int, world: int) -> dict:
         out["verdict"] = config.misfit(cfg.shape(seq_len=6))
         model = plait.parallelize(split, mesh, config=config)
         out["logits"] = relative_error(model.logits(ids), single(ids))
+        # a sequence of 5 under SP at tp=2: refused on every rank before any collective (no stage waits)
+        with pytest.raises(ValueError) as info:
+            model.logits(ids[:, :5])
+        out["sp_logits"] = str(info.value)
         # one layer cannot make two stages
         one = GPT(GPTConfig(vocab_size=37, num_layers=1, hidden=32, num_heads=4, seq_len=8, dtype=torch.float64))
         out["layers_verdict"] = config.misfit(one.config.shape())
@@ -288,6 +292,7 @@ def _pp2_tp2_rank(rank: int, world: int) -> dict:
 def test_runtime_at_pp2_tp2_does_what_the_verdict_says():
     for rank, r in enumerate(run_ranks(_pp2_tp2_rank, 4, timeout=300)):
         assert r["verdict"] is None and r["logits"] < 1e-12, f"rank {rank}: {r}"
+        assert "sequence length 5 divisible by tp=2" in r["sp_logits"], f"rank {rank}: {r}"
         assert "num_layers=1 is fewer than pp x virtual stages = 2 x 1" in r["layers_verdict"]
         assert r["layers_runtime"] == r["layers_verdict"], f"rank {rank}: {r}"
 

@@ -176,6 +176,9 @@ class ParallelModel(nn.Module):
                              f"{list(getattr(input_ids, 'shape', []))}")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.dims.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.dims.vocab_size})")
+        if self.config.sequence_parallel and input_ids.shape[1] % self.mesh.tp:   # every rank, before any collective
+            raise ValueError(f"sequence_parallel needs the sequence length {input_ids.shape[1]} divisible by "
+                             f"tp={self.mesh.tp}; pad the ids or turn sequence parallelism off")
         local = self.forward_local(input_ids.to(self.mesh.device))
         vocab = self.dims.vocab_size
         if self.mesh.is_last_stage:
