@@ -25,7 +25,6 @@ class GPTConfig:
     seq_len: int
     ffn_hidden: Optional[int] = None
     activation: str = "gelu"
-    sequence_parallel: bool = False
     layernorm_eps: float = 1e-5
     dtype: torch.dtype = torch.float32
 
