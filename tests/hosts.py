@@ -273,7 +273,7 @@ class TestHosts:
                                    f"{PREFIX}-{os.getpid()}-{token.split('-')[1]}-{i}", f"{VETH}{token}-{i}"))
         hosts_file = self._dir / "hosts"
         hosts_file.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
-                              + "".join(f"{h.addr} {h.name}\n::ffff:{h.addr} {h.name}\n" for h in self.hosts))
+                              + "".join(f"{h.addr} {h.name}\n" for h in self.hosts))
         for host in self.hosts:
             self._start(host, hosts_file)
 
