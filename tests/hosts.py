@@ -326,25 +326,30 @@ class TestHosts:
         """Bring host ``index``'s link back up after :meth:`cut`."""
         _ip("link", "set", self.hosts[index].veth, "up")
 
-    def run_ranks(self, fn: Callable, ranks_per_host: int, *args: Any, env: Optional[Mapping[str, str]] = None,
-                  timeout: float = 120.0) -> list[Any]:
-        """``fn(rank, world_size, *args)`` on ``ranks_per_host`` ranks on every host (ranks host-major, as
-        torchrun numbers them), with the torchrun environment and host 0 as master; results by rank.
+    def run_ranks(self, fn: Callable, ranks_per_host: "int | Sequence[int]", *args: Any,
+                  env: Optional[Mapping[str, str]] = None, timeout: float = 120.0) -> list[Any]:
+        """``fn(rank, world_size, *args)`` on ``ranks_per_host`` ranks on every host (or ``ranks_per_host[h]``
+        on host h; ranks host-major, as torchrun numbers them), with the torchrun environment and host 0
+        as master; results by rank.
 
         ``fn`` is pickled by reference: a module-level function of a module importable from its own
         directory (a test module is). Raises HostCommandFailed with every failing rank's output when a
         rank raises, dies or does not finish within ``timeout`` s (then every rank is killed).
         """
-        world = ranks_per_host * len(self.hosts)
+        counts = [ranks_per_host] * len(self.hosts) if isinstance(ranks_per_host, int) else list(ranks_per_host)
+        if len(counts) != len(self.hosts) or min(counts) < 0:
+            raise ValueError(f"ranks_per_host {ranks_per_host!r}: give a count >= 0 per host ({len(self.hosts)})")
+        placed = [(h, local) for h, count in enumerate(counts) for local in range(count)]
+        world = len(placed)
         job = Path(tempfile.mkdtemp(prefix="ranks-", dir=self._dir))
         (job / "call.pkl").write_bytes(pickle.dumps((fn, args)))
         paths = [str(Path(__file__).resolve().parent),
                  str(Path(sys.modules[fn.__module__].__file__).resolve().parent)]
         procs = []
-        for rank in range(world):
-            host = self.hosts[rank // ranks_per_host]
-            rank_env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank % ranks_per_host),
-                        "LOCAL_WORLD_SIZE": str(ranks_per_host), "GROUP_RANK": str(host.index),
+        for rank, (h, local) in enumerate(placed):
+            host = self.hosts[h]
+            rank_env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+                        "LOCAL_WORLD_SIZE": str(counts[h]), "GROUP_RANK": str(h),
                         "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port),
                         "OMP_NUM_THREADS": "1", **(env or {})}
             with open(job / f"rank{rank}.log", "w") as log:
@@ -365,11 +370,11 @@ class TestHosts:
                     proc.wait()
         failed = [r for r, p in enumerate(procs) if p.returncode != 0 or not (job / f"rank{r}.pkl").exists()]
         if failed:
-            logs = "".join(f"\n--- rank {r} (host {self.hosts[r // ranks_per_host].name}, exit "
+            logs = "".join(f"\n--- rank {r} (host {self.hosts[placed[r][0]].name}, exit "
                            f"{procs[r].returncode}) ---\n{(job / f'rank{r}.log').read_text()[-4000:]}"
                            for r in failed)
             what = f"ranks {late} did not finish within {timeout:g} s" if late else f"ranks {failed} failed"
-            raise HostCommandFailed(f"{fn.__name__} on {len(self.hosts)} hosts x {ranks_per_host} ranks: "
+            raise HostCommandFailed(f"{fn.__name__} on hosts with {counts} ranks: "
                                     f"{what}{logs}")
         return [pickle.loads((job / f"rank{r}.pkl").read_bytes()) for r in range(world)]
 

@@ -30,25 +30,36 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import CommError, CommTimeoutError
-from .base import Communicator, DoneHandle, RanksOfTorch
+from .base import Communicator, DoneHandle
 from .lanes import FutureHandle, Lanes
 from .shm_config import ShmConfig
 from .shm_setup import open_group, shm_extension
 from .torch_backend import TorchCommunicator
 
 
-class ShmCommunicator(RanksOfTorch, Communicator):
-    """Communicator over a POSIX shared-memory segment shared by the group's ranks."""
+class ShmCommunicator(Communicator):
+    """Communicator over a POSIX shared-memory segment shared by the group's ranks.
+
+    ``members`` (group ranks of ``group``, default all) makes it a communicator over those ranks
+    only (ranks, size and names are theirs); every rank of ``group`` creates one at once with its
+    own members, e.g. one per host for a group spanning hosts (:mod:`plait.comm.hier`).
+    """
 
     backend = "shm"
 
     def __init__(self, group=None, *, name: Optional[str] = None, timeout_s: Optional[float] = None,
-                 config: Optional[ShmConfig] = None) -> None:
+                 config: Optional[ShmConfig] = None, members: Optional[list[int]] = None) -> None:
         self._torch = TorchCommunicator(group, name=name, timeout_s=timeout_s)
         super().__init__(self._torch.name, timeout_s)
+        self._members = list(range(self._torch.size)) if members is None else list(members)
+        if self._torch.rank not in self._members:
+            raise ValueError(f"members {self._members} of group {self.name!r} must include this rank "
+                             f"(group rank {self._torch.rank})")
+        self._rank = self._members.index(self._torch.rank)
+        self._global_ranks = [self._torch.global_ranks[m] for m in self._members]
         self._C = shm_extension()
-        self.config = config or ShmConfig.from_env(self._torch.size)
-        self._group = open_group(self._torch, self.config) if self._torch.size > 1 else None
+        self.config = config or ShmConfig.from_env(len(self._members))
+        self._group = open_group(self._torch, self.config, self._members) if self._torch.size > 1 else None
         self._simd = self._group.simd if self._group is not None else "none (one rank)"
         self._lanes = Lanes(f"shm{self._torch.rank}")
         self._dtype_codes = {getattr(torch, n): code for n, code in self._C.shm_dtypes.items()}
@@ -57,6 +68,18 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         self._reduce_codes = {(dtype, op): (code, self._op_codes[op]) for dtype, code in self._dtype_codes.items()
                               for op in self._op_codes if op != "avg" or dtype.is_floating_point}
         self._closed = False
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return len(self._members)
+
+    @property
+    def global_ranks(self) -> list[int]:
+        return list(self._global_ranks)
 
     @property
     def simd(self) -> str:

@@ -1,0 +1,284 @@
+"""``Communicator.create("hier", group)``: CPU collectives for a group that spans hosts.
+
+Shared memory inside each host, gloo between hosts, so only one share of each message per
+rank crosses the network (the ``auto`` communicator picks this for CPU tensors of such groups):
+
+==============  ========================================================================
+operation       steps (L ranks on each of H hosts; local rank i of every host forms
+                cross-host group i)
+==============  ========================================================================
+all_reduce      shm reduce-scatter inside each host (shard i: 1/L of the message, padded
+                when L does not divide it), gloo all-reduce of shard i in cross group i,
+                shm all-gather inside each host
+all_gather      gloo all-gather of each rank's tensor in its cross group, then shm
+                all-gather inside each host (then reordered into group rank order)
+broadcast       gloo broadcast in the source's cross group from the source's host, then
+                shm broadcast inside each host from the source's local rank
+reduce_scatter, the group's own torch process group (gloo), unchanged
+send, recv,
+barrier
+==============  ========================================================================
+
+Sums: every rank gets bitwise the same result. The order is fixed: the shm step adds a
+host's ranks in local rank order (fp16/bf16 in fp32, rounded once), then gloo adds the H
+host sums. Flat gloo adds all ranks along its ring, whose order differs per chunk, so fp32
+results equal flat gloo's bitwise only where order does not matter (integer dtypes, floats
+whose partial sums are exact); otherwise both are within the usual bound of a sum of n
+terms, |error| <= (n - 1) * eps/2 * sum(|x|) per element (n: group size), which the tests
+check against a float64 sum. ``avg`` is a sum divided by the group size at the end.
+
+Ranks per host must be the same on every host (``HostLayout.even``); otherwise creation
+raises :class:`~plait.errors.CommError` and ``auto`` uses flat gloo for the group, saying so.
+
+Set-up is collective over the group: host keys (unless given), one shm segment per host
+(:func:`plait.comm.shm_setup.open_group` with ``members``) and one gloo process group per
+cross group, made on the job's rendezvous store under a prefix agreed at creation (torch's
+``new_group`` would need every rank of the job, not just this group's, to take part).
+Every step is bounded by the timeout and its errors name rank, group, operation and hosts.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ..errors import CommError
+from .base import Communicator, DoneHandle, RanksOfTorch
+from .rendezvous import all_gather_text, hosts_of_group
+from .shm_backend import ShmCommunicator
+from .torch_backend import _TORCH_OPS, TorchCommunicator, TorchHandle
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """Which group ranks share a host: ``hosts[h]`` lists host h's group ranks in order (hosts in
+    order of their first rank); ``names[h]`` is its hostname."""
+
+    hosts: tuple[tuple[int, ...], ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_keys(cls, keys: list[str]) -> "HostLayout":
+        """From each group rank's :func:`plait.comm.rendezvous.host_key`."""
+        order: dict[str, list[int]] = {}
+        for rank, key in enumerate(keys):
+            order.setdefault(key, []).append(rank)
+        return cls(tuple(tuple(r) for r in order.values()), tuple(k.split("|")[0] for k in order))
+
+    @property
+    def even(self) -> bool:
+        """Whether every host holds the same number of the group's ranks."""
+        return len({len(ranks) for ranks in self.hosts}) == 1
+
+    def where(self, rank: int) -> tuple[int, int]:
+        """(host index, local index) of a group rank."""
+        for h, ranks in enumerate(self.hosts):
+            if rank in ranks:
+                return h, ranks.index(rank)
+        raise ValueError(f"group rank {rank} is on no host of {self.hosts}")
+
+    def cross(self, local: int) -> list[int]:
+        """Group ranks of cross group ``local``: local rank ``local`` of each host, in host order."""
+        return [ranks[local] for ranks in self.hosts]
+
+    def describe(self) -> str:
+        return ", ".join(f"{name}: ranks {list(ranks)}" for name, ranks in zip(self.names, self.hosts))
+
+
+def _default_store():
+    """The job's rendezvous store (torch keeps it private; every torch.distributed job has one)."""
+    getter = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if getter is None:
+        raise CommError("this torch has no torch.distributed.distributed_c10d._get_default_store, which the "
+                        "hierarchical communicator needs to make its cross-host gloo groups")
+    return getter()
+
+
+class CrossHost:
+    """A gloo process group over one cross group (local rank i of every host), outside torch's group
+    registry, with plait's timeouts and error messages."""
+
+    def __init__(self, parent: "HierCommunicator", members: list[int], prefix: str) -> None:
+        self.rank = members.index(parent.rank)
+        self.size = len(members)
+        self.global_ranks = [parent.global_ranks[m] for m in members]
+        self.hosts = [parent.layout.names[parent.layout.where(m)[0]] for m in members]
+        self.name = f"{parent.name}:cross{parent.layout.where(parent.rank)[1]}"
+        self._parent = parent
+        timeout = datetime.timedelta(seconds=parent.timeout_s)
+        try:
+            self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, _default_store()), self.rank, self.size,
+                                            timeout)
+        except RuntimeError as exc:
+            raise CommError(f"{self.describe('set-up')} could not connect: {exc}") from exc
+
+    @property
+    def timeout_s(self) -> float:
+        return self._parent.timeout_s
+
+    def describe(self, op: str) -> str:
+        return (f"rank {self.rank} of cross-host group {self.name!r} (global ranks {self.global_ranks} on hosts "
+                f"{', '.join(self.hosts)}), operation {op}")
+
+    def run(self, op: str, launch) -> None:
+        try:
+            work = launch()
+        except RuntimeError as exc:
+            raise CommError(f"{self.describe(op)} could not start: {exc}") from exc
+        TorchHandle(work, lambda: None, self, op, False).wait()
+
+
+class HierCommunicator(RanksOfTorch, Communicator):
+    """Hierarchical CPU collectives for a group spanning hosts (module docstring)."""
+
+    backend = "hier"
+
+    def __init__(self, group=None, *, name: Optional[str] = None, timeout_s: Optional[float] = None,
+                 host_keys: Optional[list[str]] = None) -> None:
+        self.host_name = ""  # this rank's hostname, once known
+        self._torch = TorchCommunicator(group, name=name, timeout_s=timeout_s)
+        super().__init__(self._torch.name, timeout_s)
+        engines = str(dist.get_backend(self._torch.group)).lower()
+        if "gloo" not in engines:
+            raise CommError(f"{self.describe('set-up')}: hierarchical collectives need gloo between hosts, but "
+                            f"the group's engine is {engines!r}")
+        keys = host_keys if host_keys is not None else hosts_of_group(self._torch)
+        self.layout = HostLayout.from_keys(keys)
+        if not self.layout.even:
+            raise CommError(f"{self.describe('set-up')}: hierarchical collectives need the same number of ranks "
+                            f"on every host, but the group has {self.layout.describe()}")
+        self.host, self.local_rank = self.layout.where(self.rank)
+        self.host_name = self.layout.names[self.host]
+        self.local = ShmCommunicator(group, name=f"{self.name}@{self.host_name}", timeout_s=timeout_s,
+                                     members=list(self.layout.hosts[self.host]))
+        token = all_gather_text(self._torch, secrets.token_hex(8))[0]  # agreed, fresh per communicator
+        error = ""
+        try:
+            self.cross = CrossHost(self, self.layout.cross(self.local_rank), f"plait/hier/{token}/{self.local_rank}/")
+        except CommError as exc:
+            error = str(exc)
+        failed = {r: text for r, text in enumerate(all_gather_text(self._torch, error)) if text}
+        if failed:  # raised on every rank alike, so that all fall back together
+            self.local.close()
+            raise CommError(f"{self.describe('set-up')}: the cross-host groups failed on "
+                            + "; ".join(f"group rank {r}: {text}" for r, text in failed.items()))
+
+    def describe(self, op: str) -> str:
+        where = f" on host {self.host_name}" if self.host_name else ""
+        return f"{super().describe(op)}{where}"
+
+    def _step(self, label: str, step: str, run: Callable[[], T]) -> T:
+        """``run()``, its CommError re-raised (same class) naming this operation, host and step first."""
+        try:
+            return run()
+        except CommError as exc:
+            raise type(exc)(f"{self.describe(label)}, {step}: {exc}") from exc
+
+    def reduces(self, dtype: torch.dtype) -> bool:
+        """Whether all_reduce takes ``dtype`` here (the shm step's dtypes)."""
+        return self.local.reduces(dtype)
+
+    def close(self) -> None:
+        """Unmap the host's segment and drop the cross-host group; later calls raise CommError."""
+        self.local.close()
+        self.cross.pg = None
+
+    # -------------------------------------------------------------- collectives
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False):
+        self._check_op(op)
+        self.local._check_cpu(tensor, "all_reduce")
+        self.local._reduce_code(tensor, "all_reduce")
+        if op == "avg" and not tensor.is_floating_point():
+            raise ValueError(f"all_reduce: op 'avg' needs a floating-point tensor, got {tensor.dtype}")
+        label = self._label("all_reduce", tensor)
+        self._in_place(tensor, lambda buf: self._all_reduce_flat(buf.view(-1), "sum" if op == "avg" else op, label))
+        if op == "avg":
+            tensor.div_(self.size)
+        return DoneHandle(tensor) if async_op else tensor
+
+    def _all_reduce_flat(self, flat: torch.Tensor, op: str, label: str) -> None:
+        n, parts = flat.numel(), self.local.size
+        if n == 0:
+            return
+        shard = math.ceil(n / parts)
+        work = flat
+        if shard * parts != n:  # pad to L equal shards; the padding is reduced too, then dropped
+            work = torch.zeros(shard * parts, dtype=flat.dtype)
+            work[:n] = flat
+        mine = self._step(label, "shm reduce-scatter inside the host",
+                          lambda: self.local.reduce_scatter(work, op=op)) if parts > 1 else work
+        self._step(label, f"gloo all-reduce of shard {self.local_rank} between hosts",
+                   lambda: self.cross.run(f"all_reduce({mine.numel()} values)",
+                                          lambda: self.cross.pg.allreduce([mine], _opts(op))))
+        full = self._step(label, "shm all-gather inside the host",
+                          lambda: self.local.all_gather(mine)) if parts > 1 else mine
+        flat.copy_(full[:n])
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = 0, async_op: bool = False):
+        self.local._check_cpu(tensor, "all_gather")
+        dim = self._tensor_dim(tensor, dim, "all_gather")
+        src = tensor.contiguous()
+        hosts, parts = len(self.layout.hosts), self.local.size
+        label = self._label("all_gather", tensor)
+        rows = torch.empty((hosts, *src.shape), dtype=src.dtype)
+        if src.numel():
+            outs = list(rows.unbind(0))
+            self._step(label, "gloo all-gather between hosts",
+                       lambda: self.cross.run("all_gather", lambda: self.cross.pg.allgather([outs], [src])))
+        # every local rank now holds its cross group's tensors, host by host: gather those inside the host
+        table = self._step(label, "shm all-gather inside the host",
+                           lambda: self.local.all_gather(rows.view(1, -1))) if parts > 1 else rows.view(1, -1)
+        blocks = table.view(parts, hosts, *src.shape).transpose(0, 1)  # [host][local] ...
+        order = [self.layout.where(r) for r in range(self.size)]
+        out = torch.cat([blocks[h, i] for h, i in order], dim=0)
+        if dim != 0:
+            out = torch.cat(out.chunk(self.size, dim=0), dim=dim)
+        return DoneHandle(out) if async_op else out
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
+        self._check_peer(src, "src")
+        self.local._check_cpu(tensor, "broadcast")
+        src_host, src_local = self.layout.where(src)
+        label = self._label("broadcast", tensor)
+
+        def run(buf: torch.Tensor) -> None:
+            if self.local_rank == src_local and buf.numel():
+                self._step(label, f"gloo broadcast between hosts from host {self.layout.names[src_host]}",
+                           lambda: self.cross.run("broadcast",
+                                                  lambda: self.cross.pg.broadcast([buf], _bcast_opts(src_host))))
+            self._step(label, "shm broadcast inside the host", lambda: self.local.broadcast(buf, src=src_local))
+
+        self._in_place(tensor, run)
+        return DoneHandle(tensor) if async_op else tensor
+
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0, op: str = "sum", async_op: bool = False):
+        return self._torch.reduce_scatter(tensor, dim=dim, op=op, async_op=async_op)
+
+    def send(self, tensor: torch.Tensor, dst: int, async_op: bool = False):
+        return self._torch.send(tensor, dst=dst, async_op=async_op)
+
+    def recv(self, tensor: torch.Tensor, src: int, async_op: bool = False):
+        return self._torch.recv(tensor, src=src, async_op=async_op)
+
+    def barrier(self) -> None:
+        self._torch.barrier()
+
+
+def _opts(op: str) -> "dist.AllreduceOptions":
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = _TORCH_OPS[op]
+    return opts
+
+
+def _bcast_opts(root: int) -> "dist.BroadcastOptions":
+    opts = dist.BroadcastOptions()
+    opts.rootRank = root
+    opts.rootTensor = 0
+    return opts
