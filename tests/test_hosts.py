@@ -69,7 +69,7 @@ def test_traffic_stays_between_hosts_and_cut_links(make_hosts):
 
 
 def test_kill_ends_every_process_of_a_host_and_close_cleans_up():
-    from hosts import _ip
+    from plait.bench._hosts import _ip
 
     try:
         hosts = TestHosts(2).__enter__()
