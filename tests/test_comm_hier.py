@@ -10,7 +10,7 @@ A, B, C = "host-a|boot|1:1", "host-b|boot|2:2", "host-c|boot|3:3"
 # unit roundoff (eps / 2) of each dtype: a sum of n terms in any order is within (n - 1) * u * sum|x|
 UNIT = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32, torch.int64]
-SIZES = [1, 3, 1000, 65537]   # odd sizes: not divisible by the 2 ranks of a host
+SIZES = [1, 3, 1000, 65537, 131072]   # odd ones are not divisible by the 2 ranks of a host; 512 KB: several chunks
 
 
 def test_layout_of_hosts():
@@ -128,7 +128,7 @@ def test_hierarchical_collectives_on_two_hosts(make_hosts):
         error = result["error"]
         assert f"rank {rank} of group 'late'" in error and "operation all_reduce(float32[1000])" in error
         assert f"on host {result['host']}" in error and "did not complete within 3 s" in error
-    assert "gloo all-reduce of shard" in results[0]["error"] and "host0, host1" in results[0]["error"]
+    assert "gloo all-reduce of block" in results[0]["error"] and "host0, host1" in results[0]["error"]
     assert "shm reduce-scatter inside the host" in results[2]["error"]
     # integers and integer-valued floats always match flat gloo bitwise (checked inside); say how often random
     # fp32 did too (the order differs, so not always)

@@ -7,9 +7,9 @@ rank crosses the network (the ``auto`` communicator picks this for CPU tensors o
 operation       steps (L ranks on each of H hosts; local rank i of every host forms
                 cross-host group i)
 ==============  ========================================================================
-all_reduce      shm reduce-scatter inside each host (shard i: 1/L of the message, padded
-                when L does not divide it), gloo all-reduce of shard i in cross group i,
-                shm all-gather inside each host
+all_reduce      shm reduce-scatter inside each host (block i: 1/L of the message, in place;
+                padded in a kept buffer when L does not divide it), gloo all-reduce of
+                block i in cross group i, shm all-gather inside each host (in place)
 all_gather      gloo all-gather of each rank's tensor in its cross group, then shm
                 all-gather inside each host (then reordered into group rank order)
 broadcast       gloo broadcast in the source's cross group from the source's host, then
@@ -143,6 +143,7 @@ class HierCommunicator(RanksOfTorch, Communicator):
     def __init__(self, group=None, *, name: Optional[str] = None, timeout_s: Optional[float] = None,
                  host_keys: Optional[list[str]] = None) -> None:
         self.host_name = ""  # this rank's hostname, once known
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
         self._torch = TorchCommunicator(group, name=name, timeout_s=timeout_s)
         super().__init__(self._torch.name, timeout_s)
         engines = str(dist.get_backend(self._torch.group)).lower()
@@ -189,6 +190,7 @@ class HierCommunicator(RanksOfTorch, Communicator):
         """Unmap the host's segment and drop the cross-host group; later calls raise CommError."""
         self.local.close()
         self.cross.pg = None
+        self._buffers.clear()
 
     # -------------------------------------------------------------- collectives
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False):
@@ -207,19 +209,28 @@ class HierCommunicator(RanksOfTorch, Communicator):
         n, parts = flat.numel(), self.local.size
         if n == 0:
             return
-        shard = math.ceil(n / parts)
+        block = -(-n // parts)
         work = flat
-        if shard * parts != n:  # pad to L equal shards; the padding is reduced too, then dropped
-            work = torch.zeros(shard * parts, dtype=flat.dtype)
-            work[:n] = flat
+        if block * parts != n:  # L equal blocks: pad into a kept buffer; the padding is reduced, then dropped
+            work = self._workspace(block * parts, flat.dtype)
+            work[:n].copy_(flat)
+            work[n:].zero_()
         mine = self._step(label, "shm reduce-scatter inside the host",
-                          lambda: self.local.reduce_scatter(work, op=op)) if parts > 1 else work
-        self._step(label, f"gloo all-reduce of shard {self.local_rank} between hosts",
+                          lambda: self.local.reduce_scatter_in_place(work, op)) if parts > 1 else work
+        self._step(label, f"gloo all-reduce of block {self.local_rank} between hosts",
                    lambda: self.cross.run(f"all_reduce({mine.numel()} values)",
                                           lambda: self.cross.pg.allreduce([mine], _opts(op))))
-        full = self._step(label, "shm all-gather inside the host",
-                          lambda: self.local.all_gather(mine)) if parts > 1 else mine
-        flat.copy_(full[:n])
+        if parts > 1:
+            self._step(label, "shm all-gather inside the host", lambda: self.local.all_gather_in_place(work))
+        if work is not flat:
+            flat.copy_(work[:n])
+
+    def _workspace(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A kept 1-D buffer of at least ``numel`` values of ``dtype`` (allocating per call costs page faults)."""
+        kept = self._buffers.get(dtype)
+        if kept is None or kept.numel() < numel:
+            kept = self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return kept[:numel]
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0, async_op: bool = False):
         self.local._check_cpu(tensor, "all_gather")

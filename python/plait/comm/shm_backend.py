@@ -199,6 +199,34 @@ class ShmCommunicator(Communicator):
                                                        dtype, self._op_codes[op], t))
         return DoneHandle(out) if async_op else out
 
+    def reduce_scatter_in_place(self, flat: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce block ``rank`` of ``flat`` (a contiguous 1-D CPU tensor of ``size`` equal blocks) across the
+        group, in place, and return it (a view); the other blocks keep their values. With
+        :meth:`all_gather_in_place` this is a two-step all_reduce that copies nothing outside shared memory."""
+        block = self._check_blocks(flat, "reduce_scatter_in_place")
+        code = self._reduce_code(flat, "reduce_scatter_in_place")
+        mine = flat[self.rank * block:(self.rank + 1) * block]
+        if self.size > 1:
+            self._run("reduce_scatter", flat, lambda t: self._group.reduce_scatter(
+                flat.data_ptr(), mine.data_ptr(), block, 1, code, self._op_codes[op], t))
+        return mine
+
+    def all_gather_in_place(self, flat: torch.Tensor) -> torch.Tensor:
+        """Fill every block of ``flat`` (as in :meth:`reduce_scatter_in_place`) from the rank that owns it."""
+        block = self._check_blocks(flat, "all_gather_in_place")
+        if self.size > 1:
+            nbytes = block * flat.element_size()
+            self._run("all_gather", flat, lambda t: self._group.all_gather(
+                flat.data_ptr() + self.rank * nbytes, flat.data_ptr(), nbytes, 1, t))
+        return flat
+
+    def _check_blocks(self, flat: torch.Tensor, op: str) -> int:
+        self._check_cpu(flat, op)
+        if flat.dim() != 1 or not flat.is_contiguous() or flat.numel() % self.size:
+            raise ValueError(f"{op} takes a contiguous 1-D tensor of {self.size} equal blocks, got shape "
+                             f"{list(flat.shape)}")
+        return flat.numel() // self.size
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
         self._check_peer(src, "src")
         self._check_cpu(tensor, "broadcast")
