@@ -24,7 +24,7 @@ from pathlib import Path
 
 from plait.bench import comm
 from plait.bench._hosts import HostsUnavailable, TestHosts
-from plait.bench.common import command_line, machine_info, print_table, save_plot, write_result
+from plait.bench.common import command_line, finish_figure, print_table, save_plot, write_result
 
 SPEEDUP_FROM = 1 << 20   # the issue: >= 2x from 1 MB up, never slower at any size
 SPEEDUP = 2.0
@@ -52,9 +52,9 @@ def targets(rows: list[dict]) -> dict:
              if r["op"] == "all_reduce"}
     goals = {}
     for hosts, ranks, dtype in sorted({k[:3] for k in index}):
-        speedups = {nbytes: index[(hosts, ranks, dtype, nbytes, "gloo")] / hier
-                    for (h, r, d, nbytes, name), hier in index.items()
-                    if (h, r, d, name) == (hosts, ranks, dtype, "hier") and (hosts, ranks, dtype, nbytes, "gloo") in index}
+        speedups = {nbytes: gloo / index[(hosts, ranks, dtype, nbytes, "hier")]
+                    for (h, r, d, nbytes, name), gloo in index.items()
+                    if (h, r, d, name) == (hosts, ranks, dtype, "gloo") and (h, r, d, nbytes, "hier") in index}
         where = f"{dtype} {hosts} hosts x {ranks // hosts} ranks"
         large = [s for nbytes, s in speedups.items() if nbytes >= SPEEDUP_FROM]
         if large:
@@ -105,11 +105,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     lat_ax.set_yscale("log")
-    machine = machine_info()
-    fig.suptitle(f"all_reduce across test hosts, {machine['cpu']}, {machine['cores']} cores: plait hier vs gloo")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_figure(fig, "all_reduce across test hosts: plait hier vs flat gloo", path)
     return True
 
 

@@ -63,12 +63,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
+from plait.comm.shm_reclaim import process_gone
+
 PREFIX = "plaith"        # network namespaces: plaith-<pid>-<fixture>-<host>
 BRIDGE = "plb"           # bridges: plb<pid hex>-<fixture>
 VETH = "plv"             # root ends of the veths: plv<pid hex>-<fixture>-<host>
 SUBNET = "10.77"         # hosts get 10.77.X.1, .2, ...; the bridge 10.77.X.254
 MASTER_PORT = 29500      # free on every host: each has its own ports
 LOCK = Path("/run/lock/plait-testhosts.lock")
+# a run_ranks rank: python -c RANK_MAIN JOB_DIR PATHS... (PATHS: where the function's module imports from)
+RANK_MAIN = ("import sys; sys.path[:0] = sys.argv[2:]; "
+             "from plait.bench._hosts import _rank_main; _rank_main(sys.argv[1])")
 _counter = itertools.count()
 
 
@@ -99,16 +104,6 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _netns_pids(netns: str) -> list[int]:
     out = _ip("netns", "pids", netns, check=False).stdout
     return [int(p) for p in out.split()]
@@ -134,12 +129,12 @@ def remove_stale() -> None:
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         match = re.fullmatch(rf"{PREFIX}-(\d+)-\d+-\d+", name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and process_gone(int(match.group(1))):
             _kill_netns(name)
             _ip("netns", "del", name, check=False)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         match = re.match(rf"\d+: (({BRIDGE}|{VETH})([0-9a-f]+)-[\d-]+)[@:]", line)
-        if match and not _pid_alive(int(match.group(3), 16)):
+        if match and process_gone(int(match.group(3), 16)):
             _ip("link", "del", match.group(1), check=False)
 
 
@@ -353,8 +348,7 @@ class TestHosts:
                         "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port),
                         "OMP_NUM_THREADS": "1", **(env or {})}
             with open(job / f"rank{rank}.log", "w") as log:
-                procs.append(host.popen([sys.executable, "-c", "import sys; sys.path[:0] = sys.argv[2:]; "
-                                         "from plait.bench._hosts import _rank_main; _rank_main(sys.argv[1])", str(job), *paths],
+                procs.append(host.popen([sys.executable, "-c", RANK_MAIN, str(job), *paths],
                                         env=rank_env, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
         try:

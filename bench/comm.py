@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from plait.bench import _comm_deepspeed as comm_deepspeed
-from plait.bench.common import command_line, print_table, machine_info, write_result
+from plait.bench.common import command_line, finish_figure, print_table, write_result
 from plait.launch import free_port, run_ranks
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -296,11 +296,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     for ax in (ratio_ax, bw_ax):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
-    machine = machine_info()
-    fig.suptitle(f"CPU collectives, {machine['cpu']}, {machine['cores']} cores: plait shm vs gloo and DeepSpeed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_figure(fig, "CPU collectives: plait shm vs gloo and DeepSpeed", path)
     return True
 
 
