@@ -4,8 +4,8 @@ replica on host 1 joining with ``--replica-of``; clients (this process) talk to 
 In order: 16 concurrent clients, streaming and not, get transformers' greedy tokens; host 1's link is
 cut while 16 more stream: /health reports its replica down within seconds, every request that had not
 received a token before the cut completes with the greedy tokens (failed over to host 0), and one that
-had ends with an error naming host 1; the link comes back and so does the replica; SIGTERM stops both
-hosts cleanly. Then a router refuses a host serving another model.
+had ends with an error naming host 1; the link comes back and so does the replica; SIGTERM on host 1
+while it streams lets it finish the request and leave; both hosts stop cleanly. Then a router refuses a host serving another model.
 """
 from __future__ import annotations
 
@@ -48,9 +48,10 @@ def wait_until(check, what: str, timeout: float = 300):
         time.sleep(0.2)
 
 
-async def _stream(client, url: str, prompt: list[int], started: dict, index: int) -> tuple[list[int], str]:
-    """One streaming completion: (tokens, error message or "")."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": NEW, "temperature": 0, "stream": True}
+async def _stream(client, url: str, prompt: list[int], started: dict, index: int,
+                  **extra) -> tuple[list[int], str]:
+    """One streaming completion: (tokens, error message or ""); ``started[index]`` is when its first token came."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": NEW, "temperature": 0, "stream": True, **extra}
     tokens, error = [], ""
     async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=180) as response:
         assert response.status_code == 200, await response.aread()
@@ -131,9 +132,30 @@ def test_two_host_serve_answers_and_survives_losing_a_host(make_hosts, tmp_path_
                    timeout=30)
         results, _ = asyncio.run(all_at_once(streamed=True))
         assert [tokens for tokens, _ in results] == want
-        for proc in (replica, router):
-            proc.send_signal(signal.SIGTERM)
-        assert replica.wait(timeout=60) == 0 and router.wait(timeout=60) == 0
+
+        # ---- SIGTERM on host 1 while it streams: it finishes the request, then leaves
+        async def stop_host_1_midway():
+            started: dict = {}
+            async with httpx.AsyncClient() as client:
+                task = asyncio.ensure_future(asyncio.gather(   # the first goes to replica 0, the second to 1
+                    *[_stream(client, url, p, started, i, max_tokens=40, ignore_eos=True)
+                      for i, p in enumerate(PROMPTS[:2])]))
+                while len(started) < 2:
+                    await asyncio.sleep(0.01)
+                replica.send_signal(signal.SIGTERM)
+                seen, deadline = [], time.monotonic() + 60     # replica 1's states as the router reports them
+                while (not task.done() or replica.poll() is None) and time.monotonic() < deadline:
+                    seen.append((await client.get(f"{url}/health")).json()["replicas"][1]["status"])
+                    await asyncio.sleep(0.05)
+                return await task, seen
+
+        results, seen = asyncio.run(stop_host_1_midway())
+        assert [(len(tokens), error) for tokens, error in results] == [(40, "")] * 2
+        assert replica.wait(timeout=60) == 0
+        assert "draining" in seen and "down" not in seen, seen    # told the router first; never seen as lost
+        assert httpx.get(f"{url}/health").json()["replicas"][1]["status"] == "stopped"
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(timeout=60) == 0
         assert hosts[1].shm_files() == [] and hosts[0].shm_files() == []
     finally:
         for proc in (replica, router):

@@ -5,7 +5,7 @@
   hosts, tp=2 inside each, equals test_train's plain transformers loop to 1e-9 (float64);
 - the mesh names the hosts and refuses a TP group across them;
 - pp=2 across the hosts (tp=2 inside) under ``torchrun --nnodes 2``, and ``plait generate`` under torchrun's
-  c10d rendezvous, equal transformers;
+  c10d rendezvous and plait's launcher (slow), equal transformers;
 - a host whose link is cut (or whose processes are killed) ends the job on the other host within the
   collective timeout, with an error naming it; ``--resume latest`` on the remaining host, another layout,
   continues exactly.
@@ -125,21 +125,24 @@ def test_pp_across_hosts_under_torchrun(make_hosts, files):
 
 
 @pytest.mark.slow
-def test_generate_across_hosts_under_torchrun_rendezvous(make_hosts, tmp_path_factory):
+def test_generate_across_hosts(make_hosts, tmp_path_factory):
+    """pp 2 across the hosts, tp 2 inside: under torchrun's c10d rendezvous, then with plait's own launcher."""
     from serve_models import reference_greedy, save_model
 
     directory = save_model("llama", tmp_path_factory.mktemp("generate") / "tiny", seed=3)
     hosts = make_hosts(2)
     prompt = [2, 5, 7, 9]
+    want = reference_greedy(directory, prompt, 8)
     rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0].name}:{hosts.master_port}", "--rdzv-id", "gen"]
     args = ["generate", "--model", directory, "--pp", "2", "--tp", "2", "--dtype", "float64", "--prompt-ids",
             ",".join(map(str, prompt)), "--max-new-tokens", "8", "--json"]
-    results = on_hosts(hosts, [torchrun(hosts, i, *rdzv) + args for i in range(2)])
-    for i, (code, _, err) in enumerate(results):
-        assert code == 0, f"host {i}: {err[-3000:]}"
-    printed = [json.loads(line) for _, out, _ in results for line in out.splitlines() if line.startswith("{")]
-    assert len(printed) == 1                             # rank 0 prints, on whichever host it is
-    assert printed[0]["token_ids"] == reference_greedy(directory, prompt, 8)
+    for argvs in ([torchrun(hosts, i, *rdzv) + args for i in range(2)], plait_nodes(hosts, args)):
+        results = on_hosts(hosts, argvs)
+        for i, (code, _, err) in enumerate(results):
+            assert code == 0, f"host {i}: {err[-3000:]}"
+        printed = [json.loads(line) for _, out, _ in results for line in out.splitlines() if line.startswith("{")]
+        assert len(printed) == 1                         # rank 0 prints (node 0 with plait's launcher)
+        assert printed[0]["token_ids"] == want
 
 
 @pytest.mark.parametrize("how", ["cut", pytest.param("kill", marks=pytest.mark.slow)])

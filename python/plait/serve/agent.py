@@ -5,7 +5,8 @@ failover among them), serves the routes the router uses (:mod:`plait.serve.remot
 and ``--port``, and registers with the router at ``ROUTER:PORT``: first before loading the model
 (a router serving another model, or wanting a token this host lacks, refuses it at once), then
 every :data:`REGISTER_EVERY_S` once the replicas are up, so a restarted router finds it again.
-SIGTERM (or Ctrl-C): unregister, let in-flight requests finish, stop every rank, exit 0.
+SIGTERM (or Ctrl-C): tell the router (it sends nothing new here), let in-flight requests finish,
+unregister, stop every rank, exit 0.
 
 =============================  ================================================================
 route                          what
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import httpx
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -65,6 +67,14 @@ class Registration:
         return {"url": self.url, "instance": self.instance, "host": self.host, "fingerprint": self.fingerprint,
                 "capacities": self.capacities, "check_only": check_only}
 
+    def leave(self, drain: bool) -> None:
+        """Tell the router this host is stopping (``drain``: about to; it finishes what it holds) or gone."""
+        try:
+            httpx.post(f"{self.router_url}/plait/unregister", headers=auth_headers(), timeout=2.0,
+                       json={"url": self.url, "instance": self.instance, "drain": drain})
+        except httpx.HTTPError:
+            pass                 # the router is gone; nothing to tell
+
     def post(self, client: httpx.Client | None = None, check_only: bool = False) -> None:
         """Register (or only check that the router would take this host); Refused on 401/409, httpx errors
         when the router cannot be reached."""
@@ -74,6 +84,20 @@ class Registration:
             raise Refused(f"the router at {self.router_url} refused this host: "
                           f"{answer.json()['error']['message']}")
         answer.raise_for_status()
+
+
+class AgentServer(uvicorn.Server):
+    """uvicorn's server, telling the router first when a signal stops it: the router sends nothing new and
+    keeps the streams open while this host finishes them (and stops polling a server that stops listening)."""
+
+    def __init__(self, config: uvicorn.Config, registration: Registration) -> None:
+        super().__init__(config)
+        self.registration = registration
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            self.registration.leave(drain=True)
+        super().handle_exit(sig, frame)
 
 
 def create_agent_app(router: Router, registration: Registration, on_refused) -> FastAPI:
@@ -108,12 +132,7 @@ def create_agent_app(router: Router, registration: Registration, on_refused) -> 
         task = asyncio.get_running_loop().create_task(keep_registered())
         yield
         task.cancel()
-        async with httpx.AsyncClient(headers=auth_headers()) as client:
-            try:
-                await client.post(f"{registration.router_url}/plait/unregister", timeout=2.0,
-                                  json={"url": registration.url, "instance": registration.instance})
-            except httpx.HTTPError:
-                pass
+        await asyncio.get_running_loop().run_in_executor(None, registration.leave, False)
         await asyncio.get_running_loop().run_in_executor(None, router.close)
 
     app = FastAPI(title="plait serve (replica host)", lifespan=lifespan)

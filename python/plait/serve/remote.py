@@ -134,16 +134,23 @@ class RemoteHosts:
         log.info("plait serve: replica host %s (%s) joined with %d replicas", host, url, len(capacities))
         return [r.index for r in entry.replicas]
 
-    def unregister(self, url: str, instance: str) -> bool:
-        """The host at ``url`` stops on purpose: its replicas are marked stopped (requests fail over)."""
+    def unregister(self, url: str, instance: str, drain: bool) -> bool:
+        """The host at ``url`` stops on purpose. ``drain``: it is about to; its replicas take no new requests
+        and finish what they hold (no more polls: its server stops listening now). Else it is gone: its
+        replicas are stopped (anything they still hold fails over)."""
         entry = self.hosts.get(url)
         if entry is None or entry.instance != instance:
             return False
         entry.poller.cancel()
         for replica in entry.replicas:
+            if drain:
+                if replica.status == "up":
+                    replica.status, replica.reason = "draining", "its host is stopping; it finishes what it holds"
+                continue
             self.router.mark_down(replica, "its host stopped serving")
             replica.status, replica.reason = "stopped", "its host stopped serving (plait serve ended there)"
-        del self.hosts[url]
+        if not drain:
+            del self.hosts[url]
         return True
 
     # ----------------------------------------------------------------- health
@@ -258,7 +265,8 @@ def model_fingerprint(directory: str, dtype: str, max_len: int) -> dict:
 
 
 def registration_routes(router: Router, fingerprint: dict) -> APIRouter:
-    """The router's routes for replica hosts: ``POST /plait/register`` and ``POST /plait/unregister``."""
+    """The router's routes for replica hosts: ``POST /plait/register`` and ``POST /plait/unregister`` (with
+    ``drain``: the host is stopping and finishes what it holds; without: it is gone)."""
     routes = APIRouter()
 
     def refuse(status: int, message: str) -> JSONResponse:
@@ -283,7 +291,8 @@ def registration_routes(router: Router, fingerprint: dict) -> APIRouter:
         if not authorized(request.headers.get("authorization")):
             return refuse(401, f"a replica host needs this router's token ({TOKEN_ENV})")
         body = await request.json()
-        done = router.remote is not None and router.remote.unregister(body["url"], body["instance"])
+        done = router.remote is not None and router.remote.unregister(body["url"], body["instance"],
+                                                                      bool(body.get("drain")))
         return {"unregistered": done}
 
     return routes

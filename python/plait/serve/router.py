@@ -233,7 +233,7 @@ class Router:
 
     def mark_down(self, replica: Replica, reason: str) -> None:
         """The replica failed: stop it, send the requests it had not started elsewhere, fail the others."""
-        if replica.status != "up":
+        if replica.status not in ("up", "draining"):
             return
         replica.status, replica.reason = "down", reason
         replica.kill()

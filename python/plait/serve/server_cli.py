@@ -129,13 +129,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"plait serve: {served.name} on http://{host}:{args.port} (dp={args.dp} pp={args.pp} "
                   f"tp={args.tp})", flush=True)
         else:
-            from .agent import create_agent_app
+            from .agent import AgentServer, create_agent_app
 
             app = create_agent_app(router, registration, on_refused)
             print(f"plait serve: {served.name}, {args.dp} replicas (pp={args.pp} tp={args.tp}) on {registration.url} "
                   f"for the router at {registration.router_url}", flush=True)
-        server.append(uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level="warning",
-                                                    timeout_graceful_shutdown=int(args.request_timeout) + 5)))
+        uv_config = uvicorn.Config(app, host=host, port=args.port, log_level="warning",
+                                   timeout_graceful_shutdown=int(args.request_timeout) + 5)
+        server.append(uvicorn.Server(uv_config) if registration is None else AgentServer(uv_config, registration))
         server[0].run()
     finally:
         router.close()
