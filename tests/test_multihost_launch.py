@@ -57,6 +57,18 @@ def test_node_flags_and_rank_blocks(monkeypatch):
         _parse(["--master-port", "70000"])
 
 
+def test_plait_train_refuses_tp_across_nodes_before_starting(capsys, tmp_path):
+    from plait.cli import main
+
+    argv = ["train", "--gpt", "gpt-tiny,vocab=64", "--data", str(tmp_path / "none.bin"), "--seq", "8",
+            "--global-batch", "4", "--tp", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.9.9.9"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tp=4 puts TP group ranks 0-3 on 2 hosts (node 0: ranks 0-1; node 1: ranks 2-3)" in err, err
+    assert main(argv[:-6] + ["--dp", "2", "--tp", "2", "--nnodes", "3", "--master-addr", "h"]) == 2
+    assert "4 ranks do not split evenly over --nnodes 3" in capsys.readouterr().err
+
+
 def test_gloo_interface_follows_the_route_to_the_master(monkeypatch):
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     assert interface_of("127.0.0.1") == "lo"
@@ -67,7 +79,7 @@ def test_gloo_interface_follows_the_route_to_the_master(monkeypatch):
 
 def test_the_judge_names_the_host_that_stopped():
     """Four ranks' watches on one store: all beating; host b's two stop without a word (lost); they stop with a
-    note (not lost); the store goes away (named as rank 0's host, or this host's network)."""
+    note (not lost); the store goes away (its host named, or this host's network)."""
     import torch.distributed as dist
 
     from plait.hostwatch import HostMap, HostWatch
@@ -75,7 +87,7 @@ def test_the_judge_names_the_host_that_stopped():
 
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-    hosts = HostMap(["a", "a", "b", "b"], ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"], "test")
+    hosts = HostMap(["a", "a", "b", "b"], ["127.0.0.1", "127.0.0.1", "10.0.0.2", "10.0.0.2"], "test")
     watches = [HostWatch(hosts, rank, "127.0.0.1", port) for rank in range(4)]
     try:
         assert watches[0].lost_hosts() is None
@@ -88,7 +100,7 @@ def test_the_judge_names_the_host_that_stopped():
         del store                                                 # the store's host is gone
         start = time.monotonic()
         lost = watches[3].lost_hosts()
-        assert lost.startswith("lost host a (10.0.0.1; ranks 0-1), or this host's network: the job's store there "
+        assert lost.startswith("lost host a (127.0.0.1; ranks 0-1), or this host's network: the job's store there "
                                f"(127.0.0.1:{port}) does not answer"), lost
         assert time.monotonic() - start < 10
     finally:
@@ -96,6 +108,7 @@ def test_the_judge_names_the_host_that_stopped():
             watch.close()
 
 
+@pytest.mark.slow
 def test_plait_train_two_nodes_on_loopback(tmp_path):
     """plait's own launcher, two nodes of one rank each on this host (dp=2): both exit 0 and node 0 prints the
     losses of the one-process job."""

@@ -164,6 +164,7 @@ def test_two_host_serve_answers_and_survives_losing_a_host(make_hosts, tmp_path_
                 proc.wait()
 
 
+@pytest.mark.slow
 def test_router_refuses_a_host_with_another_model(tmp_path):
     """On one host (loopback): a replica host whose model differs is refused before it loads anything."""
     from plait.launch import free_port

@@ -5,10 +5,10 @@ killed gives "Connection closed by peer [10.0.0.2]:40112", a cut link a timeout.
 :func:`plait.init_mesh` every rank learns every rank's host (:func:`gather_hosts`, also the
 input of :meth:`plait.ParallelConfig.check_hosts`). When the job spans hosts, each rank also
 runs a :class:`HostWatch`: a thread that bumps the rank's counter in the job's rendezvous
-store (rank 0's, at ``MASTER_ADDR:MASTER_PORT``) every :data:`HEARTBEAT_S`, and leaves a note
+store (at ``MASTER_ADDR:MASTER_PORT``) every :data:`HEARTBEAT_S`, and leaves a note
 there when the rank stops on its own. When an operation fails, :meth:`HostWatch.lost_hosts` reads
 every counter, waits :data:`STALE_S` and reads them again: a host whose ranks all stopped
-counting without a note is lost. If the store cannot be reached, rank 0's host is the one
+counting without a note is lost. If the store cannot be reached, the host holding it is the one
 lost (or this host's own link). Counters, not clocks: the hosts' clocks need not agree.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Callable, Optional, TypeVar
 
 import torch.distributed as dist
 
-from .config import ranks_text
 from .comm.rendezvous import all_gather_text, host_key
 from .comm.torch_backend import TorchCommunicator
+from .config import ranks_text
 from .errors import HostLost
 from .nodes import source_address
 
@@ -69,13 +69,11 @@ def gather_hosts(comm: TorchCommunicator) -> HostMap:
     first_of_key: dict[str, int] = {}
     for rank, (key, *_) in enumerate(rows):
         first_of_key.setdefault(key, rank)
-    names = {key: rows[rank][1] for key, rank in first_of_key.items()}
-    labels = {}
-    for key, rank in first_of_key.items():
-        label = names[key]
-        if list(names.values()).count(label) > 1:      # same host name, different machines (containers)
-            label = f"{label}@{rows[rank][2] or key.split('|', 1)[-1][:8]}"
-        labels[key] = label
+    names = [rows[rank][1] for rank in first_of_key.values()]
+    labels, seen = {}, {}
+    for key, name in zip(first_of_key, names):
+        seen[name] = seen.get(name, 0) + 1                # same host name, other machines (containers): #2, #3
+        labels[key] = name if names.count(name) == 1 else f"{name}#{seen[name]}"
     return HostMap([labels[key] for key, *_ in rows], [row[2] for row in rows], rows[0][3])
 
 
@@ -101,6 +99,16 @@ def _bounded(call: Callable[[], T], timeout_s: float = STORE_TIMEOUT_S) -> T:
     return value
 
 
+def _host_at(hosts: HostMap, addr: str) -> Optional[str]:
+    """The label of the host holding address ``addr`` (its ranks reach the master from it), if one does."""
+    try:
+        resolved = socket.gethostbyname(addr)
+    except OSError:
+        return None
+    return next((label for label, ranks in hosts.hosts.items()
+                 if hosts.addresses[ranks[0]] in (addr, resolved)), None)
+
+
 class HostWatch:
     """This rank's heartbeat in the rendezvous store, and the judge of which hosts stopped (module doc)."""
 
@@ -112,6 +120,7 @@ class HostWatch:
         self._beat_store = dist.TCPStore(addr, port, is_master=False, timeout=timeout, wait_for_workers=False)
         self._judge_store = dist.TCPStore(addr, port, is_master=False, timeout=timeout, wait_for_workers=False)
         self._beat_store.add(self._key(rank), 1)
+        self.store_host = _host_at(hosts, addr)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="plait-hostwatch", daemon=True)
         self._thread.start()
@@ -148,14 +157,14 @@ class HostWatch:
             time.sleep(STALE_S)
             after = self._counters()
             stopped = {r for r, (a, b) in enumerate(zip(before, after)) if a == b and r != self.rank}
-            notes = [f"{self.prefix}/left/{r}" for r in sorted(stopped)]
-            left = {r for r, key in zip(sorted(stopped), notes) if _bounded(lambda k=key: self._judge_store.check([k]))}
+            left = {r for r in stopped
+                    if _bounded(lambda r=r: self._judge_store.check([f"{self.prefix}/left/{r}"]))}
         except RuntimeError as exc:
-            store_host = self.hosts.labels[0]
-            return (f"lost host {self.hosts.describe(store_host)}, or this host's network: the job's store there "
-                    f"({self.addr}:{self.port}) does not answer ({str(exc).splitlines()[0][:200]})")
+            where = f"host {self.hosts.describe(self.store_host)}" if self.store_host else f"the host at {self.addr}"
+            return (f"lost {where}, or this host's network: the job's store there ({self.addr}:{self.port}) does not "
+                    f"answer ({str(exc).splitlines()[0][:200]})")
         lost = [h for h, ranks in self.hosts.hosts.items()
-                if all(r in stopped and r not in left for r in ranks if r != self.rank) and self.rank not in ranks]
+                if self.rank not in ranks and all(r in stopped and r not in left for r in ranks)]
         if not lost:
             return None
         return f"lost host {'; host '.join(self.hosts.describe(h) for h in lost)}: its ranks stopped answering"
