@@ -159,3 +159,22 @@ def test_uneven_hosts_fall_back_to_gloo(make_hosts):
     results = hosts.run_ranks(uneven_falls_back, [2, 1], timeout=180)
     assert [r["route"] for r in results] == ["torch"] * 3
     assert "same number of ranks on every host" in results[0]["reason"]
+
+
+def test_plait_train_dp4_over_two_hosts_equals_one_process(make_hosts, tmp_path_factory):
+    """DP across 2 hosts x 2 ranks: the gradient all-reduce goes through hier (auto, CPU); float64 losses
+    equal the one-process loop to 1e-9 (helpers of tests/test_multihost_train.py)."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    from hf_models import VOCAB, save_tiny
+    from test_multihost_train import SEQ, assert_losses, losses_of, on_hosts, plait_nodes, reference, train_args
+
+    root = tmp_path_factory.mktemp("hier_train")          # under /tmp: both test hosts see it
+    save_tiny("llama", root / "model")
+    np.random.default_rng(0).integers(0, VOCAB, 7 * SEQ + 1).astype(np.uint16).tofile(root / "data.bin")
+    files = {"model": str(root / "model"), "data": str(root / "data.bin")}
+    hosts = make_hosts(2)
+    results = on_hosts(hosts, plait_nodes(hosts, train_args(files, 2, "--dp", "4")))
+    for i, (code, _, err) in enumerate(results):
+        assert code == 0, f"host {i}: {err[-3000:]}"
+    assert_losses(losses_of(results[0][1]), reference(files, 2), "(dp 4 over 2 hosts x 2 ranks)")
