@@ -29,6 +29,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, StrictInt
 
 from .remote import CONNECT_TIMEOUT_S, TOKEN_ENV, auth_headers, authorized
 from .router import NoReplica, Overloaded, Router
@@ -84,6 +85,15 @@ class Registration:
             raise Refused(f"the router at {self.router_url} refused this host: "
                           f"{answer.json()['error']['message']}")
         answer.raise_for_status()
+
+
+class GenerateBody(BaseModel):
+    """One request for one of this host's replicas (what :func:`plait.serve.remote.request_body` sends)."""
+
+    replica: StrictInt
+    prompt: list[StrictInt]
+    params: dict
+    timeout_s: Optional[float] = None
 
 
 class AgentServer(uvicorn.Server):
@@ -147,14 +157,16 @@ def create_agent_app(router: Router, registration: Registration, on_refused) -> 
         return unauthorized(request) or {"instance": registration.instance, "replicas": router.health()}
 
     @app.post("/plait/generate")
-    async def generate(request: Request):
+    async def generate(body: GenerateBody, request: Request):
         refused = unauthorized(request)
         if refused is not None:
             return refused
-        body = await request.json()
-        params = SamplingParams(**{**body["params"], "stop": tuple(body["params"]["stop"])})
         try:
-            tracked = router.submit(body["prompt"], params, body["timeout_s"], replica=body["replica"])
+            params = SamplingParams(**{**body.params, "stop": tuple(body.params.get("stop", ()))})
+        except (TypeError, ValueError) as err:
+            return JSONResponse({"error": {"message": f"params: {err}"}}, status_code=400)
+        try:
+            tracked = router.submit(body.prompt, params, body.timeout_s, replica=body.replica)
         except NoReplica as err:
             return StreamingResponse(iter([json.dumps({"replica_down": str(err)}) + "\n"]),
                                      media_type="application/x-ndjson")

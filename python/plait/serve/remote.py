@@ -22,11 +22,12 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Annotated, Optional
 
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from .replica import Replica
 from .router import Router, Tracked
@@ -131,7 +132,7 @@ class RemoteHosts:
         entry = RemoteHost(url, instance, replicas[:len(capacities)])
         self.hosts[url] = entry
         entry.poller = asyncio.get_running_loop().create_task(self.poll(entry))
-        log.info("plait serve: replica host %s (%s) joined with %d replicas", host, url, len(capacities))
+        log.warning("plait serve: replica host %s (%s) joined with %d replicas", host, url, len(capacities))
         return [r.index for r in entry.replicas]
 
     def unregister(self, url: str, instance: str, drain: bool) -> bool:
@@ -245,7 +246,8 @@ class RemoteHosts:
 # --------------------------------------------------------------------------- what both sides share
 def model_fingerprint(directory: str, dtype: str, max_len: int) -> dict:
     """What a router and a replica host must agree on to serve one model: its config, its weight files, its
-    tokenizer, the dtype and the context (hashes, so that hosts with the files at other paths agree)."""
+    tokenizer, the dtype, the context (hashes, so that hosts with the files at other paths agree) and the plait
+    version (the two speak plait's own protocol)."""
     import hashlib
     from pathlib import Path
 
@@ -259,9 +261,24 @@ def model_fingerprint(directory: str, dtype: str, max_len: int) -> dict:
     def digest(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()[:16]
 
+    import plait
+
     return {"config": digest(json.dumps(config, sort_keys=True).encode()), "weights": digest(repr(weights).encode()),
             "tokenizer": digest(tokenizer.read_bytes()) if tokenizer.is_file() else None, "dtype": dtype,
-            "max_len": max_len}
+            "max_len": max_len, "plait": plait.__version__}
+
+
+class LeaveBody(BaseModel):
+    url: StrictStr
+    instance: StrictStr
+    drain: StrictBool = False
+
+
+class JoinBody(LeaveBody):
+    host: StrictStr
+    fingerprint: dict
+    capacities: list[Annotated[StrictInt, Field(ge=1)]]
+    check_only: StrictBool = False
 
 
 def registration_routes(router: Router, fingerprint: dict) -> APIRouter:
@@ -273,26 +290,23 @@ def registration_routes(router: Router, fingerprint: dict) -> APIRouter:
         return JSONResponse({"error": {"message": message, "type": "replica_refused"}}, status_code=status)
 
     @routes.post("/plait/register")
-    async def register(request: Request):
+    async def register(body: JoinBody, request: Request):
         if not authorized(request.headers.get("authorization")):
             return refuse(401, f"a replica host needs this router's token ({TOKEN_ENV})")
-        body = await request.json()
         if router.remote is None:
             router.remote = RemoteHosts(router, fingerprint)
-        refused = router.remote.check(body.get("fingerprint", {}))
+        refused = router.remote.check(body.fingerprint)
         if refused is not None:
             return refuse(409, refused)
-        if body.get("check_only"):
+        if body.check_only:
             return {"replicas": []}
-        return {"replicas": router.remote.register(body["url"], body["instance"], body["capacities"], body["host"])}
+        return {"replicas": router.remote.register(body.url, body.instance, body.capacities, body.host)}
 
     @routes.post("/plait/unregister")
-    async def unregister(request: Request):
+    async def unregister(body: LeaveBody, request: Request):
         if not authorized(request.headers.get("authorization")):
             return refuse(401, f"a replica host needs this router's token ({TOKEN_ENV})")
-        body = await request.json()
-        done = router.remote is not None and router.remote.unregister(body["url"], body["instance"],
-                                                                      bool(body.get("drain")))
+        done = router.remote is not None and router.remote.unregister(body.url, body.instance, body.drain)
         return {"unregistered": done}
 
     return routes

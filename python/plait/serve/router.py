@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -31,6 +32,7 @@ from .sampling import SamplingParams
 from .scheduler import Event
 
 MONITOR_EVERY_S = 0.2
+log = logging.getLogger("plait.serve")
 
 
 class Overloaded(RuntimeError):
@@ -235,6 +237,7 @@ class Router:
         """The replica failed: stop it, send the requests it had not started elsewhere, fail the others."""
         if replica.status not in ("up", "draining"):
             return
+        log.warning("plait serve: replica %d (%s) is down: %s", replica.index, replica.host, reason)
         replica.status, replica.reason = "down", reason
         replica.kill()
         orphans, replica.inflight = list(replica.inflight.values()), {}
