@@ -1,14 +1,14 @@
 """``plait train`` and ``plait generate`` on two test hosts (tests/hosts.py: own address, hostname and
 /dev/shm each; files shared like NFS), against the one-process computation.
 
-- 2 hosts x 2 ranks with plait's own launcher (``--nnodes/--node-rank/--master-addr``): dp=2 across the
-  hosts, tp=2 inside each, equals test_train's plain transformers loop to 1e-9 (float64);
-- the mesh names the hosts and refuses a TP group across them;
-- pp=2 across the hosts (tp=2 inside) under ``torchrun --nnodes 2``, and ``plait generate`` under torchrun's
-  c10d rendezvous and plait's launcher (slow), equal transformers;
+- 2 hosts x 2 ranks: dp=2 across the hosts and pp=2 across them, tp=2 inside each, equal test_train's
+  plain transformers loop to 1e-9 (float64); the mesh names the hosts and refuses a TP group across them;
+- the same through the command line (slow): dp across with plait's own launcher
+  (``--nnodes/--node-rank/--master-addr``), pp across under ``torchrun --nnodes 2``, and ``plait generate``
+  under torchrun's c10d rendezvous and plait's launcher;
 - a host whose link is cut (or whose processes are killed) ends the job on the other host within the
-  collective timeout, with an error naming it; ``--resume latest`` on the remaining host, another layout,
-  continues exactly.
+  collective timeout, with an error naming it (the job launched with plait's launcher, its losses up to then
+  equal to one process); ``--resume latest`` on the remaining host, another layout, continues exactly.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def plait_nodes(hosts, args: list[str]) -> list[list[str]]:
              "--master-addr", hosts.master_addr, "--master-port", str(hosts.master_port)] for i in range(len(hosts))]
 
 
-def test_dp_across_hosts_tp_inside_equals_one_process(make_hosts, files):
+@pytest.mark.slow
+def test_dp_across_hosts_tp_inside_equals_one_process_plait_launcher(make_hosts, files):
     hosts = make_hosts(2)
     results = on_hosts(hosts, plait_nodes(hosts, train_args(files, 3, "--dp", "2", "--tp", "2")))
     for i, (code, _, err) in enumerate(results):
@@ -83,29 +84,40 @@ def test_dp_across_hosts_tp_inside_equals_one_process(make_hosts, files):
     assert losses_of(results[1][1]) == []                 # node 0 reports
 
 
-def _mesh_on_hosts(rank: int, world: int) -> tuple:
+def _layouts_on_hosts(rank: int, world: int, jobs: list[dict]) -> tuple:
+    """On every rank of 2 hosts x 2: the mesh's refusal of tp=4, its hosts, then each job's losses."""
+    import torch.distributed as dist
+
     import plait
+    from plait.train import TrainJob, train_rank
 
     try:
-        plait.init_mesh(plait.ParallelConfig(tp=4))
+        plait.init_mesh(plait.ParallelConfig(tp=4))          # starts torch.distributed from the environment
         refused = None
     except ValueError as err:
         refused = str(err)
-    mesh = plait.init_mesh(plait.ParallelConfig(dp=2, tp=2), comm="auto")
-    out = (refused, mesh.hosts.labels, mesh.watch is not None, float(mesh.dp_comm.all_reduce(
-        __import__("torch").tensor([float(rank)]))[0]))
-    plait.destroy_mesh()
-    return out
+    mesh = plait.init_mesh(plait.ParallelConfig(dp=2, tp=2))
+    hosts, watched = mesh.hosts.labels, mesh.watch is not None
+    mesh.watch.close()
+    losses = [[r.loss for r in train_rank(TrainJob.from_dict(job), show=False).records] for job in jobs]
+    dist.destroy_process_group()
+    return refused, hosts, watched, losses
 
 
-def test_mesh_knows_the_hosts_and_keeps_tp_inside(make_hosts):
+def test_layouts_across_hosts_equal_one_process(make_hosts, files):
+    """dp 2 across the hosts and pp 2 across them, tp 2 inside each, in one launch of 2 hosts x 2 ranks."""
     hosts = make_hosts(2)
-    for rank, (refused, labels, watched, total) in enumerate(hosts.run_ranks(_mesh_on_hosts, 2,
+    base = dict(model=files["model"], data=files["data"], seq=SEQ, global_batch=BATCH, steps=3, lr=3e-3,
+                dtype="float64", lr_schedule="constant", clip_grad=0.0)
+    jobs = [dict(base, dp=2, tp=2), dict(base, pp=2, tp=2, microbatches=2)]
+    want = reference(files, 3)
+    for rank, (refused, labels, watched, losses) in enumerate(hosts.run_ranks(_layouts_on_hosts, 2, jobs,
                                                                               env={"PLAIT_TIMEOUT_S": "30"})):
         assert refused is not None and "tp=4 puts TP group ranks 0-3 on 2 hosts (host0: ranks 0-1; host1: ranks " \
                                       "2-3)" in refused, refused
         assert labels == ["host0", "host0", "host1", "host1"] and watched
-        assert total == [2.0, 4.0][rank % 2]              # dp groups {0, 2} and {1, 3}, across the hosts
+        assert_losses(losses[0], want, f"rank {rank} (dp 2 across hosts, tp 2 inside)")
+        assert_losses(losses[1], want, f"rank {rank} (pp 2 across hosts, tp 2 inside)")
 
 
 def torchrun(hosts, index: int, *rest: str) -> list[str]:
@@ -113,6 +125,7 @@ def torchrun(hosts, index: int, *rest: str) -> list[str]:
             *rest, "-m", "plait"]
 
 
+@pytest.mark.slow
 def test_pp_across_hosts_under_torchrun(make_hosts, files):
     hosts = make_hosts(2)
     argvs = [torchrun(hosts, i, "--node-rank", str(i), "--master-addr", hosts.master_addr, "--master-port",
@@ -158,7 +171,9 @@ def test_lost_host_ends_the_job_naming_it_and_resume_continues(make_hosts, files
     readers = [threading.Thread(target=lambda i=i: errors.setdefault(i, procs[i].stderr.read())) for i in range(2)]
     for reader in readers:
         reader.start()
+    before = []
     for line in procs[0].stdout:                          # a few steps and two checkpoints, then the loss
+        before.append(line)
         if line.startswith('{"step": 5,'):
             break
     lost_at = time.monotonic()
@@ -172,15 +187,17 @@ def test_lost_host_ends_the_job_naming_it_and_resume_continues(make_hosts, files
     message = errors[0].strip().splitlines()[-1]
     assert message.startswith("plait train: error:") and "HostLost" in message, errors[0][-3000:]
     assert f"lost host host1 ({hosts[1].addr}; ranks 2-3)" in message and "--resume latest" in message, message
-    if how == "cut":                                       # the cut-off host stops too, blaming host 0 or its link
-        assert procs[1].wait(timeout=120) == 2
-        readers[1].join()
-        assert "lost host host0" in errors[1] and "or this host's network" in errors[1], errors[1][-2000:]
 
     from plait.train.checkpoint import step_dirs
 
     done = int(step_dirs(save)[-1].name.split("-")[1])
     assert done >= 4
+    want = reference(files, done + 2)
+    assert_losses(losses_of("".join(before)), want[:5], "(dp 2 across hosts, tp 2 inside) before the loss")
     resumed = hosts[0].run([sys.executable, "-m", "plait", *train_args(files, done + 2, "--tp", "2", "--save", save,
                                                                        "--resume", "latest")], timeout=300)
-    assert_losses(losses_of(resumed.stdout), reference(files, done + 2)[done:], f"resumed at step {done} on (1,1,2)")
+    assert_losses(losses_of(resumed.stdout), want[done:], f"resumed at step {done} on (1,1,2)")
+    if how == "cut":                                       # the cut-off host stops too, blaming host 0 or its link
+        assert procs[1].wait(timeout=120) == 2
+        readers[1].join()
+        assert "lost host host0" in errors[1] and "or this host's network" in errors[1], errors[1][-2000:]

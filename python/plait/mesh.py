@@ -17,6 +17,7 @@ is also exposed as a ``torch.distributed.device_mesh.DeviceMesh``
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -32,6 +33,7 @@ from .launch import free_port
 from .nodes import choose_gloo_interface
 
 AXES = ("dp", "pp", "tp")
+log = logging.getLogger("plait.mesh")
 _CURRENT: Optional["ParallelMesh"] = None
 
 
@@ -178,7 +180,13 @@ def _watch_hosts(world: int) -> tuple[HostMap, Optional[HostWatch]]:
 
     hosts = gather_hosts(TorchCommunicator(None, name="world"))
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if len(hosts.hosts) == 1 or not addr or not port:
+    if len(hosts.hosts) == 1:
+        return hosts, None
+    if dist.get_rank() == 0:
+        log.info("plait: %d ranks on %d hosts: %s", world, len(hosts.hosts),
+                 "; ".join(hosts.describe(h) for h in hosts.hosts))
+    if not addr or not port:
+        log.warning("plait: MASTER_ADDR/MASTER_PORT unset: no host watch; a lost host shows as a timeout")
         return hosts, None
     return hosts, HostWatch(hosts, dist.get_rank(), addr, int(port))
 
