@@ -14,6 +14,7 @@ schedule            one of :data:`SCHEDULES` (aliases ``zb-h1``/``zbh1`` mean ``
 sequence_parallel   bool; needs ``tp >= 2`` to mean anything (allowed at tp=1: a no-op)
 zero                0 (off) or 1 (optimizer state sharded over DP)
 overlap             one of :data:`OVERLAP_MODES`
+tp_across_hosts     bool; False keeps every TP group inside one host (:meth:`check_hosts`)
 ==================  ==========================================================================
 
 Whether a model fits a layout has one verdict, :meth:`ParallelConfig.misfit` (the reason, or
@@ -38,13 +39,15 @@ sequence length     divisible by tp under sequence parallelism
 
 Fused projections (GPT-2's ``c_attn`` = q|k|v, a fused gate|up) are split part by part, so
 their rules are those of the parts above (heads, FFN), never of the fused width.
+
+The rule that a TP group stays inside one host is :meth:`check_hosts` (with each rank's host).
 Pure Python, no torch: ``plait plan`` imports it without paying for torch.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")
 SCHEDULE_ALIASES = {"zb-h1": "zb1p", "zbh1": "zb1p"}
@@ -130,6 +133,14 @@ class ModelShape:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
 
 
+def ranks_text(ranks: Sequence[int]) -> str:
+    """'4-7' for consecutive ranks, else '0, 2'."""
+    ranks = list(ranks)
+    if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))
+
+
 def canonical_schedule(name: Any) -> str:
     """The schedule's canonical name, or a ValueError listing the valid ones."""
     if not isinstance(name, str) or SCHEDULE_ALIASES.get(name.lower(), name.lower()) not in SCHEDULES:
@@ -149,6 +160,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     zero: int = 0
     overlap: str = "auto"
+    tp_across_hosts: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp", "num_virtual"):
@@ -166,6 +178,8 @@ class ParallelConfig:
                              f"got {self.zero!r}; ZeRO stages 2 and 3 are not implemented")
         if self.overlap not in OVERLAP_MODES:
             raise ValueError(f"unknown overlap {self.overlap!r}; use one of {OVERLAP_MODES}")
+        if not isinstance(self.tp_across_hosts, bool):
+            raise ValueError(f"tp_across_hosts must be True or False, got {self.tp_across_hosts!r}")
 
     @property
     def world_size(self) -> int:
@@ -199,6 +213,32 @@ class ParallelConfig:
         reason = self.misfit(shape)
         if reason:
             raise ValueError(reason)
+
+    def check_hosts(self, hosts: Sequence[str]) -> None:
+        """Raise ValueError, naming the hosts, if a TP group would span hosts (unless ``tp_across_hosts``).
+
+        ``hosts[r]`` names the host of global rank ``r``. Ranks are laid out TP innermost
+        (:mod:`plait.mesh`), so TP group ``g`` is ranks ``g*tp .. g*tp+tp-1``; launchers number the
+        ranks of one host consecutively (torchrun and ``plait train --nnodes`` do), so a ``tp``
+        that divides the ranks per host keeps every TP group inside a host. Tensor parallelism
+        exchanges activations in every layer: across hosts that runs at network speed.
+        """
+        if len(hosts) != self.world_size:
+            raise ValueError(f"{len(hosts)} hosts given for {self.world_size} ranks")
+        if self.tp_across_hosts or self.tp == 1:
+            return
+        for first in range(0, self.world_size, self.tp):
+            group = list(range(first, first + self.tp))
+            names = sorted({hosts[r] for r in group}, key=lambda h: hosts.index(h))
+            if len(names) == 1:
+                continue
+            where = "; ".join(f"{h}: ranks {ranks_text([r for r in group if hosts[r] == h])}" for h in names)
+            per_host = min(sum(1 for h in hosts if h == name) for name in set(hosts))
+            raise ValueError(f"tp={self.tp} puts TP group ranks {ranks_text(group)} on {len(names)} hosts ({where}); "
+                             f"a TP group exchanges activations in every layer and must stay inside one host: use "
+                             f"a tp that divides the ranks per host ({per_host}) and put dp or pp across hosts, "
+                             f"give each host's ranks consecutive numbers, or allow it with tp_across_hosts "
+                             f"(--tp-across-hosts)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -84,6 +84,8 @@ class TrainJob:
     bucket_mb: float = _help("DP gradient bucket size in MB", default=25.0)
     dp_overlap: bool = _help("reduce DP gradients bucket by bucket during backward (--no-dp-overlap: all after "
                              "backward, e.g. to measure what the overlap gains)", default=True)
+    tp_across_hosts: bool = _help("allow TP groups that span hosts (refused by default: TP exchanges activations "
+                                  "in every layer)", default=False)
     comm: Optional[str] = _help("communicators of the mesh axes: torch (gloo/NCCL), shm (plait's shared-memory "
                                 "collectives, CPU ranks of one host) or auto (shm for CPU tensors when every rank "
                                 "is on one host, else torch); default: auto on CPU, torch on CUDA", default=None)
@@ -141,7 +143,7 @@ class TrainJob:
     def parallel(self) -> ParallelConfig:
         """The job's layout as a :class:`~plait.ParallelConfig` (validated there)."""
         return ParallelConfig(dp=self.dp, pp=self.pp, tp=self.tp, num_virtual=self.vpp, schedule=self.schedule,
-                              sequence_parallel=self.sp, zero=self.zero)
+                              sequence_parallel=self.sp, zero=self.zero, tp_across_hosts=self.tp_across_hosts)
 
     @property
     def world_size(self) -> int:

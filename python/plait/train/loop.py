@@ -113,13 +113,31 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
     try:
         summary = _train(job, mesh, config, batches, evaluation, checkpoint, resume_state, on_step,
                          show if show is not None else mesh.rank == 0, started, around_step)
-    except BaseException:
-        if owns:
-            plait.destroy_mesh(barrier=False)
+    except Exception as exc:
+        # A vanished host shows up as a timeout or a closed connection: name the host instead.
+        lost = None if isinstance(exc, ValueError) else mesh.host_lost(exc, _RESUME_HINT if job.save else "")
+        _end_mesh(mesh, owns, clean=False)
+        if lost is not None:
+            raise lost from exc
         raise
-    if owns:
-        plait.destroy_mesh()
+    except BaseException:
+        _end_mesh(mesh, owns, clean=False)
+        raise
+    _end_mesh(mesh, owns, clean=True)
     return summary
+
+
+_RESUME_HINT = "; the job stopped: continue it on the remaining hosts with --resume latest (any layout)"
+
+
+def _end_mesh(mesh, owns: bool, clean: bool) -> None:
+    """Shut the job's mesh down if this job started torch.distributed, else only stop its host watch."""
+    import plait
+
+    if owns:
+        plait.destroy_mesh(barrier=clean)
+    elif mesh.watch is not None:
+        mesh.watch.close(None if clean else "stopped after an error")
 
 
 def _train(job, mesh, config, batches, evaluation, checkpoint, resume_state, on_step, show, started,
