@@ -25,6 +25,7 @@ import os
 import pickle
 import queue
 import socket
+import threading
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -43,8 +44,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+ORPHAN_CHECK_S = 1.0
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """End this rank when the process that started it is gone (killed, crashed): a rank left behind would
+    wait for commands that never come (a serving replica polls its queue forever) and hold its memory."""
+    while True:
+        time.sleep(ORPHAN_CHECK_S)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _worker(rank: int, world_size: int, node: NodeSpec, env: dict, threads: int, fn: Callable, args: tuple,
-            results) -> None:
+            results, parent: int) -> None:
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="plait-orphan-check", daemon=True).start()
     local = node.local_ranks(world_size)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank - local.start),
                        "LOCAL_WORLD_SIZE": str(len(local)), "GROUP_RANK": str(node.node_rank),
@@ -80,7 +94,8 @@ def start_ranks(fn: Callable, world_size: int, *args: Any, env: dict | None = No
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     child_env = {"OMP_NUM_THREADS": str(threads_per_rank), **(env or {})}
-    procs = [ctx.Process(target=_worker, args=(r, world_size, node, child_env, threads_per_rank, fn, args, results),
+    procs = [ctx.Process(target=_worker, args=(r, world_size, node, child_env, threads_per_rank, fn, args, results,
+                                               os.getpid()),
                          daemon=daemon)
              for r in node.local_ranks(world_size)]
     for proc in procs:
