@@ -2,6 +2,7 @@
 
     python bench/comm.py [--ranks 2 4] [--dtypes float32 bfloat16] [--sizes 4K ... 64M] [--ops all_reduce]
     plait bench comm ...
+    plait bench comm --hosts 2 ...     hierarchical vs flat gloo across test hosts (bench/_comm_hosts.py)
 
 Every backend runs in the same spawned job, one dtype and size at a time, trials alternating
 between backends, so they share the machine's conditions: gloo (``torch.distributed``),
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from plait.bench import _comm_deepspeed as comm_deepspeed
-from plait.bench.common import command_line, print_table, machine_info, write_result
+from plait.bench.common import command_line, finish_figure, print_table, write_result
 from plait.launch import free_port, run_ranks
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -107,12 +108,16 @@ def _check_sum(run, x: torch.Tensor, rank: int, world: int, name: str) -> None:
         raise RuntimeError(f"{name}: all_reduce gave a wrong sum on rank {rank}")
 
 
-def _open_backends(world: int, deepspeed: bool) -> tuple[dict, dict]:
-    """name -> communicator-like object, and each backend's notes (DeepSpeed's path per dtype)."""
+def _open_backends(world: int, deepspeed: bool, hosts: int = 1) -> tuple[dict, dict]:
+    """name -> communicator-like object, and each backend's notes (DeepSpeed's path per dtype).
+    Over several hosts: flat gloo and plait's hierarchical communicator (shm inside hosts)."""
     from plait.comm import Communicator
 
-    comms = {"gloo": Communicator.create("torch", None, name="gloo"),
-             "shm": Communicator.create("shm", None, name="shm")}
+    comms = {"gloo": Communicator.create("torch", None, name="gloo")}
+    if hosts > 1:
+        comms["hier"] = Communicator.create("hier", None, name="hier")
+        return comms, {}
+    comms["shm"] = Communicator.create("shm", None, name="shm")
     notes = {}
     if deepspeed:
         comms["deepspeed"] = comm_deepspeed.DeepSpeedAllReduce(world)
@@ -121,23 +126,27 @@ def _open_backends(world: int, deepspeed: bool) -> tuple[dict, dict]:
 
 
 def bench_rank(rank: int, world: int, ops: list[str], dtypes: list[str], sizes: list[int], trials: int,
-               trial_s: float, deepspeed: bool) -> dict:
+               trial_s: float, deepspeed: bool, hosts: int = 1) -> dict:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    comms, notes = _open_backends(world, deepspeed)
+    comms, notes = _open_backends(world, deepspeed, hosts)
     sync = comms["gloo"]  # barriers and the max over ranks: outside the timed region
     rows = []
     for op in ops:
         backends = {n: c for n, c in comms.items() if op == "all_reduce" or n != "deepspeed"}
-        if op == "all_reduce":
+        if op == "all_reduce" and hosts == 1:
             backends["copy"] = _Copy()
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for nbytes in sizes:
                 rows += _bench_size(op, backends, sync, rank, world, dtype_name, dtype, nbytes, trials, trial_s,
                                     notes)
-    comms["shm"].close()
+    for name in ("shm", "hier"):
+        if name in comms:
+            comms[name].close()
+    if hosts > 1:
+        rows = [dict(row, hosts=hosts) for row in rows]
     dist.destroy_process_group()
     return {"rows": rows, "notes": notes}
 
@@ -287,19 +296,20 @@ def plot(rows: list[dict], path: Path) -> bool:
     for ax in (ratio_ax, bw_ax):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
-    machine = machine_info()
-    fig.suptitle(f"CPU collectives, {machine['cpu']}, {machine['cores']} cores: plait shm vs gloo and DeepSpeed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_figure(fig, "CPU collectives: plait shm vs gloo and DeepSpeed", path)
     return True
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="CPU collectives: plait shm vs gloo and DeepSpeed, latency and "
                                                  "bandwidth")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--ranks", type=int, nargs="+", default=None,
+                        help="ranks (default 2 4); with --hosts, ranks per host (default 2)")
+    parser.add_argument("--hosts", type=int, default=1,
+                        help="above 1: plait's hierarchical all-reduce vs flat gloo over this many test hosts made "
+                             "on this machine (needs root; see plait.bench._comm_hosts)")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
+                        help="default float32 bfloat16; with --hosts, float32")
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size(s) for s in DEFAULT_SIZES],
                         help="total message sizes, e.g. 4K 64K 32M (default 4K..64M)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=["all_reduce"])
@@ -308,8 +318,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed out even when installed")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON or PNG")
     args = parser.parse_args(argv)
-    if min(args.ranks) < 2 or args.trials < 1 or not args.trial_s > 0:
-        parser.error("--ranks must be at least 2, --trials at least 1 and --trial-s positive")
+    several = args.hosts > 1
+    args.ranks = args.ranks or ([2] if several else [2, 4])
+    args.dtypes = args.dtypes or (["float32"] if several else ["float32", "bfloat16"])
+    if min(args.ranks) < (1 if several else 2) or args.trials < 1 or not args.trial_s > 0 or args.hosts < 1:
+        parser.error("--ranks must be at least 2 (1 per host with --hosts), --hosts at least 1, --trials at least 1 "
+                     "and --trial-s positive")
+    if several:
+        from plait.bench import _comm_hosts
+
+        return _comm_hosts.main(args, argv)
     deepspeed = comm_deepspeed.available() and not args.no_deepspeed
     if not deepspeed:
         print("DeepSpeed: " + ("left out (--no-deepspeed)" if args.no_deepspeed else "not installed "

@@ -236,6 +236,17 @@ class PeakResident:
         return _status_bytes("VmHWM") - self.start
 
 
+def finish_figure(fig: Any, title: str, path: Path) -> None:
+    """Title a matplotlib figure with ``title`` and this machine's CPU, lay it out, write it to ``path``, close it."""
+    import matplotlib.pyplot as plt
+
+    machine = machine_info()
+    fig.suptitle(f"{title} ({machine['cpu']}, {machine['cores']} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def save_plot(plot, rows: Any, path: Path) -> None:
     """``plot(rows, path)`` (a function returning False without matplotlib), and say what came of it."""
     if plot(rows, path):

@@ -5,13 +5,16 @@ ZeRO-1 on vs off.
     python bench/train.py --zero-only --layouts 2,1,1 4,1,1 --layers 4 --hidden 512 --steps 3
     plait bench train ...
 
-Each layout runs ``examples/train_gpt.py``'s job (``plait.models.train``) on
-local processes: gloo on CPU, or NCCL when there is a GPU per rank. Reported:
-median tokens/s over the steps after the first (warm-up), and peak memory per
-rank (CPU: max resident set; GPU: max allocated), the largest over ranks.
+Each layout runs a ``plait train`` job (:func:`plait.train.train_rank`) of plait's GPT
+from scratch on synthetic data (``synthetic: true``: the same batches on every layout) on
+local processes, over ``--comm`` (default torch: gloo on CPU, or NCCL when there is a GPU per
+rank); AdamW at a constant lr, no weight decay, no clipping (the gradient norm is still
+computed, as in every plait train step). Reported: median tokens/s over the steps after the
+first (warm-up), and peak memory per rank (CPU: max resident set; GPU: max allocated), the
+largest over ranks. ``dp_overlap`` off is the job's ``dp_overlap: false`` (every gradient
+bucket reduced after backward).
 
-Layouts with dp > 1 also run with ZeRO-1 (``TrainJob(zero=1)``: AdamW state
-sharded over DP). For those rows the optimizer-state bytes per rank are exact
+Layouts with dp > 1 also run with ZeRO-1 (``zero: 1``: AdamW state sharded over DP). For those rows the optimizer-state bytes per rank are exact
 (the sum of the state tensors' sizes, largest rank); the peak memory is
 measured, and on CPU also given above the memory the rank had before training
 (``peak over start``), which removes torch's own few hundred MB, and the
@@ -35,6 +38,8 @@ import torch
 
 from plait.bench.common import MAX_RANKS, bench_parser, positive_float, positive_int, ranks, repeats, size
 from plait.launch import run_ranks
+from plait.mesh import COMM_BACKENDS
+from plait.train import TrainJob
 
 
 def _rss_bytes() -> int:
@@ -46,24 +51,31 @@ def _rss_bytes() -> int:
         return 0
 
 
-def bench_rank(rank: int, world: int, layout: tuple, model: dict, run: dict, overlap: bool, zero: int = 0) -> dict:
-    import plait
-    from plait.models import GPTConfig, TrainJob, train
-
+def job_settings(model: dict, run: dict, layout: tuple, overlap: bool, zero: int) -> dict:
+    """The ``plait train`` job (TrainJob settings) of one row: ``model`` and ``run`` as saved in the JSON."""
     dp, pp, tp = layout
+    gpt = (f"layers={model['num_layers']},hidden={model['hidden']},heads={model['num_heads']},"
+           f"vocab={model['vocab_size']}")
+    return dict(gpt=gpt, synthetic=True, seq=model["seq_len"], dp=dp, pp=pp, tp=tp, dp_overlap=overlap, zero=zero,
+                lr_schedule="constant", warmup=0, weight_decay=0.0, clip_grad=0.0, **run)
+
+
+def bench_rank(rank: int, world: int, settings: dict) -> dict:
+    from plait.train import train_rank
+
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     if cuda:
         torch.cuda.set_device(rank)
-    job = TrainJob(model=GPTConfig(**model), dp=dp, pp=pp, tp=tp, dp_overlap=overlap, zero=zero, **run)
+    job = TrainJob.from_dict(settings)
     start = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     after_steps = []  # memory after each step, the model and optimizer state still alive
-    records = train(job, lambda record: after_steps.append(torch.cuda.memory_allocated() if cuda else _rss_bytes()))
+    summary = train_rank(job, lambda record: after_steps.append(torch.cuda.memory_allocated() if cuda
+                                                                else _rss_bytes()), show=False)
     end = after_steps[-1]
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    plait.destroy_mesh()
-    return dict(tokens_per_s=[r.tokens_per_s for r in records], peak_bytes=peak, start_bytes=start, end_bytes=end,
-                state_bytes=records[-1].extra["optimizer_state_bytes"], device="cuda" if cuda else "cpu")
+    return dict(tokens_per_s=[r.tokens_per_s for r in summary.records], peak_bytes=peak, start_bytes=start,
+                end_bytes=end, state_bytes=summary.optimizer_state_bytes, device="cuda" if cuda else "cpu")
 
 
 def _zero_savings(rows: list[dict]) -> list[dict]:
@@ -109,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--global-batch", type=size(), default=16)
     parser.add_argument("--microbatches", type=positive_int(4096), default=4)
     parser.add_argument("--bucket-mb", type=positive_float(1 << 20), default=25.0, help="DP gradient bucket size")
+    parser.add_argument("--comm", choices=COMM_BACKENDS, default="torch",
+                        help="communicators of the mesh axes (torch: gloo on CPU, NCCL on CUDA; shm; auto)")
     parser.add_argument("--no-zero", action="store_true", help="skip the ZeRO-1 rows")
     parser.add_argument("--zero-only", action="store_true",
                         help="only ZeRO-1 off vs on (overlap on) per layout with dp > 1; saved as train_zero")
@@ -118,8 +132,8 @@ def main(argv=None) -> int:
         parser.error("--zero-only and --no-zero exclude each other")
     model = dict(vocab_size=512, num_layers=args.layers, hidden=args.hidden, num_heads=4, seq_len=args.seq)
     run = dict(microbatches=args.microbatches, global_batch=args.global_batch, steps=args.steps, seed=0,
-               bucket_mb=args.bucket_mb)
-    rows = []
+               bucket_mb=args.bucket_mb, lr=1e-3, comm=args.comm)
+    runs = []   # (layout, dp_overlap, zero, job settings), every job checked before any starts
     for layout in args.layouts:
         variants = [(True, 0)] + ([(False, 0)] if layout[0] > 1 else [])  # (dp_overlap, zero)
         if layout[0] > 1 and not args.no_zero:
@@ -127,17 +141,25 @@ def main(argv=None) -> int:
         if args.zero_only:
             variants = [(True, 0), (True, 1)] if layout[0] > 1 else []
         for overlap, zero in variants:
-            world = layout[0] * layout[1] * layout[2]
-            print(f"layout dp,pp,tp={layout} dp_overlap={overlap} zero={zero} on {world} processes ...", flush=True)
-            results = run_ranks(bench_rank, world, layout, model, run, overlap, zero, timeout=1800)
-            per_step = [min(r["tokens_per_s"][i] for r in results) for i in range(1, args.steps)]
-            rows.append(dict(dp=layout[0], pp=layout[1], tp=layout[2], dp_overlap=overlap, zero=zero,
-                             tokens_per_s=statistics.median(per_step),
-                             peak_mb=max(r["peak_bytes"] for r in results) / 2**20,
-                             peak_over_start_mb=max(r["peak_bytes"] - r["start_bytes"] for r in results) / 2**20,
-                             end_mb=max(r["end_bytes"] for r in results) / 2**20,
-                             optimizer_state_bytes=max(r["state_bytes"] for r in results),
-                             device=results[0]["device"]))
+            settings = job_settings(model, run, layout, overlap, zero)
+            try:
+                TrainJob.from_dict(settings, where=f"layout dp,pp,tp={','.join(map(str, layout))}")
+            except ValueError as err:
+                parser.error(str(err))
+            runs.append((layout, overlap, zero, settings))
+    rows = []
+    for layout, overlap, zero, settings in runs:
+        world = layout[0] * layout[1] * layout[2]
+        print(f"layout dp,pp,tp={layout} dp_overlap={overlap} zero={zero} on {world} processes ...", flush=True)
+        results = run_ranks(bench_rank, world, settings, timeout=1800)
+        per_step = [min(r["tokens_per_s"][i] for r in results) for i in range(1, args.steps)]
+        rows.append(dict(dp=layout[0], pp=layout[1], tp=layout[2], dp_overlap=overlap, zero=zero,
+                         tokens_per_s=statistics.median(per_step),
+                         peak_mb=max(r["peak_bytes"] for r in results) / 2**20,
+                         peak_over_start_mb=max(r["peak_bytes"] - r["start_bytes"] for r in results) / 2**20,
+                         end_mb=max(r["end_bytes"] for r in results) / 2**20,
+                         optimizer_state_bytes=max(r["state_bytes"] for r in results),
+                         device=results[0]["device"]))
     header = ["dp", "pp", "tp", "dp overlap", "zero", "tokens/s", "peak MB/rank", "peak over start MB",
               "end MB/rank", "opt state MB/rank", "device"]
     table = [[r["dp"], r["pp"], r["tp"], "on" if r["dp_overlap"] else "off", r["zero"], round(r["tokens_per_s"]),

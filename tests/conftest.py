@@ -39,3 +39,26 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nERROR: {len(left)} plait shared-memory segment(s) were left in /dev/shm: {left} "
               f"(removed now); every segment must be unlinked once all ranks attached")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---------------------------------------------------------------- test hosts
+@pytest.fixture
+def make_hosts():
+    """``make_hosts(n)``: n test hosts (tests/hosts.py), removed after the test; skips with the reason
+    where this machine cannot make them (not root, namespaces refused)."""
+    from hosts import HostsUnavailable, TestHosts
+
+    made = []
+
+    def make(n: int, name_prefix: str = "host") -> "TestHosts":
+        hosts = TestHosts(n, name_prefix)
+        try:
+            hosts.__enter__()
+        except HostsUnavailable as exc:
+            pytest.skip(f"test hosts unavailable: {exc}")
+        made.append(hosts)
+        return hosts
+
+    yield make
+    for hosts in made:
+        hosts.close()

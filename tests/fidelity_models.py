@@ -4,14 +4,14 @@ Each variant is a transformers config class at its *default* values (GPT-2's dro
 Gemma-2's soft-caps and alternating windows are on) with only the sizes shrunk, plus the fields
 the fidelity issue names set to non-default values: rotary scaling of every kind, biases,
 ``head_dim`` different from hidden/heads, windows, tied and untied heads, attention scaling
-fields. Weights are drawn lively (std 0.3, see tests/serve_models.py) so greedy decoding walks
+fields. Weights are drawn lively (std 0.3, ``hf_models.liven``) so greedy decoding walks
 through many tokens and a wrong field shows. Saved in float64 unless the variant says otherwise.
 """
 from __future__ import annotations
 
 import torch
 
-VOCAB = 37
+from hf_models import VOCAB, liven
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4)
 
 
@@ -79,12 +79,7 @@ def save_variant(name: str, directory, seed: int = 0, dtype: torch.dtype = torch
 
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(variant_config(name)).double()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.3)
-            else:
-                param.add_(torch.randn_like(param) * 0.1)
+    liven(model)
     model = model.to(dtype)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(directory), **kwargs)

@@ -45,6 +45,17 @@ def save_tiny(kind: str, directory, seed: int = 0) -> None:
     model.save_pretrained(str(directory))
 
 
+def liven(model) -> None:
+    """Lively random weights (std 0.3; transformers' 0.02 makes a tiny random model repeat one token) and
+    non-trivial norms and biases, so greedy decoding walks through many tokens and a wrong field shows."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3)
+            else:
+                param.add_(torch.randn_like(param) * 0.1)
+
+
 def load_reference(directory):
     import transformers as T
 

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from hf_models import VOCAB, tiny_config
+from hf_models import VOCAB, liven, tiny_config
 
 SENTENCES = ["the cat sat on the mat", "a dog ran to the park and back", "we like red and blue boats",
              "one two three four five six", "the sun is warm today", "my friend reads old books"]
@@ -45,12 +45,7 @@ def save_model(kind: str, directory, seed: int = 0, tokenizer: bool = True) -> s
     config = tiny_config(kind)
     config.eos_token_id = 1
     model = T.AutoModelForCausalLM.from_config(config).double()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.3)
-            else:
-                param.add_(torch.randn_like(param) * 0.1)
+    liven(model)
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 1
     model.save_pretrained(str(directory))

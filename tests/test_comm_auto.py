@@ -16,13 +16,13 @@ def test_plan_one_host_cpu_goes_to_shm():
     assert plan.cuda.backend == "torch" and "no ipc here" in plan.cuda.reason
 
 
-def test_plan_several_hosts_falls_back_to_torch_naming_them():
+def test_plan_several_hosts_naming_them_cpu_hierarchical_cuda_torch():
     plan = plan_routes(4, [HOST_A, HOST_A, HOST_B, HOST_B], "cpu:gloo,cuda:nccl", (True, "ok"), (True, "ok"))
     for route in (plan.cpu, plan.cuda):
-        assert route.backend == "torch"
         assert "several hosts" in route.reason and "node-a: ranks [0, 1]" in route.reason
         assert "node-b: ranks [2, 3]" in route.reason
-    assert "gloo" in plan.cpu.reason and "NCCL" in plan.cuda.reason
+    assert plan.cpu.backend == "hier" and "gloo between hosts" in plan.cpu.reason   # tests/test_comm_hier.py
+    assert plan.cuda.backend == "torch" and "NCCL" in plan.cuda.reason
 
 
 def test_plan_unusable_shm_and_single_rank():

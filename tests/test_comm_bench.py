@@ -63,3 +63,37 @@ def test_tiny_run_measures_every_backend_and_checks_results(capsys):
     out = capsys.readouterr().out
     assert "shm/DeepSpeed" in out and "copy us" in out
     assert "all_reduce      2  bfloat16    4K" in out and "all_reduce      2   float32    4K" in out
+
+
+def hosts_row(hosts, nbytes, backend, us):
+    return {"op": "all_reduce", "hosts": hosts, "ranks": 2 * hosts, "dtype": "float32", "bytes": nbytes,
+            "backend": backend, "latency_us": us, "p99_us": 2 * us}
+
+
+def test_hosts_table_and_targets_pair_hier_with_flat_gloo():
+    from plait.bench import _comm_hosts
+
+    rows = [hosts_row(2, 4096, "gloo", 5000.0), hosts_row(2, 4096, "hier", 1000.0),
+            hosts_row(2, 1 << 20, "gloo", 6000.0), hosts_row(2, 1 << 20, "hier", 2000.0),
+            hosts_row(2, 16 << 20, "gloo", 40000.0), hosts_row(2, 16 << 20, "hier", 25000.0)]
+    table = _comm_hosts.table(rows)
+    first = dict(zip(table["columns"], table["rows"][0]))
+    assert (first["size"], first["ranks per host"], first["gloo us"], first["hier us"]) == ("4K", 2, 5000.0, 1000.0)
+    assert first["hier speedup vs gloo"] == 5.0 and first["gloo p99 us"] == 10000.0
+    goals = _comm_hosts.targets(rows)
+    assert goals["slowest speedup from 1M, float32 2 hosts x 2 ranks"] == {
+        "value": 1.6, "target": 2.0, "met": False, "of": "gloo / hier median, the worst size from 1 MB up"}
+    assert goals["slowest speedup at any size, float32 2 hosts x 2 ranks"]["met"] is True
+
+
+@pytest.mark.slow
+def test_tiny_run_across_two_test_hosts(capsys):
+    from plait.bench._hosts import unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(f"test hosts unavailable: {unavailable_reason()}")
+    assert comm.main(["--hosts", "2", "--sizes", "4K", "12K", "--trials", "1", "--trial-s", "0.005",
+                      "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert "hier speedup vs gloo" in out and "all_reduce      2               2  float32    4K" in out
+    assert "12K" in out

@@ -8,8 +8,9 @@
   ``logits`` (in eval *and* train mode) and greedy tokens of the serving engine equal
   transformers' at (tp, pp) in (1, 1), (2, 1), (2, 2); also a bfloat16 checkpoint in several files.
 - Training with dropout on (GPT-2's shipped 0.1, and attention dropout 0.1) with ``plait train``
-  gives the one-process losses to 1e-9 at (dp, pp, tp) in (2, 2, 2), (1, 2, 2), (2, 1, 2), and
-  parameters replicated over TP stay bitwise equal across TP ranks.
+  gives the one-process losses to 1e-9 at (dp, pp, tp) in (2, 2, 2), (1, 2, 2), (2, 1, 2), also
+  when resumed on another layout, and parameters replicated over TP stay bitwise equal across TP
+  ranks.
 """
 from __future__ import annotations
 
@@ -202,7 +203,8 @@ def _replicas_after_training(directory: str, data: str, dp: int, pp: int, tp: in
     return differ
 
 
-def _train_layout(rank: int, world: int, dirs: dict, data: str, layout: tuple) -> dict:
+def _train_layout(rank: int, world: int, dirs: dict, data: str, layout: tuple, resume_on=None,
+                  save_root=None) -> dict:
     import torch.distributed as dist
 
     import plait
@@ -215,6 +217,13 @@ def _train_layout(rank: int, world: int, dirs: dict, data: str, layout: tuple) -
         summary = train_rank(TrainJob.from_dict(_job(directory, data, dp, pp, tp)), show=False)
         out[name] = dict(losses=[r.loss for r in summary.records], eval=summary.eval_loss,
                          replicas_differ=_replicas_after_training(directory, data, dp, pp, tp))
+        if resume_on is not None:        # 3 steps here, the rest resumed on another layout of as many ranks
+            save = f"{save_root}/{name}"
+            train_rank(TrainJob.from_dict({**_job(directory, data, dp, pp, tp), "steps": 3, "save": save}),
+                       show=False)
+            resumed = train_rank(TrainJob.from_dict({**_job(directory, data, *resume_on), "save": save,
+                                                     "resume": "latest"}), show=False)
+            out[name]["resumed"] = [r.loss for r in resumed.records]
     plait.destroy_mesh()      # the last job's mesh, and the process group
     return out
 
@@ -242,11 +251,12 @@ def test_dropout_is_on_in_training_and_off_in_evaluation(dropout_files):
         assert one[name]["replicas_differ"] == []
 
 
-@pytest.mark.parametrize("layout", [(2, 2, 2), (1, 2, 2), (2, 1, 2)], ids=lambda l: "dp%d_pp%d_tp%d" % l)
-def test_dropout_training_equals_one_process(dropout_files, layout):
+@pytest.mark.parametrize("layout,resume_on", [((2, 2, 2), None), ((1, 2, 2), None), ((2, 1, 2), (1, 2, 2))],
+                         ids=["dp2_pp2_tp2", "dp1_pp2_tp2", "dp2_pp1_tp2_resumed_on_dp1_pp2_tp2"])
+def test_dropout_training_equals_one_process(dropout_files, tmp_path, layout, resume_on):
     dirs, data, one = dropout_files
     dp, pp, tp = layout
-    results = run_ranks(_train_layout, dp * pp * tp, dirs, data, layout, timeout=900)
+    results = run_ranks(_train_layout, dp * pp * tp, dirs, data, layout, resume_on, str(tmp_path), timeout=900)
     for rank, per_model in enumerate(results):
         for name, r in per_model.items():
             where = f"{name} (dp, pp, tp)={layout} rank {rank}"
@@ -256,3 +266,7 @@ def test_dropout_training_equals_one_process(dropout_files, layout):
                 assert abs(got - exp) <= 1e-9 * abs(exp), f"{where}: step {step + 1} loss {got!r} != {exp!r}"
             assert abs(r["eval"] - one[name]["eval"]) <= 1e-9 * abs(one[name]["eval"]), f"{where}: eval loss"
             assert r["replicas_differ"] == [], f"{where}: TP replicas diverged: {r['replicas_differ']}"
+            if resume_on is not None:
+                for step, (got, exp) in enumerate(zip(r["resumed"], want[3:]), start=4):
+                    assert abs(got - exp) <= 1e-9 * abs(exp), f"{where}: resumed step {step} loss {got!r} != {exp!r}"
+                assert len(r["resumed"]) == STEPS - 3, where

@@ -1,18 +1,21 @@
-"""The reference GPT: TP (with and without SP) and chunked layouts equal the one-process model."""
+"""The reference GPT through ``plait.parallelize``: TP (with and without SP) and every cut of its layers
+into pp x virtual chunks equal the plain one-process model (float64)."""
 import pytest
 import torch
-import torch.distributed as dist
 
+from plait.config import ParallelConfig
 from plait.launch import run_ranks
 
 TINY = dict(vocab_size=32, num_layers=4, hidden=16, num_heads=4, seq_len=8, dtype=torch.float64)
+SIX = dict(TINY, num_layers=6)
 
 
-def _singleton_comm():
-    from plait.comm import Communicator
+def _gpt(cfg, seed: int):
+    from plait.models import GPT, init_parameters
 
-    mine, _ = dist.new_subgroups(group_size=1)
-    return Communicator.create("torch", mine, name="self")
+    model = GPT(cfg)
+    init_parameters(model, seed)
+    return model
 
 
 def _batch(cfg, seed=0, batch=3):
@@ -21,28 +24,41 @@ def _batch(cfg, seed=0, batch=3):
     return ids[:, :-1], ids[:, 1:]
 
 
-def _loss_and_grads(stages, comm, ids, targets):
-    from plait.models import full_state_dict, gpt_loss
-
-    x = ids
-    for stage in stages:
-        x = stage(x)
-    loss = gpt_loss(x, targets, comm)
+def _plain_loss_and_grads(model, loss_fn, ids, targets):
+    """The plain model's loss and its gradients by parameter name."""
+    loss = loss_fn(model(ids), targets)
     loss.backward()
-    return loss.detach(), full_state_dict(stages, grads=True)
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def _parallel_loss_and_grads(model, ids, targets):
+    """One training step of the parallel model (one microbatch), and every whole gradient on every rank."""
+    loss = model.pipeline(num_microbatches=1).train_step(ids, targets)
+    return loss.detach(), model.full_state_dict(grads=True)
+
+
+def _cut(cfg, num_chunks: int) -> list[range]:
+    """The layer ranges parallelize cuts the GPT into: the stage cutting with the GPT's own costs."""
+    from plait.models import GPT
+    from plait.parallel.stage import balanced_partition
+
+    with torch.device("meta"):
+        return balanced_partition(cfg.num_layers, num_chunks, *GPT(cfg).stage_costs())
 
 
 def tp_matches_one_process(rank: int, world: int, sp: bool) -> int:
     import plait
-    from plait.models import GPTConfig, build_stages
+    from plait.models import GPTConfig
 
-    mesh = plait.init_mesh(tp=world)
-    cfg = GPTConfig(**TINY, sequence_parallel=sp)
+    mesh = plait.init_mesh(ParallelConfig(tp=world, sequence_parallel=sp))
+    cfg = GPTConfig(**TINY)
     ids, targets = _batch(cfg)
-    one = build_stages(cfg, _singleton_comm(), pp=1, pp_rank=0, seed=5)
-    ref_loss, ref_grads = _loss_and_grads(one, one[0].comm, ids, targets)
-    par = build_stages(cfg, mesh.tp_comm, pp=1, pp_rank=0, seed=5)
-    loss, grads = _loss_and_grads(par, mesh.tp_comm, ids, targets)
+    ref_loss, ref_grads = _plain_loss_and_grads(
+        _gpt(cfg, 5), lambda logits, t: torch.nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten()),
+        ids, targets)
+    model = plait.parallelize(_gpt(cfg, 5), mesh)
+    assert model.config.sequence_parallel == sp
+    loss, grads = _parallel_loss_and_grads(model, ids, targets)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
@@ -57,44 +73,55 @@ def test_gpt_tp2_equals_one_process(sp):
     assert counts[0] == 4 * 11 + 2 + 3  # 11 tensors per block (no QKV bias), embedding 2, head 3
 
 
-def chunks_match_whole(rank: int, world: int) -> None:
+def chunks_match_whole(rank: int, world: int) -> dict[int, list[range]]:
+    """pp = world ranks, 1 and 2 virtual stages each: loss and gradients are the plain model's, bit for bit.
+    Returns this rank's stages' layer ranges by virtual-stage count."""
     import plait
-    from plait.models import GPTConfig, build_stages, partition
+    from plait.models import GPTConfig
 
-    plait.init_mesh()
-    comm = _singleton_comm()
-    cfg = GPTConfig(**dict(TINY, num_layers=6))
+    mesh = plait.init_mesh(pp=world)
+    cfg = GPTConfig(**SIX)
     ids, targets = _batch(cfg, seed=1)
-    whole = build_stages(cfg, comm, pp=1, pp_rank=0, seed=9)
-    ref_loss, ref_grads = _loss_and_grads(whole, comm, ids, targets)
-    for pp, virtual in ((2, 1), (3, 1), (2, 2), (3, 2)):
-        chunks = {}
-        for pp_rank in range(pp):
-            for j, stage in enumerate(build_stages(cfg, comm, pp=pp, pp_rank=pp_rank, num_virtual=virtual, seed=9)):
-                chunks[pp_rank + j * pp] = stage
-        ordered = [chunks[c] for c in sorted(chunks)]
-        assert [s.layer_range for s in ordered] == partition(cfg, pp * virtual)
-        loss, grads = _loss_and_grads(ordered, comm, ids, targets)
+    ranges = {}
+    for virtual in (1, 2):
+        config = ParallelConfig(pp=world, num_virtual=virtual, schedule="interleaved" if virtual > 1 else "1f1b")
+        model = plait.parallelize(_gpt(cfg, 9), mesh, config=config)
+        # the same loss function on the plain model's logits (tp=1: the whole-vocabulary cross-entropy)
+        ref_loss, ref_grads = _plain_loss_and_grads(_gpt(cfg, 9), model.loss_fn, ids, targets)
+        loss, grads = _parallel_loss_and_grads(model, ids, targets)
         torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+        assert grads.keys() == ref_grads.keys()
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
+        ranges[virtual] = [stage.layer_range for stage in model.stages]
     plait.destroy_mesh()
+    return ranges
 
 
-def test_gpt_chunks_equal_whole_model():
-    run_ranks(chunks_match_whole, 1)
+@pytest.mark.parametrize("pp", [2, 3])
+def test_gpt_chunks_equal_whole_model(pp):
+    from plait.models import GPTConfig
+
+    by_rank = run_ranks(chunks_match_whole, pp)
+    for virtual in (1, 2):
+        chunks = pp * virtual
+        # chunk c lives on pipeline rank c % pp, as that rank's stage c // pp
+        ordered = [by_rank[c % pp][virtual][c // pp] for c in range(chunks)]
+        assert ordered == _cut(GPTConfig(**SIX), chunks)
 
 
 def test_partition_balances_and_rejects_bad_layouts():
-    from plait.models import GPTConfig, partition
+    from plait.models import GPTConfig
 
+    # 6 equal blocks, a light embedding and head: the two-block chunks go in the middle
+    assert _cut(GPTConfig(**SIX), 4) == [range(0, 1), range(1, 3), range(3, 5), range(5, 6)]
     cfg = GPTConfig(vocab_size=50000, num_layers=8, hidden=64, num_heads=4, seq_len=128)
-    ranges = partition(cfg, 4)
+    ranges = _cut(cfg, 4)
     assert [len(r) for r in ranges][0] >= [len(r) for r in ranges][-1]  # the big head takes layers away
     assert sum(len(r) for r in ranges) == 8 and all(len(r) >= 1 for r in ranges)
     with pytest.raises(ValueError, match="num_heads=4 is not divisible by tp=3"):
-        cfg.check_layout(tp=3)
+        ParallelConfig(tp=3).check_model(cfg.shape())
     with pytest.raises(ValueError, match="fewer than pp x virtual"):
-        cfg.check_layout(tp=1, pp=4, num_virtual=3)
+        ParallelConfig(pp=4, num_virtual=3, schedule="interleaved").check_model(cfg.shape())
     with pytest.raises(ValueError, match="divisible by num_heads"):
         GPTConfig(vocab_size=8, num_layers=1, hidden=10, num_heads=4, seq_len=4)

@@ -76,11 +76,15 @@ def test_bad_plans_and_splits_name_the_module_and_the_fix():
     wrong_type = Plan.from_dict({**plan.to_dict(), "styles": {**plan.styles, "model.norm": "colwise"}})
     with pytest.raises(ValueError, match="model.norm is a LlamaRMSNorm"):
         check_plan(model, wrong_type, 2)
-    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tp=3"):
+    with pytest.raises(ValueError, match=r"num_heads=4 is not divisible by tp=3; .* \(1, 2, 4\)"):
         check_plan(model, plan, 3)
     odd_ffn = _model("llama", intermediate_size=50)
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj: out_features=50 is not divisible by tp=4"):
+    with pytest.raises(ValueError, match=r"ffn_hidden=50 is not divisible by tp=4"):
         check_plan(odd_ffn, llama_plan(), 4)
+    # a module the model's dimensions do not cover is checked on its own, by the same rule
+    plain_head = Plan.from_dict({**plan.to_dict(), "styles": {**plan.styles, "lm_head": "colwise"}})
+    with pytest.raises(ValueError, match=r"lm_head: out_features=37 is not divisible by tp=2"):
+        check_plan(model, plain_head, 2)
     with pytest.raises(ValueError, match="too small"):
         check_plan(_model("gpt2", vocab_size=3), gpt2_plan(), 4)
 
@@ -110,7 +114,7 @@ def _bad_plan_on_ranks(rank: int, world: int) -> str:
 
 def test_parallelize_rejects_before_communicating():
     messages = run_ranks(_bad_plan_on_ranks, 2, timeout=120)
-    assert all("num_attention_heads=3 is not divisible by tp=2" in m for m in messages)
+    assert all("num_heads=3 is not divisible by tp=2" in m for m in messages)
 
 
 def test_import_plait_does_not_import_the_optional_extras():

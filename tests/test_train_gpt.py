@@ -1,4 +1,5 @@
-"""plait train --gpt (plait's reference GPT from scratch) against a plain one-process loop, and --tensorboard.
+"""plait train --gpt (plait's reference GPT from scratch) against a plain one-process loop, on a token file
+and on --synthetic data, and --tensorboard.
 
 The reference is ``plait.models.GPT`` initialized by ``init_parameters(model, seed)`` and trained
 with ``torch.optim.AdamW`` on the same sequences, in float64; every layout's losses must equal
@@ -36,21 +37,32 @@ def job_dict(data, **overrides) -> dict:
     return base
 
 
-def reference_losses(data, steps=STEPS) -> list[float]:
-    """plait's GPT as a plain model, torch AdamW, sequence i = tokens[i*SEQ : i*SEQ+SEQ+1], wrapping."""
+def token_file_batch(data):
+    """Step s's inputs and targets from a token file: sequence i = tokens[i*SEQ : i*SEQ+SEQ+1], wrapping."""
+    tokens = np.fromfile(data, dtype=np.uint16).astype(np.int64)
+    count = (len(tokens) - 1) // SEQ
+
+    def batch(step):
+        rows = [tokens[(i % count) * SEQ:(i % count) * SEQ + SEQ + 1] for i in range(step * BATCH, (step + 1) * BATCH)]
+        whole = torch.from_numpy(np.stack(rows))
+        return whole[:, :-1], whole[:, 1:]
+
+    return batch
+
+
+def reference_losses(data, steps=STEPS, batch=None) -> list[float]:
+    """plait's GPT as a plain model, torch AdamW, on the token file's sequences (or ``batch(step)``'s)."""
     from plait.models import GPT, GPTConfig, init_parameters
 
     model = GPT(GPTConfig(vocab_size=VOCAB, num_layers=2, hidden=32, num_heads=4, ffn_hidden=48, seq_len=SEQ,
                           dtype=torch.float64))
     init_parameters(model, SEED)
-    tokens = np.fromfile(data, dtype=np.uint16).astype(np.int64)
-    count = (len(tokens) - 1) // SEQ
+    batch = batch or token_file_batch(data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     losses = []
     for step in range(steps):
-        rows = [tokens[(i % count) * SEQ:(i % count) * SEQ + SEQ + 1] for i in range(step * BATCH, (step + 1) * BATCH)]
-        batch = torch.from_numpy(np.stack(rows))
-        loss = torch.nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+        ids, targets = batch(step)
+        loss = torch.nn.functional.cross_entropy(model(ids).reshape(-1, VOCAB), targets.reshape(-1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -69,6 +81,20 @@ def test_gpt_job_file_equals_plain_loop(data, tmp_path, capsys):
     assert main(["train", str(tmp_path / "job.yaml"), "--json"]) == 0
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert_close([x["loss"] for x in out[:-1]], reference_losses(data), "gpt (1,1,1) from a job file")
+
+
+def test_gpt_synthetic_from_the_command_line_equals_plain_loop(capsys):
+    """``plait train --synthetic``: the plain loop on the same generated batches (plait.train.data)."""
+    from plait.cli import main
+    from plait.train.data import SyntheticBatches
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in job_dict(None).items() if k != "data"]
+    assert main(["train", *flags, "--synthetic", "--json"]) == 0
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    synthetic = SyntheticBatches(VOCAB, SEQ, BATCH, dp=1, seed=SEED)
+    want = reference_losses(None, batch=lambda step: synthetic.batch(step, 0))
+    assert_close([x["loss"] for x in out[:-1]], want, "gpt (1,1,1) --synthetic")
+    assert out[-1]["final_loss"] < out[-1]["first_loss"]    # counting sequences are learnable
 
 
 def test_gpt_222_and_resume_on_other_layouts(data, tmp_path):
@@ -102,6 +128,7 @@ def test_gpt_spec_errors_before_training(data, tmp_path):
     refused(r"heads must be a positive whole number, got '1.5'", gpt=SPEC + ",heads=1.5")
     refused(r"position table has seq=4 rows, fewer than the job's sequence length 8", gpt=SPEC + ",seq=4")
     refused(r"num_heads=4 is not divisible by tp=8", tp=8)
+    refused(r"vocab_size=3 is too small for tp=4", gpt=SPEC.replace(f"vocab={VOCAB}", "vocab=3"), tp=4)
     refused(r"give exactly one of model .*, config .* and gpt", model="some-dir")
     save = tmp_path / "ck"
     train_rank(TrainJob.from_dict(job_dict(data, steps=1, save=str(save))), show=False)

@@ -2,15 +2,17 @@
 
 Two levels. A small MLP on 3 DP ranks (sizes not divisible by 3: padding) over
 the torch (gloo) and shm communicators, checked after every step against one
-process with the plain torch optimizer, state included. Then the GPT through
-``TrainJob(zero=1)`` on (dp, pp, tp) = (2, 1, 1) and (2, 2, 2), against the
-one-process run, as tests/test_3d.py checks plain DP (same tolerances, why there).
+process with the plain torch optimizer, state included. Then plait's GPT through
+plait.train (``zero: 1``, default communicators: shm on this CPU host) on (dp, pp, tp) =
+(2, 1, 1) and (2, 2, 2), with and without clipping, against the one-process run, as
+tests/test_3d.py checks the other layouts (same bounds, why in tests/gpt_jobs.py).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt_jobs import assert_same_run, job_dict, run_jobs
 from plait.launch import run_ranks
 
 
@@ -141,76 +143,55 @@ def misuse(comm) -> None:
         zero.load_state({model[0].weight: {"step": torch.tensor(1.0)}})
 
 
-# ------------------------------------------------------------------ the GPT, through TrainJob
-MODEL = dict(vocab_size=32, num_layers=2, hidden=16, num_heads=4, seq_len=8)
-
-
-def _job(dp=1, pp=1, tp=1, zero=0, clip_grad=0.0):
-    from plait.models import GPTConfig, TrainJob
-
-    return TrainJob(model=GPTConfig(**MODEL), dp=dp, pp=pp, tp=tp, microbatches=2, global_batch=8, steps=3, seed=1,
-                    lr=1e-3, bucket_mb=0.002, zero=zero, clip_grad=clip_grad)
-
-
-def run_job(rank: int, world: int, layout: dict):
-    import plait
-    from plait.models import train
-
-    records, state = train(_job(**layout), return_state=True)
-    plait.destroy_mesh()
-    return ([r.loss for r in records], state, [r.extra.get("dp_overlapped") for r in records],
-            records[-1].extra["optimizer_state_bytes"], [r.extra.get("grad_norm") for r in records])
-
-
+# ------------------------------------------------------------------ the GPT, through plait.train
 CLIP = 0.5  # below the norms of these 3 steps (about 1 to 2), so clipping changes every update
-
-
-def run_references(rank: int, world: int) -> dict:
-    """The one-process runs, without and with clipping, in one process (one start-up)."""
-    import plait
-    from plait.models import train
-
-    out = {}
-    for clip in (0.0, CLIP):
-        mesh = plait.init_mesh()
-        records, state = train(_job(clip_grad=clip), mesh=mesh, return_state=True)
-        out[clip] = ([r.loss for r in records], state, records[-1].extra["optimizer_state_bytes"],
-                     [r.extra.get("grad_norm") for r in records])
-        plait.destroy_mesh()
-    return out
+GPT_CASES = [(2, 1, 1, 1, 0.0), (2, 2, 2, 1, CLIP), (2, 2, 2, 0, CLIP)]   # dp, pp, tp, zero, clip
 
 
 @pytest.fixture(scope="module")
-def references():
-    return run_ranks(run_references, 1)[0]
+def gpt_runs(tmp_path_factory):
+    """The one-process runs (without and with clipping) and every case's, each rank's outcome, by key."""
+    pytest.importorskip("safetensors")
+    root = tmp_path_factory.mktemp("zero")
+
+    def spec(dp=1, pp=1, tp=1, zero=0, clip=0.0):
+        return job_dict(dp=dp, pp=pp, tp=tp, zero=zero, clip_grad=clip, save=str(root / f"{dp}{pp}{tp}-{zero}-{clip}"))
+
+    one = run_ranks(run_jobs, 1, [spec(), spec(clip=CLIP)])[0]
+    out = {("one", 0.0): one[:1], ("one", CLIP): one[1:]}
+    two = [case for case in GPT_CASES if case[0] * case[1] * case[2] == 2]
+    eight = [case for case in GPT_CASES if case[0] * case[1] * case[2] == 8]
+    for cases, world in ((two, 2), (eight, 8)):
+        results = run_ranks(run_jobs, world, [spec(*case) for case in cases], timeout=300)
+        out.update({case: [r[i] for r in results] for i, case in enumerate(cases)})
+    return out
 
 
-@pytest.mark.parametrize("dp,pp,tp,zero,clip", [(2, 1, 1, 1, 0.0), (2, 2, 2, 1, CLIP), (2, 2, 2, 0, CLIP)])
-def test_gpt_with_zero1_or_clipping_matches_one_process(dp, pp, tp, zero, clip, references):
-    ref_losses, ref_state, ref_bytes, ref_norms = references[clip]
-    results = run_ranks(run_job, dp * pp * tp, dict(dp=dp, pp=pp, tp=tp, zero=zero, clip_grad=clip), timeout=300)
+@pytest.mark.parametrize("dp,pp,tp,zero,clip", GPT_CASES)
+def test_gpt_with_zero1_or_clipping_matches_one_process(dp, pp, tp, zero, clip, gpt_runs):
+    (reference,) = gpt_runs[("one", clip)]
+    ranks = gpt_runs[(dp, pp, tp, zero, clip)]
     where = f"zero={zero} (dp, pp, tp)=({dp}, {pp}, {tp}) clip={clip}"
-    merged = {}
-    for losses, state, flags, _, norms in results:
-        assert losses == pytest.approx(ref_losses, rel=1e-5), f"{where}: losses {losses} vs {ref_losses}"
-        assert all(flags), f"{where}: the reduce-scatter should start before backward ends"
+    for outcome in ranks:
+        assert_same_run(outcome, reference, where)
+        assert all(outcome["overlapped"]), f"{where}: the reduce-scatter should start before backward ends"
         if clip:
-            assert norms == pytest.approx(ref_norms, rel=1e-5) and min(norms) > clip, where
-        merged.update(state)
-    assert merged.keys() == ref_state.keys(), where
-    for name, value in ref_state.items():
-        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6, msg=f"{where}: {name}")
+            assert min(outcome["norms"]) > clip, f"{where}: the clip should be active"
     # every rank holds about 1/(dp*pp*tp) of the one-process AdamW state with ZeRO-1 (TP/PP split it,
     # ZeRO the rest), 1/(pp*tp) without (each DP replica holds it all)
     replicas = 1 if zero else dp
-    total = sum(r[3] for r in results)
+    ref_bytes = reference["state_bytes"]
+    total = sum(r["state_bytes"] for r in ranks)
     assert total <= replicas * ref_bytes * 1.05, f"{where}: {total} state bytes over all ranks vs {ref_bytes} in one process"
-    assert max(r[3] for r in results) <= replicas * ref_bytes / (dp * pp * tp) * 1.5, where
+    assert max(r["state_bytes"] for r in ranks) <= replicas * ref_bytes / (dp * pp * tp) * 1.5, where
 
 
 def test_trainjob_zero_option_is_checked():
-    for bad in (2, 3, -1, True, "1"):
-        with pytest.raises(ValueError, match="zero must be one of"):
-            _job(zero=bad)
+    from plait.train import TrainJob
+
+    for bad, text in ((2, "zero must be one of"), (3, "zero must be one of"), (-1, "zero must be one of"),
+                      (True, "zero must be an int"), ("1", "zero must be an int")):
+        with pytest.raises(ValueError, match=text):
+            TrainJob.from_dict(job_dict(dp=2, zero=bad))
     with pytest.raises(ValueError, match="clip_grad"):
-        _job(clip_grad=-1.0)
+        TrainJob.from_dict(job_dict(clip_grad=-1.0))

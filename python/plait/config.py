@@ -14,15 +14,40 @@ schedule            one of :data:`SCHEDULES` (aliases ``zb-h1``/``zbh1`` mean ``
 sequence_parallel   bool; needs ``tp >= 2`` to mean anything (allowed at tp=1: a no-op)
 zero                0 (off) or 1 (optimizer state sharded over DP)
 overlap             one of :data:`OVERLAP_MODES`
+tp_across_hosts     bool; False keeps every TP group inside one host (:meth:`check_hosts`)
 ==================  ==========================================================================
 
-Model-dependent rules (heads, FFN, layers per stage) are checked by :meth:`check_model`.
+Whether a model fits a layout has one verdict, :meth:`ParallelConfig.misfit` (the reason, or
+None) and :meth:`ParallelConfig.check_model` (the same reason as a ValueError), over the
+model's :class:`ModelShape`. The planner filters its layouts with it and ``parallelize``,
+``plait train``, ``plait generate`` and ``plait serve`` refuse with it, so a layout the planner
+offers is one the runtime runs, and the other way round. The rules are exactly what the runtime
+supports:
+
+==================  ==========================================================================
+dimension           rule
+==================  ==========================================================================
+query heads         divisible by tp (each TP rank holds whole query heads)
+KV heads            any count that divides the query heads: split when tp divides them,
+                    otherwise replicated (:mod:`plait.heads` says which rank holds which)
+FFN hidden          divisible by tp
+vocabulary          padded to a multiple of tp, so no divisibility; but the last TP rank
+                    must hold at least one real row (:func:`vocab_rows`)
+layers              at least ``pp * num_virtual`` (stages may be uneven)
+sequence length     divisible by tp under sequence parallelism
+==================  ==========================================================================
+
+Fused projections (GPT-2's ``c_attn`` = q|k|v, a fused gate|up) are split part by part, so
+their rules are those of the parts above (heads, FFN), never of the fused width.
+
+The rule that a TP group stays inside one host is :meth:`check_hosts` (with each rank's host).
 Pure Python, no torch: ``plait plan`` imports it without paying for torch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")
 SCHEDULE_ALIASES = {"zb-h1": "zb1p", "zbh1": "zb1p"}
@@ -34,6 +59,86 @@ OVERLAP_MODES = ("auto", "none", "chunked", "fused")
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _divisors(n: int) -> list[int]:
+    """The divisors of n >= 1, ascending (for error messages)."""
+    low = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*low, *(n // d for d in low)})
+
+
+def split_misfit(what: str, size: Optional[int], tp: int) -> Optional[str]:
+    """Why ``size`` rows named ``what`` cannot be split evenly over ``tp`` ranks, or None (also when unknown)."""
+    if size is None or size % tp == 0:
+        return None
+    choices = ", ".join(map(str, _divisors(size)[:12]))
+    return f"{what}={size} is not divisible by tp={tp}; use a tp that divides it ({choices})"
+
+
+def head_misfit(num_heads: int, num_kv_heads: Optional[int], tp: int) -> Optional[str]:
+    """Why attention with these heads cannot be split over ``tp`` ranks, or None.
+
+    Each rank holds whole query heads; KV heads are split when tp divides them and replicated
+    otherwise, so any KV count that divides the query heads works (e.g. 12 heads, 3 KV heads, tp=4).
+    """
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    if kv < 1 or num_heads % kv:
+        return (f"num_kv_heads={kv} must divide num_heads={num_heads} (each KV head serves a whole group of "
+                f"query heads); the model's config is inconsistent")
+    if num_heads % tp:
+        choices = ", ".join(map(str, _divisors(num_heads)[:12]))
+        return (f"num_heads={num_heads} is not divisible by tp={tp}; each TP rank holds whole query heads, so use "
+                f"a tp that divides {num_heads} ({choices})")
+    return None
+
+
+def vocab_rows(vocab_size: int, tp: int, rank: int) -> tuple[int, int, int]:
+    """(rows per rank, padded vocabulary, real rows on ``rank``) for a vocabulary padded to a multiple of tp."""
+    per = -(-vocab_size // tp)
+    return per, per * tp, max(0, min(per, vocab_size - rank * per))
+
+
+def vocab_misfit(vocab_size: Optional[int], tp: int) -> Optional[str]:
+    """Why a vocabulary cannot be split over ``tp`` ranks (its last rank would hold only padding), or None."""
+    if vocab_size is None or vocab_rows(vocab_size, tp, tp - 1)[2] > 0:
+        return None
+    per, padded, _ = vocab_rows(vocab_size, tp, tp - 1)
+    best = max(t for t in range(1, tp) if vocab_rows(vocab_size, t, t - 1)[2] > 0)
+    return (f"vocab_size={vocab_size} is too small for tp={tp}: padded to {padded} rows, {per} per rank, the last "
+            f"rank would hold only padding; use a smaller tp (e.g. tp={best})")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a decoder that decide which layouts it fits (see :meth:`ParallelConfig.misfit`).
+
+    ``num_kv_heads`` None means no grouped-query attention (as many as ``num_heads``); the other
+    dimensions left None are unknown and not checked. ``seq_len`` is the training sequence
+    length (only sequence parallelism constrains it).
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: Optional[int] = None
+    ffn_hidden: Optional[int] = None
+    vocab_size: Optional[int] = None
+    seq_len: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "num_kv_heads", "ffn_hidden", "vocab_size", "seq_len"):
+            value = getattr(self, name)
+            if value is not None or name in ("num_layers", "num_heads"):
+                _positive_int(f"ModelShape.{name}", value)
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+
+
+def ranks_text(ranks: Sequence[int]) -> str:
+    """'4-7' for consecutive ranks, else '0, 2'."""
+    ranks = list(ranks)
+    if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))
 
 
 def canonical_schedule(name: Any) -> str:
@@ -55,6 +160,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     zero: int = 0
     overlap: str = "auto"
+    tp_across_hosts: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp", "num_virtual"):
@@ -72,6 +178,8 @@ class ParallelConfig:
                              f"got {self.zero!r}; ZeRO stages 2 and 3 are not implemented")
         if self.overlap not in OVERLAP_MODES:
             raise ValueError(f"unknown overlap {self.overlap!r}; use one of {OVERLAP_MODES}")
+        if not isinstance(self.tp_across_hosts, bool):
+            raise ValueError(f"tp_across_hosts must be True or False, got {self.tp_across_hosts!r}")
 
     @property
     def world_size(self) -> int:
@@ -82,23 +190,55 @@ class ParallelConfig:
         """Pipeline chunks the model is cut into: ``pp * num_virtual``."""
         return self.pp * self.num_virtual
 
-    def check_model(self, *, num_layers: int, num_heads: Optional[int] = None, ffn_hidden: Optional[int] = None,
-                    seq_len: Optional[int] = None) -> None:
-        """Raise ValueError, saying how to fix it, if a model of these dimensions cannot take this layout.
+    def misfit(self, shape: ModelShape) -> Optional[str]:
+        """Why a model of ``shape`` cannot run on this layout (the first rule it breaks, with the fix), or
+        None when it can: the one verdict on model fit (see the module docstring). Never raises."""
+        reason = (head_misfit(shape.num_heads, shape.num_kv_heads, self.tp)
+                  or split_misfit("ffn_hidden", shape.ffn_hidden, self.tp)
+                  or vocab_misfit(shape.vocab_size, self.tp))
+        if reason:
+            return reason
+        if self.sequence_parallel and shape.seq_len is not None and shape.seq_len % self.tp:
+            return (f"sequence_parallel needs the sequence length {shape.seq_len} divisible by tp={self.tp}; "
+                    f"change the sequence length or turn sequence parallelism off")
+        if shape.num_layers < self.num_chunks:
+            return (f"num_layers={shape.num_layers} is fewer than pp x virtual stages = {self.pp} x "
+                    f"{self.num_virtual}; use fewer stages or more layers")
+        return None
 
-        The vocabulary and KV heads need no rule: plait pads the one and replicates the other.
+    def check_model(self, shape: ModelShape) -> None:
+        """Raise ValueError with :meth:`misfit`'s reason when a model of ``shape`` cannot run on this layout."""
+        if not isinstance(shape, ModelShape):
+            raise ValueError(f"check_model takes a plait.config.ModelShape, got {type(shape).__name__}")
+        reason = self.misfit(shape)
+        if reason:
+            raise ValueError(reason)
+
+    def check_hosts(self, hosts: Sequence[str]) -> None:
+        """Raise ValueError, naming the hosts, if a TP group would span hosts (unless ``tp_across_hosts``).
+
+        ``hosts[r]`` names the host of global rank ``r``. Ranks are laid out TP innermost
+        (:mod:`plait.mesh`), so TP group ``g`` is ranks ``g*tp .. g*tp+tp-1``; launchers number the
+        ranks of one host consecutively (torchrun and ``plait train --nnodes`` do), so a ``tp``
+        that divides the ranks per host keeps every TP group inside a host. Tensor parallelism
+        exchanges activations in every layer: across hosts that runs at network speed.
         """
-        if num_heads is not None and num_heads % self.tp:
-            raise ValueError(f"num_heads={num_heads} is not divisible by tp={self.tp}; each TP rank holds whole "
-                             f"attention heads, so choose a tp that divides {num_heads}")
-        if ffn_hidden is not None and ffn_hidden % self.tp:
-            raise ValueError(f"ffn_hidden={ffn_hidden} is not divisible by tp={self.tp}; choose a tp that "
-                             f"divides it")
-        if self.sequence_parallel and seq_len is not None and seq_len % self.tp:
-            raise ValueError(f"sequence_parallel needs the sequence length {seq_len} divisible by tp={self.tp}")
-        if num_layers < self.num_chunks:
-            raise ValueError(f"num_layers={num_layers} is fewer than pp x virtual stages = {self.pp} x "
-                             f"{self.num_virtual}; use fewer stages or more layers")
+        if len(hosts) != self.world_size:
+            raise ValueError(f"{len(hosts)} hosts given for {self.world_size} ranks")
+        if self.tp_across_hosts or self.tp == 1:
+            return
+        for first in range(0, self.world_size, self.tp):
+            group = list(range(first, first + self.tp))
+            names = sorted({hosts[r] for r in group}, key=lambda h: hosts.index(h))
+            if len(names) == 1:
+                continue
+            where = "; ".join(f"{h}: ranks {ranks_text([r for r in group if hosts[r] == h])}" for h in names)
+            per_host = min(sum(1 for h in hosts if h == name) for name in set(hosts))
+            raise ValueError(f"tp={self.tp} puts TP group ranks {ranks_text(group)} on {len(names)} hosts ({where}); "
+                             f"a TP group exchanges activations in every layer and must stay inside one host: use "
+                             f"a tp that divides the ranks per host ({per_host}) and put dp or pp across hosts, "
+                             f"give each host's ranks consecutive numbers, or allow it with tp_across_hosts "
+                             f"(--tp-across-hosts)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -69,3 +69,11 @@ class CommTimeoutError(CommError, TimeoutError):
     After this error the communicator that raised it is unusable: the peers
     are in an unknown state, exactly as after an NCCL abort.
     """
+
+
+class HostLost(CommError):
+    """A host of a multi-host job vanished (its link cut, its processes killed); the message names it.
+
+    Raised in place of the collective's own error (a timeout, gloo's "connection closed") once
+    :mod:`plait.hostwatch` has seen that host's ranks stop.
+    """

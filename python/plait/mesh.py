@@ -5,7 +5,11 @@ Global rank ``r`` sits at coordinates ``(dp_rank, pp_rank, tp_rank)`` with
     r = (dp_rank * pp + pp_rank) * tp + tp_rank
 
 so the ranks of one TP group are consecutive (one node, fast links), the PP
-axis comes next and DP is outermost. Each axis has a process group created
+axis comes next and DP is outermost. Launchers number each host's ranks
+consecutively, so TP groups stay inside hosts; the mesh checks that they do
+(:meth:`~plait.ParallelConfig.check_hosts`) and, when the job spans hosts,
+watches them (:mod:`plait.hostwatch`): :meth:`ParallelMesh.host_lost` turns a
+failure caused by a vanished host into an error naming it. Each axis has a process group created
 with plait's timeout, a :class:`~plait.comm.Communicator`, and the whole grid
 is also exposed as a ``torch.distributed.device_mesh.DeviceMesh``
 (``mesh.device_mesh``) for DTensor interop.
@@ -13,6 +17,7 @@ is also exposed as a ``torch.distributed.device_mesh.DeviceMesh``
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,15 +28,20 @@ import torch.distributed as dist
 from .comm import Communicator
 from .config import ParallelConfig
 from .errors import default_timeout_s
+from .hostwatch import HostMap, HostWatch, explain, gather_hosts
 from .launch import free_port
+from .nodes import choose_gloo_interface
 
 AXES = ("dp", "pp", "tp")
+log = logging.getLogger("plait.mesh")
 _CURRENT: Optional["ParallelMesh"] = None
 
 
 def _init_process_group(world: int, backend: str, timeout: datetime.timedelta) -> None:
     """Start torch.distributed from the torchrun environment, or alone when world is 1."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "gloo":
+            choose_gloo_interface(os.environ.get("MASTER_ADDR"))
         dist.init_process_group(backend, timeout=timeout)
         return
     if world != 1:
@@ -68,6 +78,8 @@ class ParallelMesh:
     comms: dict[str, Communicator] = field(repr=False)
     device_mesh: object = field(repr=False, default=None)
     config: Optional[ParallelConfig] = field(repr=False, default=None)   # the layout it was made from
+    hosts: Optional[HostMap] = field(repr=False, default=None)           # every rank's host
+    watch: Optional[HostWatch] = field(repr=False, default=None)         # set when the job spans hosts
 
     @property
     def world_size(self) -> int:
@@ -121,6 +133,15 @@ class ParallelMesh:
         dp_rank, pp_rank, tp_rank = self.coords
         return None if pp_rank == self.pp - 1 else self.rank_of(dp_rank, pp_rank + 1, tp_rank)
 
+    def host_lost(self, exc: BaseException, hint: str = "") -> Optional[Exception]:
+        """After ``exc`` ended a step: an error naming the lost hosts (:class:`~plait.errors.HostLost`, with
+        ``exc`` as its cause) when a host of the job vanished, else None. Waits a few seconds to tell
+        (:data:`plait.hostwatch.STALE_S`); immediate on a one-host job."""
+        lost = explain(self.watch, exc, hint)
+        if lost is not None:
+            lost.__cause__ = exc
+        return lost
+
     def axis_lines(self, axis: str) -> list[list[int]]:
         """Every group of global ranks along ``axis`` ("dp", "pp" or "tp"), in a fixed order."""
         if axis not in AXES:
@@ -130,23 +151,44 @@ class ParallelMesh:
         return moved.reshape(-1, moved.shape[-1]).tolist()
 
 
-def job_fingerprint(sizes: tuple[int, int, int], backend: str) -> dict[str, object]:
+def job_fingerprint(sizes: tuple[int, int, int], backend: str, tp_across_hosts: bool = False) -> dict[str, object]:
     """What every rank of a job must have in common: the mesh, the engine, the versions, the timeout."""
     import plait
     from .comm.agree import check_calls_enabled
 
-    return {"(dp, pp, tp)": tuple(sizes), "backend": backend, "torch": torch.__version__,
+    return {"(dp, pp, tp)": tuple(sizes), "tp_across_hosts": tp_across_hosts, "backend": backend,
+            "torch": torch.__version__,
             "plait": plait.__version__, "PLAIT_TIMEOUT_S": default_timeout_s(),
             "PLAIT_CHECK_CALLS": check_calls_enabled(backend)}
 
 
-def _check_same_config_everywhere(sizes: tuple[int, int, int], device: torch.device) -> None:
+def _check_same_config_everywhere(config: ParallelConfig) -> None:
     """All ranks must ask for the same mesh, with the same engine, versions and timeout: a
     mismatch is a ValueError on every rank, raised by the first collective of the job."""
     from .comm.agree import check_agreement
 
     backend = str(dist.get_backend())
-    check_agreement(job_fingerprint(sizes, backend), None, what="the job (plait.init_mesh)")
+    check_agreement(job_fingerprint((config.dp, config.pp, config.tp), backend, config.tp_across_hosts), None,
+                    what="the job (plait.init_mesh)")
+
+
+def _watch_hosts(world: int) -> tuple[HostMap, Optional[HostWatch]]:
+    """Every rank's host (a collective) and, when they are several, this rank's :class:`HostWatch`."""
+    if world == 1:
+        return HostMap(["local"], [""], ""), None
+    from .comm.torch_backend import TorchCommunicator
+
+    hosts = gather_hosts(TorchCommunicator(None, name="world"))
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if len(hosts.hosts) == 1:
+        return hosts, None
+    if dist.get_rank() == 0:
+        log.info("plait: %d ranks on %d hosts: %s", world, len(hosts.hosts),
+                 "; ".join(hosts.describe(h) for h in hosts.hosts))
+    if not addr or not port:
+        log.warning("plait: MASTER_ADDR/MASTER_PORT unset: no host watch; a lost host shows as a timeout")
+        return hosts, None
+    return hosts, HostWatch(hosts, dist.get_rank(), addr, int(port))
 
 
 COMM_BACKENDS = ("torch", "shm", "auto")
@@ -201,11 +243,18 @@ def init_mesh(dp: "int | ParallelConfig" = 1, pp: int = 1, tp: int = 1, backend:
         raise ValueError(f"dp*pp*tp = {dp}*{pp}*{tp} = {world}, but the process group has "
                          f"{dist.get_world_size()} ranks; make the product equal the world size")
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    _check_same_config_everywhere((dp, pp, tp), device)
+    _check_same_config_everywhere(config)
+    hosts, watch = _watch_hosts(world)
+    try:
+        config.check_hosts(hosts.labels)
+    except ValueError:
+        if watch is not None:
+            watch.close("refused the layout")
+        raise
 
     rank = dist.get_rank()
     mesh = ParallelMesh(dp=dp, pp=pp, tp=tp, backend=backend, device=device, rank=rank, groups={}, comms={},
-                        config=config)
+                        config=config, hosts=hosts, watch=watch)
     for axis in AXES:
         lines = mesh.axis_lines(axis)
         mine, _ = dist.new_subgroups_by_enumeration(lines, timeout=timeout, backend=backend)
@@ -242,6 +291,8 @@ def destroy_mesh(barrier: bool = True) -> None:
     if dist.is_initialized():
         if barrier and dist.get_world_size() > 1:
             Communicator.create("torch", None, name="world").barrier()
+        if mesh is not None and mesh.watch is not None:
+            mesh.watch.close(None if barrier else "stopped after an error")
         for communicator in (mesh.comms.values() if mesh is not None else ()):
             close = getattr(communicator, "close", None)
             if communicator.backend != "torch" and close is not None:

@@ -8,6 +8,9 @@ tensors        route                                        when
 =============  ===========================================  ==========================
 CPU            ``shm``                                      every rank on this host,
                                                             plait._C has shm, setup OK
+               ``hier`` (shm inside hosts, gloo between;    ranks on several hosts, the
+               all_reduce, all_gather, broadcast; the       same number on each, some
+               rest torch)                                  host with two or more, gloo
                ``torch`` (gloo)                             otherwise
 CUDA           ``ipc`` up to ``ipc_max_bytes``, then torch  every rank on this host
                                                             with P2P access, ipc built
@@ -32,6 +35,7 @@ import torch.distributed as dist
 
 from ..errors import CommError
 from .base import Communicator, RanksOfTorch
+from .hier import HierCommunicator, HostLayout
 from .rendezvous import describe_hosts, hosts_of_group
 from .shm_setup import shm_status
 from .torch_backend import TorchCommunicator
@@ -39,6 +43,7 @@ from .torch_backend import TorchCommunicator
 log = logging.getLogger("plait.comm")
 
 REDUCING_OPS = ("all_reduce", "reduce_scatter")
+HIER_OPS = ("all_reduce", "all_gather", "broadcast")  # the rest goes to torch
 IPC_MAX_BYTES = 8 << 20  # above this NCCL's ring algorithms win (the usual custom all-reduce cutoff)
 
 
@@ -74,7 +79,7 @@ def plan_routes(size: int, host_keys: list[str], engines: str, shm: tuple[bool, 
         return Plan(Route("torch", "one rank: nothing to send"), Route("torch", "one rank: nothing to send"))
     if len(set(host_keys)) > 1:
         why = f"ranks on several hosts: {describe_hosts(host_keys)}"
-        return Plan(Route("torch", f"{torch_cpu}; {why}"), Route("torch", f"{torch_cuda}; {why}"))
+        return Plan(_several_hosts_cpu(host_keys, engines, shm, why, torch_cpu), Route("torch", f"{torch_cuda}; {why}"))
     where = f"all {size} ranks on host {host_keys[0].split('|')[0]}"
     cpu = Route("shm", f"{where} share /dev/shm") if shm[0] else Route("torch", f"{torch_cpu}; shm unusable: {shm[1]}")
     if "nccl" not in engines and "gloo" not in engines:
@@ -82,6 +87,21 @@ def plan_routes(size: int, host_keys: list[str], engines: str, shm: tuple[bool, 
     cuda = (Route("ipc", f"{where} with P2P access", IPC_MAX_BYTES) if ipc[0]
             else Route("torch", f"{torch_cuda}; ipc unusable: {ipc[1]}"))
     return Plan(cpu, cuda)
+
+
+def _several_hosts_cpu(host_keys: list[str], engines: str, shm: tuple[bool, str], why: str, torch_cpu: str) -> Route:
+    """The CPU route of a group spanning hosts: hierarchical where it applies, else flat gloo saying why not."""
+    layout = HostLayout.from_keys(host_keys)
+    if "gloo" not in engines:
+        return Route("torch", f"{torch_cpu}; {why}; no gloo for hierarchical collectives")
+    if not shm[0]:
+        return Route("torch", f"{torch_cpu}; {why}; shm unusable: {shm[1]}")
+    if not layout.even:
+        return Route("torch", f"{torch_cpu}; {why}; hierarchical collectives need the same number of ranks on "
+                              f"every host")
+    if len(layout.hosts[0]) == 1:
+        return Route("torch", f"{torch_cpu}; {why}; one rank per host, nothing to share in memory")
+    return Route("hier", f"{why}; shm inside each host, gloo between hosts")
 
 
 def ipc_status(comm: TorchCommunicator) -> tuple[bool, str]:
@@ -108,6 +128,11 @@ class AutoCommunicator(RanksOfTorch, Communicator):
                 self._backends["shm"] = Communicator.create("shm", group, name=self.name, timeout_s=timeout_s)
             except CommError as exc:  # raised on every rank alike: setup outcomes are exchanged
                 plan = Plan(Route("torch", f"shm setup failed: {exc}"), plan.cuda)
+        if plan.cpu.backend == "hier":
+            try:
+                self._backends["hier"] = HierCommunicator(group, name=self.name, timeout_s=timeout_s, host_keys=hosts)
+            except CommError as exc:  # raised on every rank alike: set-up outcomes are exchanged
+                plan = Plan(Route("torch", f"hierarchical set-up failed: {exc}"), plan.cuda)
         if plan.cuda.backend == "ipc":
             self._backends["ipc"] = Communicator.create("ipc", group, name=self.name, timeout_s=timeout_s)
         self.plan = plan
@@ -118,7 +143,7 @@ class AutoCommunicator(RanksOfTorch, Communicator):
     def backend_for(self, tensor: torch.Tensor, op: str) -> Communicator:
         """The communicator that carries ``op`` on ``tensor`` (same answer on every rank)."""
         route = self.plan.cuda if tensor.is_cuda else self.plan.cpu
-        if route.backend == "torch":
+        if route.backend == "torch" or (route.backend == "hier" and op not in HIER_OPS):
             return self._torch
         if route.max_bytes is not None and tensor.numel() * tensor.element_size() > route.max_bytes:
             return self._torch
@@ -148,3 +173,9 @@ class AutoCommunicator(RanksOfTorch, Communicator):
     def barrier(self) -> None:
         fastest = self._backends.get("shm") or self._torch
         fastest.barrier()
+
+    def close(self) -> None:
+        """Close the backends that hold resources (shm segments, cross-host groups)."""
+        for backend in self._backends.values():
+            if backend is not self._torch and hasattr(backend, "close"):
+                backend.close()

@@ -30,25 +30,36 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import CommError, CommTimeoutError
-from .base import Communicator, DoneHandle, RanksOfTorch
+from .base import Communicator, DoneHandle
 from .lanes import FutureHandle, Lanes
 from .shm_config import ShmConfig
 from .shm_setup import open_group, shm_extension
 from .torch_backend import TorchCommunicator
 
 
-class ShmCommunicator(RanksOfTorch, Communicator):
-    """Communicator over a POSIX shared-memory segment shared by the group's ranks."""
+class ShmCommunicator(Communicator):
+    """Communicator over a POSIX shared-memory segment shared by the group's ranks.
+
+    ``members`` (group ranks of ``group``, default all) makes it a communicator over those ranks
+    only (ranks, size and names are theirs); every rank of ``group`` creates one at once with its
+    own members, e.g. one per host for a group spanning hosts (:mod:`plait.comm.hier`).
+    """
 
     backend = "shm"
 
     def __init__(self, group=None, *, name: Optional[str] = None, timeout_s: Optional[float] = None,
-                 config: Optional[ShmConfig] = None) -> None:
+                 config: Optional[ShmConfig] = None, members: Optional[list[int]] = None) -> None:
         self._torch = TorchCommunicator(group, name=name, timeout_s=timeout_s)
         super().__init__(self._torch.name, timeout_s)
+        self._members = list(range(self._torch.size)) if members is None else list(members)
+        if self._torch.rank not in self._members:
+            raise ValueError(f"members {self._members} of group {self.name!r} must include this rank "
+                             f"(group rank {self._torch.rank})")
+        self._rank = self._members.index(self._torch.rank)
+        self._global_ranks = [self._torch.global_ranks[m] for m in self._members]
         self._C = shm_extension()
-        self.config = config or ShmConfig.from_env(self._torch.size)
-        self._group = open_group(self._torch, self.config) if self._torch.size > 1 else None
+        self.config = config or ShmConfig.from_env(len(self._members))
+        self._group = open_group(self._torch, self.config, self._members) if self._torch.size > 1 else None
         self._simd = self._group.simd if self._group is not None else "none (one rank)"
         self._lanes = Lanes(f"shm{self._torch.rank}")
         self._dtype_codes = {getattr(torch, n): code for n, code in self._C.shm_dtypes.items()}
@@ -57,6 +68,18 @@ class ShmCommunicator(RanksOfTorch, Communicator):
         self._reduce_codes = {(dtype, op): (code, self._op_codes[op]) for dtype, code in self._dtype_codes.items()
                               for op in self._op_codes if op != "avg" or dtype.is_floating_point}
         self._closed = False
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return len(self._members)
+
+    @property
+    def global_ranks(self) -> list[int]:
+        return list(self._global_ranks)
 
     @property
     def simd(self) -> str:
@@ -175,6 +198,34 @@ class ShmCommunicator(RanksOfTorch, Communicator):
                   lambda t: self._group.reduce_scatter(src.data_ptr(), out.data_ptr(), out.numel(), outer,
                                                        dtype, self._op_codes[op], t))
         return DoneHandle(out) if async_op else out
+
+    def reduce_scatter_in_place(self, flat: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce block ``rank`` of ``flat`` (a contiguous 1-D CPU tensor of ``size`` equal blocks) across the
+        group, in place, and return it (a view); the other blocks keep their values. With
+        :meth:`all_gather_in_place` this is a two-step all_reduce that copies nothing outside shared memory."""
+        block = self._check_blocks(flat, "reduce_scatter_in_place")
+        code = self._reduce_code(flat, "reduce_scatter_in_place")
+        mine = flat[self.rank * block:(self.rank + 1) * block]
+        if self.size > 1:
+            self._run("reduce_scatter", flat, lambda t: self._group.reduce_scatter(
+                flat.data_ptr(), mine.data_ptr(), block, 1, code, self._op_codes[op], t))
+        return mine
+
+    def all_gather_in_place(self, flat: torch.Tensor) -> torch.Tensor:
+        """Fill every block of ``flat`` (as in :meth:`reduce_scatter_in_place`) from the rank that owns it."""
+        block = self._check_blocks(flat, "all_gather_in_place")
+        if self.size > 1:
+            nbytes = block * flat.element_size()
+            self._run("all_gather", flat, lambda t: self._group.all_gather(
+                flat.data_ptr() + self.rank * nbytes, flat.data_ptr(), nbytes, 1, t))
+        return flat
+
+    def _check_blocks(self, flat: torch.Tensor, op: str) -> int:
+        self._check_cpu(flat, op)
+        if flat.dim() != 1 or not flat.is_contiguous() or flat.numel() % self.size:
+            raise ValueError(f"{op} takes a contiguous 1-D tensor of {self.size} equal blocks, got shape "
+                             f"{list(flat.shape)}")
+        return flat.numel() // self.size
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
         self._check_peer(src, "src")

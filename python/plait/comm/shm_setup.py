@@ -1,13 +1,17 @@
 """Creating a group's shared-memory segment: the collective handshake of the shm backend.
 
-1. every rank checks that all ranks share a host (one /dev/shm);
-2. group rank 0 removes segments left by creators that died during their own set-up
+1. every rank checks that all ranks of its segment share a host (one /dev/shm);
+2. the segment's first rank removes segments left by creators that died during their own set-up
    (:mod:`plait.comm.shm_reclaim`), creates the segment (mode 0600, memory reserved) under
    a new unique name carrying its pid and tells the others the name (or its error);
 3. the others attach; every rank learns every rank's outcome;
 4. the name is unlinked at once (the rank whose attach completes the group already did;
    every rank repeats it, which is harmless), so nothing stays in /dev/shm after the
    processes exit, however they exit. On any failure every rank unlinks and raises.
+
+A group spanning hosts may open one segment per host in one handshake (``members``: the
+group ranks sharing this rank's segment); the exchanges then run over the whole group, so a
+failure on any host raises on every rank alike.
 """
 from __future__ import annotations
 
@@ -47,40 +51,52 @@ def shm_status() -> tuple[bool, str]:
                   f"{_C.shm_simd_levels()[-1]}")
 
 
-def same_host_or_raise(comm: TorchCommunicator, where: str) -> None:
-    """Raise CommError unless every rank of comm's group runs on this host."""
+def same_host_or_raise(comm: TorchCommunicator, where: str, members: Optional[list[int]] = None) -> None:
+    """Raise CommError unless every rank of comm's group (or of ``members``, its group ranks) runs on this host."""
     keys = hosts_of_group(comm)
-    if len(set(keys)) > 1:
+    mine = [keys[m] for m in members] if members is not None else keys
+    if len(set(mine)) > 1:
         raise CommError(f"{where}: the shm backend needs every rank on one host sharing /dev/shm, but the "
                         f"group spans several ({describe_hosts(keys)}); use Communicator.create('torch', group) "
                         f"or 'auto', which picks per group")
 
 
-def open_group(comm: TorchCommunicator, config: ShmConfig):
-    """Create (group rank 0) or attach to (the others) the group's segment: a plait._C.ShmGroup."""
+def open_group(comm: TorchCommunicator, config: ShmConfig, members: Optional[list[int]] = None):
+    """Create (the segment's first rank) or attach to (the others) this rank's segment: a plait._C.ShmGroup.
+
+    ``members`` (group ranks of ``comm``, this rank among them; default all) share one segment;
+    every rank of the group calls this at once with its own members, the groups of members
+    partitioning the group. A rank alone in its members takes part in the exchanges and gets None
+    (it needs no segment).
+    """
     _C = shm_extension()
     where = comm.describe("shm setup")
-    same_host_or_raise(comm, where)
-    if comm.rank == 0:
+    members = list(range(comm.size)) if members is None else members
+    same_host_or_raise(comm, where, members)
+    local, leader = members.index(comm.rank), members[0]
+    creates = local == 0 and len(members) > 1
+    if creates:
         reclaim_stale_segments()
-    mine = segment_name(comm.global_ranks) if comm.rank == 0 else ""
+    mine = segment_name([comm.global_ranks[m] for m in members]) if creates else ""
     name = mine
     group: Optional[object] = None
     error = ""
     try:
-        if comm.rank == 0:
+        if creates:
             try:
-                group = _C.ShmGroup.create(mine, comm.size, config.slot_bytes, config.chan_bytes,
+                group = _C.ShmGroup.create(mine, len(members), config.slot_bytes, config.chan_bytes,
                                            config.oneshot_bytes, config.simd, config.spin_us, config.move)
             except (_C.ShmError, ValueError) as exc:
                 error = str(exc)
-        name = all_gather_text(comm, "!" + error if error else mine)[0]
-        if name.startswith("!"):
-            raise CommError(f"{where}: group rank 0 could not create the shared memory: {name[1:]}")
-        if comm.rank != 0:
+        names = all_gather_text(comm, "!" + error if error else mine)
+        failed = {r: text[1:] for r, text in enumerate(names) if text.startswith("!")}
+        if failed:
+            detail = "; ".join(f"group rank {r}: {text}" for r, text in failed.items())
+            raise CommError(f"{where}: creating the shared memory failed on {detail}")
+        name = names[leader]
+        if name and not creates:
             try:
-                group = _C.ShmGroup.attach(name, comm.rank, comm.size, config.simd, config.spin_us,
-                                           config.move)
+                group = _C.ShmGroup.attach(name, local, len(members), config.simd, config.spin_us, config.move)
             except (_C.ShmError, ValueError) as exc:
                 error = str(exc)
         outcomes = all_gather_text(comm, error)

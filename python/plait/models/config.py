@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..config import ModelShape
 from ..tp.activations import check_activation
 
 
@@ -13,8 +14,8 @@ from ..tp.activations import check_activation
 class GPTConfig:
     """A GPT-2-style decoder. ``ffn_hidden`` defaults to ``4 * hidden``.
 
-    Tensor parallelism splits heads, FFN and vocabulary, so those must divide
-    by the TP size; :meth:`check_layout` says which does not.
+    Whether it fits a layout is :meth:`plait.ParallelConfig.check_model`'s verdict on :meth:`shape`
+    (heads and FFN split over TP; the vocabulary is padded).
     """
 
     vocab_size: int
@@ -24,7 +25,6 @@ class GPTConfig:
     seq_len: int
     ffn_hidden: Optional[int] = None
     activation: str = "gelu"
-    sequence_parallel: bool = False
     layernorm_eps: float = 1e-5
     dtype: torch.dtype = torch.float32
 
@@ -51,27 +51,14 @@ class GPTConfig:
     hidden_size = property(lambda self: self.hidden)
     tie_word_embeddings = False
 
-    def check_layout(self, tp: int, pp: int = 1, num_virtual: int = 1) -> None:
-        """Raise ValueError, saying how to fix it, if the model cannot be split this way."""
-        for what, value in (("num_heads", self.num_heads), ("ffn_hidden", self.ffn_hidden),
-                            ("vocab_size", self.vocab_size)):
-            if value % tp:
-                raise ValueError(f"{what}={value} is not divisible by tp={tp}; choose a TP size that divides "
-                                 f"it{' or pad the vocabulary' if what == 'vocab_size' else ''}")
-        if self.sequence_parallel and self.seq_len % tp:
-            raise ValueError(f"sequence_parallel needs seq_len={self.seq_len} divisible by tp={tp}")
-        if self.num_layers < pp * num_virtual:
-            raise ValueError(f"num_layers={self.num_layers} is fewer than pp x virtual stages = "
-                             f"{pp} x {num_virtual}; use fewer stages or more layers")
+    def shape(self, seq_len: Optional[int] = None) -> ModelShape:
+        """The dimensions :meth:`plait.ParallelConfig.check_model` judges a layout by, for training on
+        sequences of ``seq_len`` tokens (default: ``self.seq_len``, the position table's length)."""
+        return ModelShape(num_layers=self.num_layers, num_heads=self.num_heads, ffn_hidden=self.ffn_hidden,
+                          vocab_size=self.vocab_size, seq_len=seq_len or self.seq_len)
 
     def to_dict(self) -> dict:
-        """JSON-able form (for checkpoints)."""
+        """JSON-able form (kept in a training checkpoint's train_state.json)."""
         data = asdict(self)
         data["dtype"] = str(self.dtype).replace("torch.", "")
         return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GPTConfig":
-        data = dict(data)
-        data["dtype"] = getattr(torch, data.get("dtype", "float32"))
-        return cls(**data)

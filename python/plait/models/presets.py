@@ -82,8 +82,7 @@ def parse_gpt_spec(spec: Union[str, Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def gpt_config(spec: Union[str, Mapping[str, Any]], seq: int, dtype: torch.dtype = torch.float32,
-               sequence_parallel: bool = False) -> GPTConfig:
+def gpt_config(spec: Union[str, Mapping[str, Any]], seq: int, dtype: torch.dtype = torch.float32) -> GPTConfig:
     """The :class:`GPTConfig` of a spec for a job of sequence length ``seq``; ValueError if it does not fit."""
     s = parse_gpt_spec(spec)
     positions = s.get("seq", seq)
@@ -93,7 +92,7 @@ def gpt_config(spec: Union[str, Mapping[str, Any]], seq: int, dtype: torch.dtype
     try:
         return GPTConfig(vocab_size=s["vocab"], num_layers=s["layers"], hidden=s["hidden"], num_heads=s["heads"],
                          seq_len=positions, ffn_hidden=s.get("ffn"), activation=s.get("activation", "gelu"),
-                         sequence_parallel=sequence_parallel, dtype=dtype)
+                         dtype=dtype)
     except ValueError as err:
         raise ValueError(f"gpt {_show(spec)}: {err}") from None
 

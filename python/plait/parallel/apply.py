@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from ..comm import Communicator
+from ..config import ModelShape, ParallelConfig
+from ..heads import HeadLayout, heads_for
 from ..tp import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from .modules import ReplicatedRowsColumn, VocabParallelHead, local_vocab
 from .plan import Plan
-from .shard import HeadLayout, ShardSpec, block, padded_block
+from .shard import ShardSpec, block, padded_block
 
 LINEAR_STYLES = ("colwise", "colwise_q", "colwise_kv", "colwise_qkv", "rowwise", "vocab_head")
 
@@ -61,21 +63,23 @@ class ModelDims:
         return cls(heads, kv, head_dim, getattr(config, "vocab_size"), hidden)
 
 
-def heads_for(dims: ModelDims, tp: int, rank: int) -> HeadLayout:
-    """This rank's heads; uneven KV grouping on any rank means one KV head per query head on every rank
-    (so all ranks hold equally many rows and shards gather)."""
-    layout = HeadLayout(dims.num_heads, dims.num_kv_heads, dims.head_dim, tp, rank)
-    sizes = {len(HeadLayout(dims.num_heads, dims.num_kv_heads, dims.head_dim, tp, r).kv_heads) for r in range(tp)}
-    if len(sizes) > 1 or (layout.kv_groups * len(layout.kv_heads) != len(layout.q_heads)):
-        return _PerQueryKV(dims.num_heads, dims.num_kv_heads, dims.head_dim, tp, rank)
-    return layout
+def ffn_hidden(config) -> Optional[int]:
+    """The MLP's inner width named by a model config (transformers' or plait's GPTConfig), None if unnamed."""
+    for attr in ("intermediate_size", "ffn_hidden", "n_inner"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    if getattr(config, "model_type", None) == "gpt2":
+        return 4 * getattr(config, "hidden_size")   # transformers' GPT-2: n_inner None means 4 * n_embd
+    return None
 
 
-class _PerQueryKV(HeadLayout):
-    @property
-    def kv_heads(self) -> list[int]:
-        group = self.num_heads // self.num_kv_heads
-        return [q // group for q in self.q_heads]
+def model_shape(model: nn.Module, plan: Plan) -> ModelShape:
+    """The dimensions of ``model`` that :meth:`ParallelConfig.check_model` judges a layout by. The sequence
+    length is left out: it is each input's, and the TP layers check it under sequence parallelism."""
+    dims = ModelDims.of(model)
+    return ModelShape(num_layers=len(model.get_submodule(plan.layers)), num_heads=dims.num_heads,
+                      num_kv_heads=dims.num_kv_heads, ffn_hidden=ffn_hidden(model.config), vocab_size=dims.vocab_size)
 
 
 def output_rows(style: str, out_features: int, dims: ModelDims, tp: int, rank: int, what: str
@@ -156,6 +160,7 @@ def check_plan(model: nn.Module, plan: Plan, tp: int) -> dict[str, str]:
             except AttributeError:
                 raise ValueError(f"plan {plan.name!r}: {type(model).__name__} has no module {path!r}") from None
     dims = ModelDims.of(model)
+    ParallelConfig(tp=tp).check_model(model_shape(model, plan))   # the one verdict on heads, FFN, vocabulary
     for name, style in matched.items():
         module = model.get_submodule(name)
         if style in LINEAR_STYLES and not (isinstance(module, nn.Linear) or _is_conv1d(module)):
@@ -165,13 +170,7 @@ def check_plan(model: nn.Module, plan: Plan, tp: int) -> dict[str, str]:
             raise ValueError(f"plan {plan.name!r}: {name} is a {type(module).__name__}, but vocab_embed needs an "
                              f"nn.Embedding")
         for rank in range(tp):
-            param_specs(name, module, style, dims, tp, rank)   # raises where a split does not divide
-    if any(style in ("colwise_q", "colwise_kv", "colwise_qkv", "attention") for style in matched.values()):
-        heads_for(dims, tp, 0)
-    _, padded, last_valid = local_vocab(dims.vocab_size, tp, tp - 1)
-    if last_valid == 0:
-        raise ValueError(f"vocab_size={dims.vocab_size} is too small for tp={tp}: the last rank would hold only "
-                         f"padding; use tp <= {dims.vocab_size // -(-dims.vocab_size // tp)}")
+            param_specs(name, module, style, dims, tp, rank)   # a module the verdict's dimensions do not cover
     return matched
 
 

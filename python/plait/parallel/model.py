@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ParallelConfig
 from ..tp import vocab_parallel_cross_entropy
-from .apply import ModelDims, Rewriter, check_plan, heads_for, set_local_heads
+from .apply import ModelDims, Rewriter, check_plan, heads_for, model_shape, set_local_heads
 from .dropout import DropoutScope, dropout_scope
 from .families import check_config, family
 from .plan import Plan
@@ -176,6 +176,9 @@ class ParallelModel(nn.Module):
                              f"{list(getattr(input_ids, 'shape', []))}")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.dims.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.dims.vocab_size})")
+        if self.config.sequence_parallel and input_ids.shape[1] % self.mesh.tp:   # every rank, before any collective
+            raise ValueError(f"sequence_parallel needs the sequence length {input_ids.shape[1]} divisible by "
+                             f"tp={self.mesh.tp}; pad the ids or turn sequence parallelism off")
         local = self.forward_local(input_ids.to(self.mesh.device))
         vocab = self.dims.vocab_size
         if self.mesh.is_last_stage:
@@ -325,8 +328,7 @@ def parallelize(model: nn.Module, mesh, plan: Union[Plan, dict, str, None] = Non
     if config.sequence_parallel and not family(plan.family).sequence_parallel:
         raise ValueError(f"sequence_parallel is not supported for {plan.name!r} models yet (their activations "
                          f"are [batch, seq, hidden]); run with sequence_parallel=False")
-    stack = model.get_submodule(plan.layers)
-    config.check_model(num_layers=len(stack), num_heads=dims.num_heads)
+    config.check_model(model_shape(model, plan))
     tied = _tied(model, plan)
     _check_ranks_agree(mesh, model, plan, config, dims, dtype)
     if source is None:

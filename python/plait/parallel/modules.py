@@ -10,12 +10,11 @@
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from ..comm import Communicator
+from ..config import vocab_rows as local_vocab  # noqa: F401 - (rows per rank, padded size, real rows)
 from ..tp import ColumnParallelLinear, copy_to_tp_region
 
 
@@ -77,9 +76,3 @@ class VocabParallelHead(ColumnParallelLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", vocab_size={getattr(self, 'vocab_size', None)}"
-
-
-def local_vocab(vocab_size: int, tp: int, rank: int) -> tuple[int, int, Optional[int]]:
-    """(rows per rank, padded vocabulary, real rows on ``rank``) for a vocabulary padded to a multiple of tp."""
-    per = -(-vocab_size // tp)
-    return per, per * tp, max(0, min(per, vocab_size - rank * per))

@@ -5,8 +5,8 @@ A :class:`ShardSpec` names a stored tensor (its name in the checkpoint, e.g.
 of it, as an index list. An index list rather than a block, because three layouts are
 not blocks:
 
-- **replicated KV heads** (``tp > num_key_value_heads``): rank r keeps the KV heads its
-  query heads use, so several ranks keep the same rows (:class:`HeadLayout`);
+- **replicated KV heads** (tp does not divide ``num_key_value_heads``): rank r keeps the KV heads
+  its query heads use, so several ranks keep the same rows (:class:`plait.heads.HeadLayout`);
 - **fused q|k|v** projections (GPT-2's ``c_attn``): a rank keeps its heads' rows of each part;
 - **a padded vocabulary**: indices at or past the real size are padding rows (zeros).
 
@@ -21,76 +21,26 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """Attention heads of one TP rank: its query heads and the KV heads they use.
-
-    Query heads are split in contiguous blocks (tp must divide them). KV heads are split
-    likewise when tp divides them; otherwise each rank keeps the KV heads its query heads
-    read, replicated across ranks, and when its query heads do not group evenly over them
-    (e.g. 12 heads, 3 KV heads, tp=4) it keeps one KV head per query head.
-    """
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    tp: int
-    rank: int
-
-    def __post_init__(self) -> None:
-        if self.num_heads % self.tp:
-            raise ValueError(f"num_attention_heads={self.num_heads} is not divisible by tp={self.tp}; each rank "
-                             f"holds whole query heads, so use a tp that divides {self.num_heads}")
-        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_key_value_heads={self.num_kv_heads} must divide num_attention_heads="
-                             f"{self.num_heads}")
-
-    @property
-    def q_heads(self) -> range:
-        per = self.num_heads // self.tp
-        return range(self.rank * per, (self.rank + 1) * per)
-
-    @property
-    def kv_heads(self) -> list[int]:
-        group = self.num_heads // self.num_kv_heads
-        used = [q // group for q in self.q_heads]
-        distinct = sorted(set(used))
-        share = len(used) // len(distinct)
-        if len(used) % len(distinct) == 0 and used == [k for k in distinct for _ in range(share)]:
-            return distinct
-        return used   # uneven grouping: one KV head per query head
-
-    @property
-    def replicated_kv(self) -> bool:
-        """True when some KV head is held by more than one rank (or twice by one)."""
-        return self.num_kv_heads % self.tp != 0
-
-    @property
-    def kv_groups(self) -> int:
-        """Query heads per local KV head (``num_key_value_groups`` on this rank)."""
-        return len(self.q_heads) // len(self.kv_heads)
-
-    def rows(self, heads: Sequence[int], offset: int = 0) -> list[int]:
-        return [offset + h * self.head_dim + i for h in heads for i in range(self.head_dim)]
+from ..config import split_misfit, vocab_rows
 
 
 def block(size: int, tp: int, rank: int, what: str) -> list[int]:
-    """Rank's contiguous block of ``size`` rows; ValueError when tp does not divide."""
-    if size % tp:
-        raise ValueError(f"{what}={size} is not divisible by tp={tp}; choose a tp that divides it")
+    """Rank's contiguous block of ``size`` rows; ValueError (the layout rule's own words) when tp does not divide."""
+    reason = split_misfit(what, size, tp)
+    if reason:
+        raise ValueError(reason)
     per = size // tp
     return list(range(rank * per, (rank + 1) * per))
 
 
 def padded_block(size: int, tp: int, rank: int) -> list[int]:
     """Rank's block of ``size`` rows padded up to a multiple of tp (indices >= size are padding)."""
-    per = -(-size // tp)
+    per = vocab_rows(size, tp, rank)[0]
     return list(range(rank * per, (rank + 1) * per))
 
 

@@ -69,7 +69,7 @@ def elementwise_time(gpu: GPUSpec, num_bytes: float) -> float:
 
 def layer_gemm_shapes(model: ModelSpec, tokens: int, tp: int) -> list[tuple[int, int, int]]:
     """(m, n, k) of a layer's four weight GEMMs on one TP rank: QKV, output, FFN up (+gate), FFN down."""
-    kv = max(model.num_kv_heads, tp) * model.head_dim
+    kv = tp * model.kv_heads_per_rank(tp) * model.head_dim   # K/V width over all TP ranks
     h, f = model.hidden, model.ffn_hidden
     up = (model.mlp_matrices - 1) * f
     return [(tokens, (h + 2 * kv) // tp, h), (tokens, h, h // tp), (tokens, up // tp, h), (tokens, h, f // tp)]

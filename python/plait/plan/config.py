@@ -12,6 +12,7 @@ TFLOP/s (1e12), latency in seconds.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import types
@@ -19,6 +20,9 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from ..config import ModelShape, head_misfit
+from ..heads import heads_for
 
 MLP_KINDS = ("gelu", "swiglu")
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -64,9 +68,9 @@ class ModelSpec:
         if self.hidden % self.num_heads:
             raise ValueError(f"model {self.name!r}: hidden={self.hidden} is not a multiple of "
                              f"num_heads={self.num_heads}; pick heads that divide the hidden size")
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model {self.name!r}: num_kv_heads={self.num_kv_heads} must divide "
-                             f"num_heads={self.num_heads}")
+        reason = head_misfit(self.num_heads, self.num_kv_heads, 1)   # the runtime's rule, at any tp
+        if reason:
+            raise ValueError(f"model {self.name!r}: {reason}")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"model {self.name!r}: unknown mlp {self.mlp!r}; use one of {MLP_KINDS}")
 
@@ -78,6 +82,19 @@ class ModelSpec:
     def kv_dim(self) -> int:
         """Width of K (and of V): num_kv_heads * head_dim."""
         return self.num_kv_heads * self.head_dim
+
+    def shape(self) -> ModelShape:
+        """The dimensions :meth:`plait.ParallelConfig.check_model` judges a layout by (the runtime's verdict)."""
+        return self._shape
+
+    @functools.cached_property
+    def _shape(self) -> ModelShape:   # built once: the search judges every candidate layout by it
+        return ModelShape(num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                          ffn_hidden=self.ffn_hidden, vocab_size=self.vocab_size, seq_len=self.seq_len)
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        """KV heads one TP rank holds (replicated ones included), as the runtime lays them out."""
+        return len(heads_for(self, tp, 0).kv_heads)
 
     @property
     def mlp_matrices(self) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from . import comm_cost, compute
 from .bubble import pipeline_bubble
 from .config import RECOMPUTE_MODES, HardwareSpec, JobSpec, ModelSpec
-from .layout import Layout, check_layout, layers_per_stage, num_microbatches
+from .layout import Layout, check_layout, layers_per_stage, num_microbatches, resolve_sp
 from .memory import MemoryBreakdown, grad_bytes, stage_params, training_memory
 
 # Adam update, bytes per local parameter: read fp32 master, m, v and the gradient; write
@@ -75,14 +75,6 @@ class Estimate:
         out["memory"] = self.memory.as_dict()
         out.update(memory_gb=self.memory_gb, fits=self.fits)
         return out
-
-
-def resolve_sp(job: JobSpec, layout: Layout) -> bool:
-    """Sequence parallelism: the layout's choice, else the job's, else on whenever tp > 1."""
-    for choice in (layout.sequence_parallel, job.sequence_parallel):
-        if choice is not None:
-            return bool(choice) and layout.tp > 1
-    return layout.tp > 1
 
 
 def _microbatch_times(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout: Layout, recompute: str,
@@ -188,7 +180,7 @@ def estimate(*, model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout: L
         from .inference import inference_estimate
 
         return inference_estimate(model, cluster, job, layout)
-    sp = resolve_sp(job, layout)
+    sp = resolve_sp(job, layout, model)
     result = None
     for recompute in recompute_choices(job, layout):
         result = _training_estimate(model, cluster, job, layout, recompute, sp)

@@ -3,20 +3,27 @@
 ``Layout(dp, pp, tp, num_virtual, microbatch_size, schedule, recompute, sequence_parallel)``;
 ``check_layout`` raises ValueError saying which rule a layout breaks and how to fix it:
 
+    model fits the layout       the runtime's own verdict, ParallelConfig.check_model: heads % tp
+                                (KV heads replicated when tp does not divide them), FFN % tp, the
+                                last TP rank holds a real vocabulary row, layers >= pp * v, and
+                                under sequence parallelism seq % tp
     dp * pp * tp == GPUs        every GPU has exactly one place
     tp <= GPUs per node         tensor parallelism talks on every layer: keep it on NVLink
-    heads, FFN % tp == 0        each TP rank owns whole heads and an equal FFN slice
-    layers % (pp * v) == 0      equal stages (unless uneven stages are allowed)
+    layers % (pp * v) == 0      equal stages (unless uneven stages are allowed; plait runs both)
     global batch % dp == 0, per-replica batch % microbatch size == 0
     interleaved: v >= 2, pp >= 2 and microbatches % pp == 0 (Megatron-LM's rule)
+
+The rules after the first are the planner's choices of what to estimate, not limits of the
+runtime; the first is the runtime's, so a layout the planner offers is one plait runs.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import SCHEDULE_ALIASES, SCHEDULES, ParallelConfig
+from ..config import SCHEDULE_ALIASES, SCHEDULES, ModelShape, ParallelConfig
 from .config import RECOMPUTE_MODES, HardwareSpec, JobSpec, ModelSpec
 
 
@@ -79,6 +86,28 @@ def layers_per_stage(model: ModelSpec, layout: Layout) -> int:
     return math.ceil(model.num_layers / chunks) * layout.num_virtual
 
 
+def resolve_sp(job: JobSpec, layout: Layout, model: ModelSpec) -> bool:
+    """Sequence parallelism: the layout's choice, else the job's, else on whenever tp > 1 and divides the
+    sequence length (an explicit choice the sequence does not allow is refused by ``check_layout``)."""
+    for choice in (layout.sequence_parallel, job.sequence_parallel):
+        if choice is not None:
+            return bool(choice) and layout.tp > 1
+    return layout.tp > 1 and model.seq_len % layout.tp == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _misfit(shape: ModelShape, dp: int, pp: int, tp: int, num_virtual: int, schedule: str, sp: bool) -> str | None:
+    """The runtime's verdict, remembered: a search judges many layouts that differ only in microbatching."""
+    return ParallelConfig(dp=dp, pp=pp, tp=tp, num_virtual=num_virtual, schedule=schedule,
+                          sequence_parallel=sp).misfit(shape)
+
+
+def misfit(model: ModelSpec, job: JobSpec, layout: Layout) -> str | None:
+    """Why the runtime cannot run `model` on `layout` (:meth:`ParallelConfig.misfit`), or None."""
+    sp = job.training and resolve_sp(job, layout, model)
+    return _misfit(model.shape(), layout.dp, layout.pp, layout.tp, layout.num_virtual, layout.schedule, sp)
+
+
 def check_layout(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout: Layout,
                  allow_uneven: bool = False) -> None:
     """Raise ValueError with the first rule `layout` breaks (see the module docstring)."""
@@ -88,15 +117,10 @@ def check_layout(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, layout: 
     if layout.tp > cluster.gpus_per_node:
         raise ValueError(f"{where}: tp={layout.tp} spans nodes of {cluster.gpus_per_node} GPUs; "
                          f"keep tp <= {cluster.gpus_per_node} and use pp or dp for the rest")
-    if model.num_heads % layout.tp:
-        raise ValueError(f"{where}: num_heads={model.num_heads} is not divisible by tp={layout.tp}")
-    if model.num_kv_heads % layout.tp and layout.tp % model.num_kv_heads:
-        raise ValueError(f"{where}: num_kv_heads={model.num_kv_heads} and tp={layout.tp} must divide one another")
-    if model.ffn_hidden % layout.tp:
-        raise ValueError(f"{where}: ffn_hidden={model.ffn_hidden} is not divisible by tp={layout.tp}")
+    reason = misfit(model, job, layout)
+    if reason:
+        raise ValueError(f"{where}: {reason}")
     chunks = layout.pp * layout.num_virtual
-    if chunks > model.num_layers:
-        raise ValueError(f"{where}: pp*v = {chunks} stages but the model has {model.num_layers} layers")
     if model.num_layers % chunks and not allow_uneven:
         raise ValueError(f"{where}: num_layers={model.num_layers} is not divisible by pp*v = {chunks}; "
                          f"choose pp and v that divide it, or allow uneven stages")

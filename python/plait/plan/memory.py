@@ -85,11 +85,11 @@ def stage_params(model: ModelSpec, layout: Layout, rank: str) -> float:
 
     The first rank holds the input embedding, the last the output layer (a copy of the
     embedding when tied and pp > 1, as Megatron-LM keeps it); with pp = 1 one rank has both.
-    K and V are replicated when tp exceeds the KV heads.
+    K and V are replicated when tp does not divide the KV heads (see plait.heads).
     """
     tp = layout.tp
-    kv_local = max(model.num_kv_heads, tp) * model.head_dim
-    layer = (2 * model.hidden * model.hidden + 2 * model.hidden * kv_local
+    kv_width = tp * model.kv_heads_per_rank(tp) * model.head_dim   # K/V rows over all TP ranks
+    layer = (2 * model.hidden * model.hidden + 2 * model.hidden * kv_width
              + model.mlp_matrices * model.hidden * model.ffn_hidden) / tp + 2 * model.hidden
     params = layers_per_stage(model, layout) * layer
     embedding = model.embedding_params() / tp
@@ -107,7 +107,7 @@ def layer_activation_bytes(model: ModelSpec, microbatch: int, tp: int, sp: bool,
     if recompute == "full":
         return 2 * sbh / replicated_t
     drop = 1 if model.dropout else 0
-    kv = max(model.num_kv_heads, tp) * model.head_dim  # K/V width before the tp split
+    kv = tp * model.kv_heads_per_rank(tp) * model.head_dim  # K/V width over all TP ranks
     # LayerNorm inputs 4sbh, QKV input 2sbh, FC1 input 2sbh, two dropout masks 2sbh.
     replicated = (8 + 2 * drop) * sbh
     # Q, K, V and the output projection's input; GELU input and output (SwiGLU: gate, up, product).
@@ -166,7 +166,7 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, value_bytes: i
 
 def kv_cache_bytes(model: ModelSpec, requests: int, tokens: int, layers: int, tp: int, value_bytes: int) -> float:
     """K and V of `tokens` tokens for `requests` sequences over `layers` layers on one GPU."""
-    kv_heads_local = max(1, model.num_kv_heads // tp)
+    kv_heads_local = model.kv_heads_per_rank(tp)
     return requests * tokens * kv_bytes_per_token(layers, kv_heads_local, model.head_dim, value_bytes)
 
 

@@ -1,8 +1,10 @@
 """Search: every valid layout, estimated, filtered by memory (and latency target), ranked, explained.
 
 Enumerated (``candidate_layouts``): tp over divisors of the GPU count that fit in a node
-and divide heads and FFN; pp over divisors of the rest that divide the layers (unless
-uneven stages are allowed); dp for the rest; microbatch sizes dividing the per-replica
+and that the model's dimensions take (the runtime's own verdict, ``ParallelConfig.misfit``:
+heads and FFN divisible by tp, KV heads split or replicated, a real vocabulary row on every
+rank); pp over divisors of the rest that divide the layers (unless uneven stages are
+allowed); dp for the rest; microbatch sizes dividing the per-replica
 batch (up to ``max_microbatch_size``); schedules 1F1B, ZB-H1 and interleaved 1F1B with
 every v >= 2 that divides the layers per rank (GPipe is left out: same bubble as 1F1B,
 more memory); recomputation none / selective / full unless the job fixes it.
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import ParallelConfig
 from .config import RECOMPUTE_MODES, HardwareSpec, JobSpec, ModelSpec
 from .estimate import Estimate, capacity_gb, estimate
 from .explain import explain
@@ -78,9 +81,11 @@ def divisors(n: int, limit: int | None = None) -> list[int]:
     return sorted(d for d in found if d <= limit)
 
 
-def _tp_ok(model: ModelSpec, tp: int) -> bool:
-    kv_ok = model.num_kv_heads % tp == 0 or tp % model.num_kv_heads == 0
-    return model.num_heads % tp == 0 and model.ffn_hidden % tp == 0 and kv_ok
+def _tp_fits(model: ModelSpec, job: JobSpec, tp: int) -> bool:
+    """Whether the model's dimensions take this tp, by the runtime's verdict (sequence parallelism counts
+    only when the job asks for it: left to "auto" it is simply off where tp does not divide the sequence)."""
+    config = ParallelConfig(tp=tp, sequence_parallel=bool(job.training and job.sequence_parallel))
+    return config.misfit(model.shape()) is None
 
 
 def _schedules(model: ModelSpec, pp: int, m: int) -> Iterator[tuple[str, int]]:
@@ -109,7 +114,7 @@ def _candidates(model: ModelSpec, cluster: HardwareSpec, job: JobSpec, allow_une
     n = cluster.num_gpus
     recomputes = recompute_modes(job)
     for tp in divisors(n, cluster.gpus_per_node):
-        if not _tp_ok(model, tp):
+        if not _tp_fits(model, job, tp):
             continue
         for pp in divisors(n // tp, model.num_layers):
             if model.num_layers % pp and not allow_uneven:

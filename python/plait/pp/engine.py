@@ -48,7 +48,6 @@ and ``rows`` the batch's rows (``plait.ParallelModel`` keys its layout-invariant
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import weakref

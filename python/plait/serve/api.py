@@ -211,7 +211,7 @@ def _submit(router: Router, served: ServedModel, body: _Body, prompts: list[list
         for index, (p, prompt, params) in enumerate(plans):
             timeout_s = served.request_timeout_s if params.timeout is None else min(params.timeout,
                                                                                     served.request_timeout_s)
-            tracked.append(router.submit(prompt, params, timeout_s, events))
+            tracked.append(router.submit(prompt, params, timeout_s, events=events))
             choices.append(Choice(index, p, len(prompt), prefixes[p], logprobs=params.logprobs is not None))
     except (Overloaded, NoReplica) as err:
         for t in tracked:

@@ -3,7 +3,9 @@
     plait generate --model DIR --tp 2 --prompt "the cat" --max-new-tokens 16 --json
 
 Without torchrun (no ``RANK`` in the environment) it starts ``tp * pp`` local ranks with
-:func:`plait.launch.run_ranks`; under torchrun each process is one rank. ``--json`` prints
+:func:`plait.launch.run_ranks` (over several hosts: this host's share, with ``--nnodes``,
+``--node-rank``, ``--master-addr``, ``--master-port`` as for ``plait train``; node 0 prints);
+under torchrun each process is one rank and rank 0 prints. ``--json`` prints
 ``{"prompt_ids", "token_ids", "text", "finish_reason"}``; otherwise the text (or the ids
 when the model directory has no tokenizer).
 """
@@ -15,6 +17,7 @@ import os
 import sys
 from typing import Optional
 
+from ..nodes import add_node_options, node_from_args
 from .options import add_model_options, nonnegative_float, nonnegative_int, positive_int, probability, resolve_dtype
 
 
@@ -31,6 +34,9 @@ def setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument("--json", action="store_true", help="print token ids and text as JSON")
+    parser.add_argument("--tp-across-hosts", action="store_true",
+                        help="allow TP groups that span hosts (refused by default)")
+    add_node_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -48,7 +54,7 @@ def check_layout(directory: str, tp: int, pp: int) -> None:
     """ValueError when the model in ``directory`` cannot take the (pp, tp) layout (checked on the meta device)."""
     from ..config import ParallelConfig
     from ..models.hf import build_on_meta, load_config
-    from ..parallel.apply import ModelDims, check_plan
+    from ..parallel.apply import check_plan, model_shape
     from ..parallel.model import resolve_plan
 
     from ..parallel.families import FAMILIES, check_config, family
@@ -60,9 +66,8 @@ def check_layout(directory: str, tp: int, pp: int) -> None:
     if not family(plan.family).serves:
         raise ValueError(f"plait serves the {sorted(n for n, f in FAMILIES.items() if f.serves)} model families, "
                          f"not {plan.family!r}")
+    ParallelConfig(pp=pp, tp=tp).check_model(model_shape(model, plan))   # the verdict parallelize gives
     check_plan(model, plan, tp)
-    layers = len(model.get_submodule(plan.layers))
-    ParallelConfig(pp=pp, tp=tp).check_model(num_layers=layers, num_heads=ModelDims.of(model).num_heads)
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -93,7 +98,7 @@ def prepare(args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     return dict(model=args.model, ids=ids, params=params, dtype=resolve_dtype(args.dtype)[0], max_len=args.max_len,
-                tokenizer=tokenizer is not None)
+                tokenizer=tokenizer is not None, tp_across_hosts=args.tp_across_hosts)
 
 
 def generate_rank(rank: int, world: int, pp: int, tp: int, job: dict) -> Optional[dict]:
@@ -104,20 +109,27 @@ def generate_rank(rank: int, world: int, pp: int, tp: int, job: dict) -> Optiona
     from .engine import Engine
     from .text import load_tokenizer
 
-    plait.init_mesh(pp=pp, tp=tp)
+    mesh = plait.init_mesh(plait.ParallelConfig(pp=pp, tp=tp, tp_across_hosts=job["tp_across_hosts"]))
     try:
-        model = plait.from_pretrained(job["model"], plait.current_mesh(), dtype=getattr(torch, job["dtype"]))
+        model = plait.from_pretrained(job["model"], mesh, dtype=getattr(torch, job["dtype"]))
         tokenizer = load_tokenizer(job["model"]) if job["tokenizer"] else None
         engine = Engine(model, max_batch=1, max_queue=1, max_len=job["max_len"], tokenizer=tokenizer)
         done = engine.generate([job["ids"]], [job["params"]])[0]
-    finally:
-        plait.destroy_mesh()
+    except Exception as exc:
+        lost = None if isinstance(exc, ValueError) else mesh.host_lost(exc)
+        plait.destroy_mesh(barrier=False)
+        if lost is not None:
+            raise lost from exc
+        raise
+    plait.destroy_mesh()
     return dict(prompt_ids=job["ids"], token_ids=done.token_ids, text=done.text, finish_reason=done.finish_reason)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         job = prepare(args)
+        node = node_from_args(args)
+        node.local_ranks(args.tp * args.pp)
     except ValueError as err:
         print(f"plait generate: error: {err}", file=sys.stderr)
         return 2
@@ -134,9 +146,11 @@ def run(args: argparse.Namespace) -> int:
         from ..launch import run_ranks
 
         world = args.tp * args.pp
-        threads = max(1, (os.cpu_count() or 1) // world)
+        threads = max(1, (os.cpu_count() or 1) // len(node.local_ranks(world)))
         result = run_ranks(generate_rank, world, args.pp, args.tp, job, timeout=3600,
-                           threads_per_rank=threads)[0]
+                           threads_per_rank=threads, node=node)[0]
+        if node.node_rank != 0:
+            return 0                   # node 0 prints the answer
     if args.json:
         print(json.dumps(result))
     else:

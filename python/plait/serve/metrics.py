@@ -41,8 +41,8 @@ class Metrics:
         self.running.labels(label).set(stats["running"])
         self.waiting.labels(label).set(stats["waiting"])
         self.kv_used.labels(label).set(stats["kv_used"])
-        self.cache_hits.labels(label).set(stats["cache_hits"])
-        self.preemptions.labels(label).set(stats["preemptions"])
+        self.cache_hits.labels(label).set(stats.get("cache_hits", 0))      # a replica on another host may not say
+        self.preemptions.labels(label).set(stats.get("preemptions", 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -84,7 +84,35 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a plait train state (expected the keys {need})")
     if state["format"] != FORMAT:
         raise ValueError(f"{path}: checkpoint format {state['format']!r}, this plait reads format {FORMAT}")
+    for key, what, ok in _STATE_FIELDS:
+        if not ok(state.get(key)):
+            raise ValueError(f"{path}: {key!r} must be {what}, got {state.get(key)!r}; the file is damaged")
     return state
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rng_state(value: Any) -> bool:
+    """Whether ``value`` is a torch CPU generator state as saved (base64, the length torch uses)."""
+    try:
+        return isinstance(value, str) and len(base64.b64decode(value, validate=True)) == torch.get_rng_state().numel()
+    except ValueError:
+        return False
+
+
+# what read_state demands of each field of train_state.json, so later code never meets a wrong type
+_STATE_FIELDS = (
+    ("step", "a whole number", _whole),
+    ("adam_step", "a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    ("shapes", "a mapping of tensor names to shapes", lambda v: isinstance(v, dict) and all(
+        isinstance(s, list) and all(_whole(d) for d in s) for s in v.values())),
+    ("fingerprint", "a mapping of the data settings", lambda v: isinstance(v, dict)),
+    ("optimizer_keys", "a list of names", lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
+    ("rng", "a mapping with the torch RNG state", lambda v: isinstance(v, dict) and _rng_state(v.get("torch"))),
+    ("model", "a mapping describing the model, or absent", lambda v: v is None or isinstance(v, dict)),
+)
 
 
 def check_checkpoint(checkpoint: Path, shapes: dict[str, tuple[int, ...]], fingerprint: dict[str, Any],

@@ -6,7 +6,9 @@
 
 ``plait train`` starts ``dp * pp * tp`` local processes (:func:`plait.launch.run_ranks`)
 unless it runs under torchrun (RANK and WORLD_SIZE set), where each process is one rank;
-a one-rank job runs in this process. Flags are generated from :class:`~plait.train.job.TrainJob`,
+a one-rank job runs in this process. Over several hosts, each host runs the same command
+with ``--nnodes N --node-rank I --master-addr HOST0 [--master-port P]`` and starts its
+``dp * pp * tp / N`` ranks (:mod:`plait.nodes`). Flags are generated from :class:`~plait.train.job.TrainJob`,
 so a flag and a job-file key are always the same setting. Errors (bad settings or files, a
 rank that fails or dies, named) reach plait's command-line handler: one line, exit code 2.
 """
@@ -16,6 +18,7 @@ import argparse
 import os
 from dataclasses import MISSING, fields
 
+from ..nodes import add_node_options, node_from_args
 from .job import TrainJob, read_job_file
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str}
@@ -33,6 +36,7 @@ def setup_train(parser: argparse.ArgumentParser) -> None:
             default = "" if f.default is MISSING or f.default is None else f" (default {f.default})"
             parser.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=None, metavar=f.name.upper(),
                                 help=text + default)
+    add_node_options(parser)
     parser.set_defaults(run=run_train)
 
 
@@ -57,13 +61,17 @@ def run_train(args: argparse.Namespace) -> int:
     from ..launch import run_ranks
 
     job = job_from_args(args)
+    node = node_from_args(args)
+    local = node.local_ranks(job.world_size)
+    if node.multi_host:       # the hosts' ranks are known before any starts: check the layout's rule now
+        job.parallel.check_hosts([f"node {r // len(local)}" for r in range(job.world_size)])
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ or job.world_size == 1:
         from .loop import train_rank
 
         train_rank(job)
     else:
-        threads = max(1, (os.cpu_count() or 1) // job.world_size)
-        run_ranks(_rank_main, job.world_size, job, timeout=float("inf"), threads_per_rank=threads)
+        threads = max(1, (os.cpu_count() or 1) // len(local))
+        run_ranks(_rank_main, job.world_size, job, timeout=float("inf"), threads_per_rank=threads, node=node)
     return 0
 
 

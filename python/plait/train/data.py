@@ -1,4 +1,4 @@
-"""Token files and the batches of a training job.
+"""Token files, synthetic sequences, and the batches of a training job.
 
 A token file is a flat array of token ids with no header (the format nanoGPT and
 Megatron users already have), read as a ``numpy.memmap``. Its dtype comes from an
@@ -25,6 +25,12 @@ With ``shuffle`` the k-th sequence of the job is ``perm_e[k mod N]`` where
 every epoch sees each sequence once, and the data of step ``s`` depends only on
 ``s`` (a resumed job reads exactly what the uninterrupted one would have).
 Everything is checked when the file is opened, before any training starts.
+
+Synthetic data (``synthetic: true``, no file): each sequence counts upward from a random
+start with a random stride of 1 to 3 (mod the vocabulary), and 10% of its tokens are
+replaced by random ones, so a model can learn it and the loss falls. The global batch of
+step ``s`` is drawn from a generator seeded by ``(seed, s)`` alone and DP rank ``d`` takes
+its rows ``[d*B/dp, (d+1)*B/dp)``, so every layout, and a resumed job, sees the same data.
 """
 from __future__ import annotations
 
@@ -32,10 +38,13 @@ import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .job import TrainJob
 
 SUFFIX_DTYPES = {".bin": "uint16", ".u16": "uint16", ".uint16": "uint16", ".u32": "uint32", ".uint32": "uint32"}
 DATA_DTYPES = ("uint16", "uint32")
@@ -139,6 +148,50 @@ class Batches:
         """Inputs and targets ``[global_batch / dp, seq]`` of DP rank ``dp_rank`` at step ``step``."""
         rows = self.global_batch // self.dp
         return self.data.sequences(self.indices(step)[dp_rank * rows:(dp_rank + 1) * rows])
+
+
+@dataclass(frozen=True)
+class SyntheticBatches:
+    """The synthetic sequences of a job (module doc), with the interface of :class:`Batches`."""
+
+    vocab_size: int
+    seq: int
+    global_batch: int
+    dp: int
+    seed: int = 0
+
+    def whole(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets ``[global_batch, seq]`` of step ``step``'s whole global batch."""
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + step)
+        start = torch.randint(0, self.vocab_size, (self.global_batch, 1), generator=gen)
+        stride = torch.randint(1, 4, (self.global_batch, 1), generator=gen)
+        tokens = (start + stride * torch.arange(self.seq + 1)) % self.vocab_size
+        noise = torch.rand(self.global_batch, self.seq + 1, generator=gen) < 0.1
+        tokens = torch.where(noise, torch.randint(0, self.vocab_size, tokens.shape, generator=gen), tokens)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def batch(self, step: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets ``[global_batch / dp, seq]`` of DP rank ``dp_rank`` at step ``step``."""
+        rows = self.global_batch // self.dp
+        return tuple(t[dp_rank * rows:(dp_rank + 1) * rows].contiguous() for t in self.whole(step))
+
+
+def job_batches(job: TrainJob, vocab_size: int) -> tuple[Union[Batches, SyntheticBatches], Optional[Batches]]:
+    """The training and (if any) evaluation batches of a :class:`~plait.train.job.TrainJob` whose model
+    has ``vocab_size`` ids; token files are opened and checked here, before any training starts."""
+    held: Optional[TokenFile] = None
+    if job.synthetic:
+        train: Union[Batches, SyntheticBatches] = SyntheticBatches(vocab_size, job.seq, job.global_batch, job.dp,
+                                                                   job.seed)
+    elif job.eval_fraction:
+        data, held = split_held_out(job.data, job.seq, vocab_size, job.eval_fraction, job.data_dtype)
+        train = Batches(data, job.global_batch, job.dp, job.shuffle, job.seed)
+    else:
+        train = Batches(TokenFile(job.data, job.seq, vocab_size, job.data_dtype), job.global_batch, job.dp,
+                        job.shuffle, job.seed)
+    if job.eval_data:
+        held = TokenFile(job.eval_data, job.seq, vocab_size, job.data_dtype)
+    return train, (Batches(held, job.global_batch, job.dp) if held is not None else None)
 
 
 def split_held_out(path, seq: int, vocab_size: int, fraction: float, data_dtype: Optional[str] = None

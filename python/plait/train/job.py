@@ -30,7 +30,11 @@ def _help(text: str, **kwargs: Any) -> Any:
 class TrainJob:
     """One training run; see the module doc. ``help`` metadata is the flag's help text."""
 
-    data: str = _help("token file to train on (see plait.train.data for the format)")
+    data: Optional[str] = _help("token file to train on (see plait.train.data for the format); or --synthetic",
+                                default=None)
+    synthetic: bool = _help("train on synthetic sequences instead of a token file: each counts up (mod the "
+                            "vocabulary) from a random start with a random stride, 10% of its tokens random, drawn "
+                            "from (--seed, step); the same data on every layout (benchmarks, tests)", default=False)
     model: Optional[str] = _help("transformers model directory to fine-tune", default=None)
     config: Optional[str] = _help("transformers config.json to train from scratch (weights from --seed)",
                                   default=None)
@@ -75,8 +79,13 @@ class TrainJob:
                                   default=None)
     json: bool = _help("print one JSON line per step (and a JSON summary) instead of a progress bar",
                        default=False)
-    seed: int = _help("seed of the initial weights (--config, --gpt) and of --shuffle", default=0)
+    seed: int = _help("seed of the initial weights (--config, --gpt), of --shuffle and of --synthetic data",
+                      default=0)
     bucket_mb: float = _help("DP gradient bucket size in MB", default=25.0)
+    dp_overlap: bool = _help("reduce DP gradients bucket by bucket during backward (--no-dp-overlap: all after "
+                             "backward, e.g. to measure what the overlap gains)", default=True)
+    tp_across_hosts: bool = _help("allow TP groups that span hosts (refused by default: TP exchanges activations "
+                                  "in every layer)", default=False)
     comm: Optional[str] = _help("communicators of the mesh axes: torch (gloo/NCCL), shm (plait's shared-memory "
                                 "collectives, CPU ranks of one host) or auto (shm for CPU tensors when every rank "
                                 "is on one host, else torch); default: auto on CPU, torch on CUDA", default=None)
@@ -90,6 +99,7 @@ class TrainJob:
             raise ValueError("give exactly one of model (a transformers model directory, to fine-tune), config (a "
                              "transformers config.json, to train from scratch) and gpt (plait's GPT: a preset "
                              "or dimensions, from scratch)")
+        _check_data(self)
         positive = ("seq", "global_batch", "microbatches", "steps", "eval_batches", "keep", "dp", "pp", "tp", "vpp")
         for name in positive:
             if getattr(self, name) < 1:
@@ -127,14 +137,13 @@ class TrainJob:
             from ..models.presets import gpt_config
 
             gpt = gpt_config(self.gpt, self.seq)   # the spec and the layout, before any process starts
-            self.parallel.check_model(num_layers=gpt.num_layers, num_heads=gpt.num_heads,
-                                      ffn_hidden=gpt.ffn_hidden, seq_len=self.seq)
+            self.parallel.check_model(gpt.shape(seq_len=self.seq))
 
     @property
     def parallel(self) -> ParallelConfig:
         """The job's layout as a :class:`~plait.ParallelConfig` (validated there)."""
         return ParallelConfig(dp=self.dp, pp=self.pp, tp=self.tp, num_virtual=self.vpp, schedule=self.schedule,
-                              sequence_parallel=self.sp, zero=self.zero)
+                              sequence_parallel=self.sp, zero=self.zero, tp_across_hosts=self.tp_across_hosts)
 
     @property
     def world_size(self) -> int:
@@ -146,6 +155,8 @@ class TrainJob:
     def fingerprint(self) -> dict[str, Any]:
         """The settings that must not change when a job resumes (the data and how it is cut)."""
         keys = ("data", "seq", "global_batch", "shuffle", "seed", "data_dtype")
+        if self.synthetic:   # only when set: checkpoints of token-file jobs from before the key still resume
+            keys += ("synthetic",)
         return {k: getattr(self, k) for k in keys}
 
     @classmethod
@@ -169,6 +180,25 @@ class TrainJob:
             return cls(**data)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
+
+
+def _check_data(job: TrainJob) -> None:
+    """Exactly one source of training data; no token-file settings for synthetic data."""
+    if job.synthetic and job.data is not None:
+        raise ValueError("give data (a token file) or synthetic (generated sequences), not both")
+    if not job.synthetic and job.data is None:
+        raise ValueError("give data (a token file to train on) or synthetic: true (generated sequences)")
+    if not job.synthetic:
+        return
+    refused = {"shuffle": job.shuffle and "it permutes a token file's sequences; synthetic data is drawn anew "
+                                          "every step",
+               "eval_fraction": job.eval_fraction and "it holds out part of a token file; with synthetic data "
+                                                      "give an evaluation token file as eval_data",
+               "data_dtype": job.data_dtype is not None and job.eval_data is None
+               and "it says how a token file stores its ids, and synthetic data has no file"}
+    for name, why in refused.items():
+        if why:
+            raise ValueError(f"{name} does not apply to synthetic data: {why}")
 
 
 def read_job_file(path: Union[str, Path]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import (check_checkpoint, check_writable, load_optimizer_state, resolve_resume, restore_rng,
                          save_checkpoint, step_dirs)
-from .data import Batches, TokenFile, split_held_out
+from .data import Batches, job_batches
 from .job import TrainJob
 from .model import build_model, check_same_model, describe, model_config, parameter_shapes
 from .optim import Optimizer
@@ -46,6 +46,7 @@ class StepRecord:
     tokens_per_s: float
     seconds: float
     eval_loss: Optional[float] = None
+    dp_overlapped: Optional[bool] = None   # the DP gradient reduction started before backward ended (dp > 1)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Summary:
     checkpoint: Optional[str] = None
     eval_loss: Optional[float] = None
     seconds: float = 0.0
+    optimizer_state_bytes: int = 0   # this rank's optimizer state after the last step (its DP shard with ZeRO-1)
 
 
 class NonFiniteError(ValueError):
@@ -64,18 +66,11 @@ class NonFiniteError(ValueError):
 
 
 # --------------------------------------------------------------------------- the job
-def _data(job: TrainJob, vocab: int) -> tuple[TokenFile, Optional[TokenFile]]:
-    if job.eval_fraction:
-        return split_held_out(job.data, job.seq, vocab, job.eval_fraction, job.data_dtype)
-    train = TokenFile(job.data, job.seq, vocab, job.data_dtype)
-    held = TokenFile(job.eval_data, job.seq, vocab, job.data_dtype) if job.eval_data else None
-    return train, held
-
-
 def _fingerprint(job: TrainJob) -> dict:
     fp = job.fingerprint()
-    fp["data"] = Path(job.data).name
-    fp["data_bytes"] = Path(job.data).stat().st_size
+    if job.data is not None:
+        fp["data"] = Path(job.data).name
+        fp["data_bytes"] = Path(job.data).stat().st_size
     return fp
 
 
@@ -94,7 +89,7 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
 
     started = time.perf_counter()
     config = model_config(job)
-    train_data, eval_data = _data(job, config.vocab_size)
+    batches, evaluation = job_batches(job, config.vocab_size)
     checkpoint = resolve_resume(job.resume, job.save)
     resume_state = None
     if checkpoint is not None:
@@ -116,18 +111,36 @@ def train_rank(job: TrainJob, on_step: Optional[Callable[[StepRecord], None]] = 
     comm = job.comm or ("torch" if torch.cuda.is_available() else "auto")
     mesh = plait.init_mesh(job.parallel, comm=comm)
     try:
-        summary = _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, on_step,
+        summary = _train(job, mesh, config, batches, evaluation, checkpoint, resume_state, on_step,
                          show if show is not None else mesh.rank == 0, started, around_step)
-    except BaseException:
-        if owns:
-            plait.destroy_mesh(barrier=False)
+    except Exception as exc:
+        # A vanished host shows up as a timeout or a closed connection: name the host instead.
+        lost = None if isinstance(exc, ValueError) else mesh.host_lost(exc, _RESUME_HINT if job.save else "")
+        _end_mesh(mesh, owns, clean=False)
+        if lost is not None:
+            raise lost from exc
         raise
-    if owns:
-        plait.destroy_mesh()
+    except BaseException:
+        _end_mesh(mesh, owns, clean=False)
+        raise
+    _end_mesh(mesh, owns, clean=True)
     return summary
 
 
-def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, on_step, show, started,
+_RESUME_HINT = "; the job stopped: continue it on the remaining hosts with --resume latest (any layout)"
+
+
+def _end_mesh(mesh, owns: bool, clean: bool) -> None:
+    """Shut the job's mesh down if this job started torch.distributed, else only stop its host watch."""
+    import plait
+
+    if owns:
+        plait.destroy_mesh(barrier=clean)
+    elif mesh.watch is not None:
+        mesh.watch.close(None if clean else "stopped after an error")
+
+
+def _train(job, mesh, config, batches, evaluation, checkpoint, resume_state, on_step, show, started,
            around_step) -> Summary:
     model = build_model(job, config, mesh, checkpoint)
     apply_recompute(model, job.recompute)
@@ -140,8 +153,6 @@ def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, o
     model.dropout_seed = job.seed     # layout-invariant dropout: masks keyed by (seed, step, site, element)
     engine = model.pipeline(job.schedule, num_microbatches=job.microbatches)
     engine.train_steps = start
-    batches = Batches(train_data, job.global_batch, job.dp, job.shuffle, job.seed)
-    evaluation = Batches(eval_data, job.global_batch, job.dp) if eval_data is not None else None
     autocast = (lambda: torch.autocast(mesh.device.type, dtype=torch.bfloat16)) if job.mixed == "bf16" \
         else contextlib.nullcontext
     summary = Summary(start_step=start)
@@ -165,6 +176,7 @@ def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, o
         optimizer.zero_grad()
         seconds = time.perf_counter() - t0
         record = StepRecord(step + 1, float(loss), lr, float(norm), tokens / seconds, seconds)
+        record.dp_overlapped = optimizer.dp_overlapped()
         last = step + 1 == job.steps
         if evaluation is not None and ((job.eval_every and (step + 1) % job.eval_every == 0) or last):
             with autocast():
@@ -185,6 +197,7 @@ def _train(job, mesh, config, train_data, eval_data, checkpoint, resume_state, o
         bar.close()
     if board is not None:
         board.close()
+    summary.optimizer_state_bytes = optimizer.state_bytes()
     summary.seconds = time.perf_counter() - started
     if show:
         _print_summary(job, summary)

@@ -33,7 +33,7 @@ def model_config(job: TrainJob):
     if job.gpt is not None:
         from ..models.presets import gpt_config
 
-        return gpt_config(job.gpt, job.seq, DTYPES[job.dtype], job.sp)
+        return gpt_config(job.gpt, job.seq, DTYPES[job.dtype])
     from ..models.hf import _transformers, load_config
     from ..parallel.families import check_config
 
@@ -116,7 +116,7 @@ def describe(config) -> dict:
     """What identifies the model beyond its tensor shapes (kept in a checkpoint's train state)."""
     if _is_gpt(config):
         data = config.to_dict()
-        return {"gpt": {k: v for k, v in data.items() if k not in ("dtype", "sequence_parallel")}}
+        return {"gpt": {k: v for k, v in data.items() if k != "dtype"}}
     return {"model_type": getattr(config, "model_type", None)}
 
 

@@ -19,11 +19,12 @@
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
+
 import torch
 from torch import nn
 
-from ..dp import GradReducer, ShardedOptimizer
+from ..dp import GradReducer, ShardedOptimizer, optimizer_state_bytes
 from ..dp.clip import clip_scale, global_norm
 
 
@@ -56,7 +57,7 @@ class Optimizer:
         kwargs = dict(lr=job.lr, betas=(job.beta1, job.beta2), eps=job.eps)
         # Tied embeddings across pipeline ranks: the PP sum of their gradients must come before
         # the DP reduction (ZeRO-1 reduces only this rank's shard), so the reducer waits for finish().
-        overlap = not (model.tied and self.mesh.pp > 1)
+        overlap = job.dp_overlap and not (model.tied and self.mesh.pp > 1)
         if job.zero:
             self.sharded = [ShardedOptimizer(params, torch.optim.AdamW, self.mesh.dp_comm, bucket_mb=job.bucket_mb,
                                              overlap=overlap, weight_decay=wd, **kwargs) for params, wd in groups]
@@ -144,6 +145,12 @@ class Optimizer:
                 grad.mul_(scale.to(grad.dtype))
         return norm
 
+    def dp_overlapped(self) -> Optional[bool]:
+        """Whether the last step's DP gradient reduction started before its backward ended (None: no DP
+        reduction on this rank)."""
+        flags = [f for f in (r.started_before_backward_ended() for r in self.reducers) if f is not None]
+        return any(flags) if flags else None
+
     def step(self) -> None:
         for optimizer in self.sharded or self.torch_optimizers:
             optimizer.step()
@@ -159,6 +166,10 @@ class Optimizer:
                 optimizer.zero_grad(set_to_none=False)
 
     # ----------------------------------------------------------------- state
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state tensors on this rank (its DP shard of them with ZeRO-1)."""
+        return sum(optimizer_state_bytes(o) for o in self.torch_optimizers)
+
     def param_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """This rank's optimizer state by parameter name, each tensor whole over DP (a DP collective
         with ZeRO-1) and shaped like this rank's parameter (its TP shard)."""

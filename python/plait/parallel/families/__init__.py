@@ -16,26 +16,39 @@ plait     :mod:`.plait_gpt`                  plait's reference GPT
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import pkgutil
 from typing import Callable
 
 from torch import nn
 
 from ..plan import Plan
 from .base import NOT_MATH, Family, Field, HFDecoder
-from .gemma2 import Gemma2Family
-from .gpt2 import GPT2Family, gpt2_plan
-from .llama import LlamaFamily, llama_plan, translate_hf_plan
-from .plait_gpt import PlaitGPTFamily, gpt_plan
+from .gpt2 import gpt2_plan
+from .llama import llama_plan, translate_hf_plan
+from .plait_gpt import gpt_plan
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaFamily(), GPT2Family(), Gemma2Family(), PlaitGPTFamily())}
+
+def _discover() -> dict[str, Family]:
+    """Every concrete Family subclass defined in this package's modules (adding a family is adding a module)."""
+    found: dict[str, Family] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):        # __main__: the docs generator
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Family) and not inspect.isabstract(cls) and cls.__module__ == module.__name__:
+                found[cls.name] = cls()
+    return found
+
+
+FAMILIES: dict[str, Family] = _discover()
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.model_types}
 
-# model_type -> its shipped plan (kept for plait.plans.PLANS)
-PLANS: dict[str, Callable[[], Plan]] = {
-    **{t: (lambda t=t: llama_plan(t)) for t in LlamaFamily.model_types},
-    "gpt2": gpt2_plan,
-    "gemma2": lambda: llama_plan("gemma2", family="gemma2"),
-}
+# model_type -> its shipped plan (plait.plans.PLANS)
+PLANS: dict[str, Callable[[], Plan]] = {t: functools.partial(f.shipped_plan, t) for t, f in BY_MODEL_TYPE.items()}
 
 
 def family(name: str) -> Family:
@@ -69,7 +82,7 @@ def for_model(model: nn.Module) -> Plan:
         return plait_plan()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in BY_MODEL_TYPE:
-        return BY_MODEL_TYPE[model_type].plan(model)
+        return BY_MODEL_TYPE[model_type].shipped_plan(model_type)
     try:
         return translate_hf_plan(model)
     except ValueError as err:

@@ -5,7 +5,7 @@ A :class:`Family` is the one place that knows an architecture. The rest of plait
 ==========================  ================================================================
 question                    asked by
 ==========================  ================================================================
-``plan(model)``             ``plait.parallelize`` (plan None), ``plait.plans.for_model``
+``shipped_plan(type)``      ``plait.parallelize`` (plan None), ``plait.plans.for_model``
 ``check_config(config)``    ``from_pretrained``, ``parallelize``, the CLIs before any rank
                             starts: a field that changes the math and is not supported is
                             refused by name
@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from ...heads import heads_for
 from ..dropout import LayoutInvariantDropout
 from ..plan import Plan
 
@@ -80,8 +81,8 @@ class Family(ABC):
     attention_dropouts: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
-    def plan(self, model: nn.Module) -> Plan:
-        """The plan that parallelizes ``model`` (a plain model of this family)."""
+    def shipped_plan(self, model_type: str) -> Plan:
+        """plait's plan for transformers' ``model_type`` (one of :attr:`model_types`)."""
 
     def check_config(self, config) -> None:
         """ValueError naming the first field whose value this family does not support."""
@@ -100,9 +101,7 @@ class Family(ABC):
         """One pipeline stage's forward (the table in the stage module's docstring)."""
 
     def local_kv_heads(self, dims, tp: int, rank: int) -> int:
-        """KV heads TP rank ``rank`` keeps (its cache's head count)."""
-        from ..apply import heads_for
-
+        """KV heads TP rank ``rank`` keeps (its cache's head count): :func:`plait.heads.heads_for`'s."""
         return len(heads_for(dims, tp, rank).kv_heads)
 
     def prepare_stage(self, stage) -> None:
@@ -110,7 +109,7 @@ class Family(ABC):
         swap_dropouts(stage, self)
 
 
-def _check_ids(x: torch.Tensor) -> None:
+def check_ids(x: torch.Tensor) -> None:
     if x.dim() != 2 or x.is_floating_point():
         raise ValueError(f"the first pipeline stage takes token ids [batch, seq], got {x.dtype} {list(x.shape)}")
 
@@ -136,7 +135,7 @@ class HFDecoder(Family):
         ``[b, V/tp]``.
         """
         if stage.first:
-            _check_ids(x)
+            check_ids(x)
         positions = step.positions if step is not None else \
             torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         h = self.embed(stage, x, positions) if stage.first else x

@@ -20,7 +20,6 @@ results agree with transformers to float32 rounding (about 1e-7), and exactly in
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..plan import Plan
 from .base import Field, HFDecoder, refuse_if_true
@@ -62,7 +61,7 @@ class Gemma2Family(HFDecoder):
     model_types = ("gemma2",)
     fields = GEMMA2_FIELDS
 
-    def plan(self, model: nn.Module) -> Plan:
+    def shipped_plan(self, model_type: str) -> Plan:
         return llama_plan("gemma2", family="gemma2")
 
     def embed(self, stage, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ attention function.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..plan import Plan
 from .base import Field, HFDecoder, refuse_if_true
@@ -69,13 +68,10 @@ class GPT2Family(HFDecoder):
     whole_dropouts = ("transformer.drop", "transformer.h.*.attn.resid_dropout", "transformer.h.*.mlp.dropout")
     attention_dropouts = ("transformer.h.*.attn.attn_dropout",)
 
-    def plan(self, model: nn.Module) -> Plan:
+    def shipped_plan(self, model_type: str) -> Plan:
         return gpt2_plan()
 
     def embed(self, stage, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = stage.part("embed")(ids) + stage.part("positions")(positions)
         dropout = stage.part("embed_dropout")
         return h if dropout is None else dropout(h)
-
-    def local_kv_heads(self, dims, tp: int, rank: int) -> int:
-        return dims.num_heads // tp

@@ -135,11 +135,8 @@ class LlamaFamily(HFDecoder):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     fields = LLAMA_FIELDS
 
-    def plan(self, model: nn.Module) -> Plan:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type in self.model_types:
-            return llama_plan(model_type)
-        return translate_hf_plan(model)
+    def shipped_plan(self, model_type: str) -> Plan:
+        return llama_plan(model_type)
 
     def layer_kwargs(self, stage, h: torch.Tensor, positions: torch.Tensor, step) -> dict:
         return {"attention_mask": None, "position_ids": positions,

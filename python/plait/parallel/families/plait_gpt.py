@@ -7,10 +7,9 @@ logits ``[batch, seq, V/tp]`` like every other family. The GPT has no dropout an
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..plan import Plan
-from .base import Family, _check_ids
+from .base import Family, check_ids
 
 
 def gpt_plan() -> Plan:
@@ -29,14 +28,14 @@ class PlaitGPTFamily(Family):
     sequence_parallel = True
     serves = False
 
-    def plan(self, model: nn.Module) -> Plan:
+    def shipped_plan(self, model_type: str) -> Plan:
         return gpt_plan()
 
     def forward(self, stage, x: torch.Tensor, step=None) -> torch.Tensor:
         if step is not None:
             raise ValueError("plait's reference GPT is not served (it has no KV-cache forward)")
         if stage.first:
-            _check_ids(x)
+            check_ids(x)
             h = stage.part("embed")(x.t().contiguous())                 # [seq(/tp), batch, H]
             positions = stage.part("positions")(x.shape[1])             # [seq, H]
             if stage.sequence_parallel:
