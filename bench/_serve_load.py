@@ -10,6 +10,8 @@
   TPOT per request it records every gap between two tokens of a request (``gaps``: a stall shows there)
   and, after every step, the KV-cache blocks in use and the positions the running requests hold.
 - **batch 1**: one request alone (``lengths``' midpoint prompt), the TPOT the mixed load is held against.
+- **decodes only**: each mixed client's first prompt, all prefilled in one step, then decodes alone: the
+  TPOT the batch of decodes costs with no prefill beside it.
 
 Every scenario runs on ``tp`` local ranks and reports from the leader, in the format of bench/serve.py's
 ``plait_rank`` (``ttft``, ``tpot``, ``walls``, ``tokens``), plus ``gaps`` and ``kv`` (see :func:`kv_ratio`).

@@ -36,6 +36,17 @@ MAX_SIZE = 1 << 20          # hidden sizes, tokens, rows, GEMM dims
 MAX_REPEATS = 100_000       # warm-up and timed iterations, steps
 
 
+def transformers_tp_available(who: str) -> bool:
+    """Whether transformers' tensor parallelism (``tp_plan``) can run here: it needs ``accelerate``.
+    Without it, says that ``who`` is skipped and why."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is not None:
+        return True
+    print(f"{who} skipped: transformers' tensor parallelism needs accelerate (pip install accelerate)", flush=True)
+    return False
+
+
 def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The argument parser of benchmark `name`, named as users run it (``plait bench NAME``)."""
     return argparse.ArgumentParser(prog=f"plait bench {name}", description=description)

@@ -29,7 +29,6 @@ memory-mapped checkpoint that become resident only when used, so without that re
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -234,11 +233,8 @@ def run(directory: str, dims: LlamaDims, batch: int, seq: int, warmup: int, reps
         "1 process": (cores, run_ranks(one_process, 1, *args, threads_per_rank=cores, timeout=3600)),
         f"plait tp={tp} (shm)": (1, run_ranks(plait_tp, tp, *args, timeout=3600)),
     }
-    if importlib.util.find_spec("accelerate") is not None:   # transformers' tp_plan needs it
+    if transformers_tp_available(f"transformers tp={tp}"):
         runs[f"transformers tp={tp}"] = (1, run_ranks(transformers_tp, tp, *args, timeout=3600))
-    else:
-        print(f"transformers tp={tp} skipped: transformers' tensor parallelism needs accelerate "
-              f"(pip install accelerate)", flush=True)
     runs["1 process, 1 thread (context)"] = (1, run_ranks(one_process, 1, *args, timeout=3600))
     reference = runs["1 process"][1][0]["logits"]
     contenders = {}

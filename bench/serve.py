@@ -29,7 +29,9 @@ generating ``--load-new`` tokens, every contender with a fresh engine):
 - **plait mixed chunked** / **plait mixed whole prompts**: ``--mixed-clients`` closed-loop clients, each
   sending ``--mixed-per-client`` requests with prompts of ``--mixed-lengths`` tokens (uniform), prefilled in
   chunks beside the decodes (a step budget of ``--mixed-step-tokens``, decodes included), or whole;
-- **plait batch 1 (load)**: one request alone, the TPOT the mixed load is held against.
+- **plait batch 1 (load)**: one request alone, the TPOT the mixed load is held against;
+- **plait decodes only (load)**: each mixed client's first prompt, all prefilled in the first step, then
+  only decodes: the TPOT of the same batch of decodes with no prefill beside them.
 
 Their rows name the dtype; their gaps between consecutive tokens (p99, a stall shows there) and the KV-cache
 memory per held token go to ``load`` in the JSON.
@@ -54,7 +56,7 @@ from plait.bench import _serve_http as serve_http
 from plait.bench import _serve_load as serve_load
 from plait.bench._comm_deepspeed import available as deepspeed_available
 from plait.bench._serve_peers import peer_rank, transformers_run
-from plait.bench.common import command_line, print_table, save_plot, write_result
+from plait.bench.common import command_line, print_table, save_plot, transformers_tp_available, write_result
 from plait.launch import run_ranks
 
 
@@ -146,8 +148,9 @@ def _contenders(args, directory: str, clients: int, prompts: list[list[int]]):
                 with serve_http.serving(directory, dp, 1, args.server_max_batch, args.prompt + args.new + 1) as url:
                     yield "plait serve (HTTP)", 1, dp, serve_http.drive(url, prompts, *timing)
     if clients in args.peer_batch:
-        yield "transformers TP", args.peer_tp, 1, run_ranks(peer_rank, args.peer_tp, "transformers_tp", directory,
-                                                            prompts, *timing, timeout=3600)[0]
+        if transformers_tp_available("transformers TP"):
+            yield "transformers TP", args.peer_tp, 1, run_ranks(peer_rank, args.peer_tp, "transformers_tp",
+                                                                directory, prompts, *timing, timeout=3600)[0]
         if not args.no_deepspeed and deepspeed_available():
             yield "DeepSpeed AutoTP", args.peer_tp, 1, run_ranks(peer_rank, args.peer_tp, "deepspeed_autotp",
                                                                  directory, prompts, *timing, timeout=3600)[0]
@@ -247,6 +250,9 @@ def load_scenarios(args, directory: str) -> tuple[list[list], dict]:
         runs.append(("plait batch 1 (load)", 1, serve_load.mixed_prompts(1, 1, ((low + high) // 2,) * 2,
                                                                            args.vocab, 9),
                      dict(max_step_tokens=args.step_tokens)))
+        firsts = [client[:1] for client in prompts]     # every client's first prompt, all prefilled at once
+        runs.append(("plait decodes only (load)", args.mixed_clients, firsts,
+                     dict(max_step_tokens=sum(len(c[0]) for c in firsts) + args.mixed_clients)))
         runs.append(("plait mixed chunked", args.mixed_clients, prompts,
                      dict(max_step_tokens=args.mixed_step_tokens)))
         runs.append(("plait mixed whole prompts", args.mixed_clients, prompts,
@@ -267,7 +273,7 @@ def load_scenarios(args, directory: str) -> tuple[list[list], dict]:
         row = _row(f"{name}, {dtype}", tp, 1, clients, args.load_new, leader, None)
         row[COLUMNS.index("output_tokens_per_s")] = round(requests * args.load_new / leader["walls"][0], 1)
         row[COLUMNS.index("requests_per_s")] = round(requests / leader["walls"][0], 3)
-        twin = same.setdefault(clients, leader["tokens"])
+        twin = same.setdefault(id(prompts), leader["tokens"])   # runs on the same prompts agree
         row[COLUMNS.index("same_tokens")] = "reference" if twin is leader["tokens"] else twin == leader["tokens"]
         rows.append(row)
         load["gaps_ms_p99"][name] = round(_pct(leader["gaps"], 0.99) * 1e3, 2) if leader["gaps"] else None
@@ -279,8 +285,10 @@ def load_scenarios(args, directory: str) -> tuple[list[list], dict]:
 def load_targets(rows: list[list], load: dict, args) -> dict:
     """The load ratios issue #23 sets: TTFT with prefix caching against without (p50, at most 0.2), p99 TPOT of
     the chunked mixed load against batch 1 (at most 1.5), KV memory per held token against the model's
-    bytes per token (mean over the mixed load's steps, at most 1.1); and, as a reference without a bound,
-    the mixed load's p99 TPOT with whole-prompt prefill."""
+    bytes per token (mean over the mixed load's steps, at most 1.1); and, as references without a bound,
+    the mixed load's p99 TPOT with whole-prompt prefill, the chunked mixed load's p99 TPOT against the same
+    clients decoding with no prefill beside them (what chunking itself costs the decodes), and that
+    decode-only TPOT against batch 1 (what batching the clients' decodes costs on this machine)."""
     if not load:
         return {}
     tp, prefix, clients = load["tp"], args.prefix_requests, args.mixed_clients
@@ -297,6 +305,12 @@ def load_targets(rows: list[list], load: dict, args) -> dict:
         "tpot_p99_mixed_whole_prompts_over_batch1": _ratio(find("plait mixed whole prompts", clients), batch1,
                                                            "tpot_ms_p99", None, at_most=True,
                                                            bottom_column="tpot_ms_p50"),
+        "tpot_p99_mixed_chunked_over_decodes_only": _ratio(find("plait mixed chunked", clients),
+                                                           find("plait decodes only (load)", clients),
+                                                           "tpot_ms_p99", None, at_most=True,
+                                                           bottom_column="tpot_ms_p50"),
+        "tpot_decodes_only_over_batch1": _ratio(find("plait decodes only (load)", clients), batch1, "tpot_ms_p50",
+                                                None, at_most=True),
     }
     kv = load["kv_memory"].get("plait mixed chunked")
     goals["kv_bytes_per_held_token_over_model"] = (
