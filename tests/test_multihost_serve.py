@@ -108,15 +108,14 @@ def test_two_host_serve_answers_and_survives_losing_a_host(make_hosts, tmp_path_
                 task = asyncio.ensure_future(calls)
                 while len(started) < 4 and not task.done():
                     await asyncio.sleep(0.01)
-                cut_at = time.monotonic()
                 hosts.cut(1)
-                return await task, started, cut_at
+                return await task, started
 
-        results, started, cut_at = asyncio.run(lose_host_1())
+        results, started = asyncio.run(lose_host_1())
         failed = [i for i, (_, error) in enumerate(results) if error]
         for i, (tokens, error) in enumerate(results):
-            if error:
-                assert started.get(i, float("inf")) < cut_at, f"request {i} failed before it started: {error}"
+            if error:   # only a request that had streamed may fail, and what it got is the greedy prefix
+                assert tokens and tokens == want[i][:len(tokens)], f"request {i} failed before it streamed: {error}"
                 assert "replica 1 (host1) failed" in error and "host1" in error, error
             else:
                 assert tokens == want[i], f"request {i}"
