@@ -98,25 +98,62 @@ def test_text_prompt_chat_models_and_metrics(server):
         assert name in metrics
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"prompt": list(range(2, 36)) * 2}, "more than the context of 64"),
-    ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
-    ({"top_p": 0}, "top_p must be a number in (0, 1]"),
-    ({"top_p": 1.5}, "top_p must be a number in (0, 1]"),
-    ({"max_tokens": "5"}, "max_tokens"),
-    ({"prompt": 5}, "prompt"),
-    ({"prompt": [1, 99]}, "[0, 37)"),
-    ({"timeout": 0}, "timeout must be a finite number of seconds > 0"),
-    ({"timeout": -2.5}, "timeout must be a finite number of seconds > 0"),
-    ({"timeout": "5"}, "timeout"),
+@pytest.mark.parametrize("change,message,param", [
+    ({"prompt": list(range(2, 36)) * 2}, "more than the context of 64", "prompt"),
+    ({"prompt": list(range(2, 34)) * 2}, "leaves none of the model's context of 64", "prompt"),
+    ({"max_tokens": 63}, "max_tokens is 63, but only 62 tokens of the model's context are left", "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1", "max_tokens"),
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0", "temperature"),
+    ({"top_p": 0}, "top_p must be a number in (0, 1]", "top_p"),
+    ({"top_p": 1.5}, "top_p must be a number in (0, 1]", "top_p"),
+    ({"logprobs": 21}, "logprobs must be an integer in [0, 20]", "logprobs"),
+    ({"presence_penalty": 3}, "presence_penalty must be a number in [-2, 2]", "presence_penalty"),
+    ({"stop": [""]}, "stop must be a string or a list of non-empty strings", "stop"),
+    ({"stop_token_ids": [99]}, "stop_token_ids must lie in [0, 37)", "stop_token_ids"),
+    ({"max_tokens": "5"}, "max_tokens", "max_tokens"),
+    ({"prompt": 5}, "prompt", "prompt"),
+    ({"prompt": [1, 99]}, "[0, 37)", "prompt"),
+    ({"timeout": 0}, "timeout must be a finite number of seconds > 0", "timeout"),
+    ({"timeout": -2.5}, "timeout must be a finite number of seconds > 0", "timeout"),
+    ({"timeout": "5"}, "timeout", "timeout"),
 ])
-def test_bad_input_is_400(server, change, message):
+def test_bad_input_is_400(server, change, message, param):
     body = {"model": MODEL, "prompt": [1, 2], "max_tokens": 4, **change}
     response = httpx.post(f"{server['url']}/v1/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert message in error["message"] and error["type"] == "invalid_request_error", error
+    assert error["param"] == param, error
+
+
+@pytest.mark.parametrize("change,message,param", [
+    ({"logprobs": True, "top_logprobs": 50}, "top_logprobs must be an integer in [0, 20]", "top_logprobs"),
+    ({"max_completion_tokens": -5}, "max_completion_tokens must be an integer >= 1", "max_completion_tokens"),
+    ({"max_completion_tokens": 70}, "max_completion_tokens is 70, but only", "max_completion_tokens"),
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1", "max_tokens"),
+])
+def test_bad_chat_input_names_the_field_sent(server, change, message, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "the dog"}], **change}
+    response = httpx.post(f"{server['url']}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == param, error
+
+
+def test_malformed_json_and_the_context_bound(server):
+    """A body that is not JSON says so (no field named); chat's default completion fills the context and no
+    more, as /v1/models advertises it (vLLM's rule: prompt + completion <= max_model_len)."""
+    url = server["url"]
+    broken = httpx.post(f"{url}/v1/completions", content=b'{"model": "tiny", "prompt": [1,', timeout=60,
+                        headers={"content-type": "application/json"})
+    assert broken.status_code == 400, broken.text
+    error = broken.json()["error"]
+    assert error["message"].startswith("the request body is not valid JSON") and error["param"] is None, error
+    context = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
+    chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "temperature": 0, "ignore_eos": True, "messages": [{"role": "user", "content": "the dog"}]})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["total_tokens"] == context, chat.json()["usage"]
 
 
 def test_served_names_and_unknown_model_is_404(server):

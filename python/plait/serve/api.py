@@ -166,12 +166,29 @@ def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] =
 
 
 def _invalid(err: RequestValidationError) -> ApiError:
-    """The 400 of a body that does not parse: an unknown field is refused by name."""
-    first = err.errors()[0] if err.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    """The 400 of a body that does not parse: an unknown field is refused by name; a value that fits none of a
+    field's accepted forms names the field (not pydantic's union member) and what each form wanted."""
+    errors = err.errors()
+    first = errors[0] if errors else {}
+    where = _field_path(first.get("loc", ()))
     if first.get("type") == "extra_forbidden":
         return ApiError(400, f"plait serve does not support the field '{where}'; leave it out", param=where)
-    return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+    if first.get("type") == "json_invalid":   # its location is a character offset, not a field
+        offset = first.get("loc", ("body", 0))[-1]
+        return ApiError(400, f"the request body is not valid JSON: {first.get('msg', 'invalid JSON')} (at character "
+                             f"{offset})")
+    same = list(dict.fromkeys(e.get("msg", "") for e in errors if _field_path(e.get("loc", ())) == where))
+    reason = same[0] if len(same) == 1 else f"no accepted form matches ({'; '.join(same[:4])})"
+    return ApiError(400, f"{where or 'body'}: {reason or 'invalid request'}", param=where or None)
+
+
+def _field_path(loc) -> str:
+    """``messages.0.content`` from pydantic's location, without ``body`` and union member tags (``str``,
+    ``list[int]``, ``TextPart``...)."""
+    def member_tag(part) -> bool:
+        return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or "-" in part
+                                          or part[:1].isupper())
+    return ".".join(str(p) for p in loc if p != "body" and not member_tag(p))
 
 
 def _check(body: _Body) -> None:
@@ -199,12 +216,13 @@ def _submit(router: Router, served: ServedModel, body: _Body, prompts: list[list
     plans = []
     try:
         for p, prompt in enumerate(prompts):
-            check_prompt(prompt, served.max_len, served.vocab_size)
-            plans += [(p, prompt, params) for params in body.params(len(prompt), served.max_len)]
+            try:
+                check_prompt(prompt, served.max_len, served.vocab_size)
+            except ValueError as err:
+                raise Refused(str(err), body.prompt_field) from None
+            plans += [(p, prompt, params) for params in body.params(len(prompt), served.max_len, served.vocab_size)]
     except Refused as err:
         raise ApiError(400, str(err), param=err.param) from None
-    except ValueError as err:
-        raise ApiError(400, str(err)) from None
     events: asyncio.Queue = asyncio.Queue()
     choices, tracked = [], []
     try:

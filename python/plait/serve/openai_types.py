@@ -33,11 +33,11 @@ Extensions besides those: ``top_k``, ``ignore_eos``, ``timeout`` (seconds, this 
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-from .sampling import MAX_SEED, SamplingParams
+from .sampling import MAX_SEED, BadParam, SamplingParams
 
 Number = Union[StrictInt, StrictFloat]
 COMPLETION_MAX_TOKENS = 16          # OpenAI's default for /v1/completions
@@ -102,22 +102,52 @@ class _Body(_Strict):
         """Alternatives per token to report (None: no log-probabilities); each route reads its own fields."""
         return None
 
-    def params(self, prompt_len: int, context: int) -> list[SamplingParams]:
-        """One :class:`SamplingParams` per choice (``n``) of a prompt of ``prompt_len`` tokens (ValueError
-        for a bad value, with the field in its message)."""
+    prompt_field: ClassVar[str] = "prompt"     # the field that holds the prompt, named by errors about it
+
+    def params(self, prompt_len: int, context: int, vocab_size: Optional[int] = None) -> list[SamplingParams]:
+        """One :class:`SamplingParams` per choice (``n``) of a prompt of ``prompt_len`` tokens in a model of
+        ``context`` positions (vLLM's rule: prompt + completion <= context); :class:`Refused` naming the
+        request's own field for a bad value."""
         if self.seed is not None and not 0 <= self.seed < MAX_SEED:
             raise Refused(f"seed must be an integer in [0, 2**53), got {self.seed}", "seed")
-        max_tokens = self.max_new_tokens(prompt_len, context)
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise Refused(f"stop_token_ids must lie in [0, {vocab_size}), got {self.stop_token_ids}",
+                          "stop_token_ids")
+        room = context - prompt_len
+        if room < 1:
+            raise Refused(f"the prompt has {prompt_len} tokens, which leaves none of the model's context of "
+                          f"{context} tokens for the completion", self.prompt_field)
+        max_tokens = self.max_new_tokens(room)
         seeds = [None] * self.n if self.seed is None else [(self.seed + i) % MAX_SEED for i in range(self.n)]
-        return [SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
-                               top_p=self.top_p, seed=seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                               ignore_eos=self.ignore_eos, timeout=self.timeout,
-                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                               repetition_penalty=self.repetition_penalty, logprobs=self.logprobs_k())
-                for seed in seeds]
+        try:
+            return [SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
+                                   top_p=self.top_p, seed=seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                                   ignore_eos=self.ignore_eos, timeout=self.timeout,
+                                   presence_penalty=self.presence_penalty,
+                                   frequency_penalty=self.frequency_penalty,
+                                   repetition_penalty=self.repetition_penalty, logprobs=self.logprobs_k())
+                    for seed in seeds]
+        except BadParam as err:
+            field = self.field_of(err.param)
+            raise Refused(f"{field} {err.rule}, got {err.value!r}", field) from None
 
-    def max_new_tokens(self, prompt_len: int, context: int) -> int:
-        return COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+    def field_of(self, param: str) -> str:
+        """The request field that sets sampling parameter ``param``."""
+        return param
+
+    def max_new_tokens(self, room: int) -> int:
+        """Tokens to generate with ``room`` positions of context left after the prompt: the request's own
+        limit (Refused past the room, as vLLM answers), else OpenAI's default of 16 within the room."""
+        if self.max_tokens is None:
+            return min(COMPLETION_MAX_TOKENS, room)
+        return _within(self.max_tokens, room, "max_tokens")
+
+
+def _within(asked: int, room: int, field: str) -> int:
+    if isinstance(asked, int) and asked > room:
+        raise Refused(f"{field} is {asked}, but only {room} tokens of the model's context are left after the "
+                      f"prompt (prompt + completion must fit the context)", field)
+    return asked
 
 
 class CompletionBody(_Body):
@@ -165,6 +195,7 @@ class Message(_Strict):
 
 
 class ChatBody(_Body):
+    prompt_field: ClassVar[str] = "messages"
     messages: list[Message]
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
@@ -180,8 +211,16 @@ class ChatBody(_Body):
     def logprobs_k(self) -> Optional[int]:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def max_new_tokens(self, prompt_len: int, context: int) -> int:
-        for value in (self.max_completion_tokens, self.max_tokens):
+    def field_of(self, param: str) -> str:
+        if param == "logprobs":
+            return "top_logprobs"
+        if param == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return param
+
+    def max_new_tokens(self, room: int) -> int:
+        """``max_completion_tokens``, else ``max_tokens``, else the rest of the context (OpenAI's chat default)."""
+        for value, field in ((self.max_completion_tokens, "max_completion_tokens"), (self.max_tokens, "max_tokens")):
             if value is not None:
-                return value
-        return max(1, context - prompt_len + 1)      # up to the context, as OpenAI's chat default
+                return _within(value, room, field)
+        return room

@@ -28,6 +28,14 @@ MAX_SEED = 2 ** 53      # seeds travel to the sampling rank as exact integers
 MAX_LOGPROBS = 20       # top log-probabilities per token, at most (OpenAI's bound for chat)
 
 
+class BadParam(ValueError):
+    """A sampling parameter out of its range: ``param`` names it, ``rule`` says what it must be."""
+
+    def __init__(self, param: str, rule: str, value) -> None:
+        super().__init__(f"{param} {rule}, got {value!r}")
+        self.param, self.rule, self.value = param, rule, value
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -67,37 +75,36 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise BadParam("max_tokens", "must be an integer >= 1", self.max_tokens)
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise BadParam("temperature", "must be a finite number >= 0", self.temperature)
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}")
+            raise BadParam("top_k", "must be an integer >= 0 (0: no limit)", self.top_k)
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+            raise BadParam("top_p", "must be a number in (0, 1]", self.top_p)
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
-            raise ValueError(f"seed must be an integer in [0, 2**53), got {self.seed!r}")
+            raise BadParam("seed", "must be an integer in [0, 2**53)", self.seed)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+            raise BadParam("stop", "must be a string or a list of non-empty strings", self.stop)
         self.stop = tuple(self.stop)
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}")
+            raise BadParam("stop_token_ids", "must be a list of token ids >= 0", self.stop_token_ids)
         self.stop_token_ids = tuple(self.stop_token_ids)
         if self.timeout is not None:
             if not _is_number(self.timeout) or self.timeout <= 0:
-                raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+                raise BadParam("timeout", "must be a finite number of seconds > 0", self.timeout)
             self.timeout = float(self.timeout)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
-                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+                raise BadParam(name, "must be a number in [-2, 2]", value)
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: off), got "
-                             f"{self.repetition_penalty!r}")
+            raise BadParam("repetition_penalty", "must be a finite number > 0 (1: off)", self.repetition_penalty)
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
-                             f"got {self.logprobs!r}")
+            raise BadParam("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token)",
+                           self.logprobs)
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         self.presence_penalty, self.frequency_penalty = float(self.presence_penalty), float(self.frequency_penalty)
         self.repetition_penalty = float(self.repetition_penalty)
