@@ -14,11 +14,10 @@ of (dimensions, layout) cases this checks that
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
+from fresh_python import run_fresh
 from plait.config import ModelShape, ParallelConfig
 from plait.heads import HeadLayout
 from plait.launch import run_ranks
@@ -298,10 +297,7 @@ def test_runtime_at_pp2_tp2_does_what_the_verdict_says():
 
 
 def test_plan_imports_no_torch():
-    import subprocess
-
     code = ("import sys, plait.plan, plait.heads; from plait.plan import search, model_preset, hardware, JobSpec; "
             "search(model=model_preset('llama3-8b'), cluster=hardware('h100', 8), job=JobSpec(global_batch=64)); "
             "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr + result.stdout
+    run_fresh(code)

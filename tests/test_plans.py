@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from fresh_python import run_fresh
 from hf_models import tiny_config
 from plait.launch import run_ranks
 from plait.parallel import HeadLayout, Plan, check_plan, for_model, gpt2_plan, llama_plan
@@ -118,14 +119,10 @@ def test_parallelize_rejects_before_communicating():
 
 
 def test_import_plait_does_not_import_the_optional_extras():
-    import subprocess
-    import sys
-
     code = ("import sys, plait; plait.parallelize; plait.plans.for_model; plait.ParallelConfig; "
             "bad = [m for m in ('transformers', 'safetensors', 'tokenizers', 'fastapi', 'uvicorn') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr + result.stdout
+    run_fresh(code)
 
 
 def _different_models_on_ranks(rank: int, world: int) -> str:
