@@ -86,6 +86,42 @@ def test_refused_fields_fail_before_any_process_group(tmp_path, name, fields, me
         assert out.returncode == 2 and message in out.stderr, (command, out.stderr)
 
 
+def _unowned_config(kind: str):
+    """A tiny config of a Llama-like model type no plait family owns (each carries a field Llama lacks)."""
+    import transformers as T
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+    return {"granite": lambda: T.GraniteConfig(**small, embedding_multiplier=12.0, logits_scaling=8.0),
+            "cohere": lambda: T.CohereConfig(**small, logit_scale=0.0625),
+            "gemma": lambda: T.GemmaConfig(**small, head_dim=8)}[kind]()
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere", "gemma"])
+def test_model_types_no_family_owns_are_refused_by_name(tmp_path, kind):
+    """They have a transformers TP plan, but plait would not see their own fields: refused before any process
+    group, unless the caller passes a plan (then only that plan's family's fields are checked)."""
+    import torch.distributed as dist
+    import transformers as T
+
+    import plait
+    from plait.parallel import check_config
+
+    config = _unowned_config(kind)
+    config.save_pretrained(str(tmp_path))
+    message = f"no model family for model_type='{kind}'"
+    with pytest.raises(ValueError, match=message):
+        plait.from_pretrained(str(tmp_path), mesh=None)
+    assert not dist.is_initialized()
+    out = subprocess.run([sys.executable, "-m", "plait", "generate", "--model", str(tmp_path), "--prompt-ids", "1,2"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    check_config(config, plan_family="llama")          # a plan the caller chose: its family's fields only
+    model = T.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=message):
+        plait.parallelize(model, mesh=None)
+
+
 # ----------------------------------------------------------------------------- inference
 PROMPT = [3, 5, 7, 11]
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..comm import Communicator
 from ..config import ParallelConfig
 from ..parallel import ParallelModel, SafetensorsSource, check_config, parallelize
+from ..parallel.model import resolve_plan
 
 # Files beside the weights that a saved checkpoint should carry along (tokenizer, generation settings).
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -86,7 +87,7 @@ def from_pretrained(path: Union[str, Path], mesh, dtype: Optional[torch.dtype] =
     refused by name before any tensor is read (:mod:`plait.parallel.families`).
     """
     hf_config = load_config(path)
-    check_config(hf_config)
+    check_config(hf_config, None if plan is None else resolve_plan(None, plan).family)
     source = SafetensorsSource(path)
     model = build_on_meta(hf_config)
     _check_names(model, source, path)

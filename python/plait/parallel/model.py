@@ -319,10 +319,11 @@ def parallelize(model: nn.Module, mesh, plan: Union[Plan, dict, str, None] = Non
     Everything is checked on each rank before any communication. The result keeps ``model``'s mode
     (a model built from a config trains; one from transformers' ``from_pretrained`` is in eval mode).
     """
-    config = _config_for(mesh, config, sequence_parallel, overlap)
+    chosen = plan is not None
     plan = resolve_plan(model, plan)
     if plan.family != "plait":
-        check_config(model.config)
+        check_config(model.config, plan.family if chosen else None)
+    config = _config_for(mesh, config, sequence_parallel, overlap)
     styles = check_plan(model, plan, mesh.tp)
     dims = ModelDims.of(model)
     if config.sequence_parallel and not family(plan.family).sequence_parallel:

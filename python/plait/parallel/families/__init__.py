@@ -3,12 +3,15 @@
 ``for_model(model)`` picks, in order: the model's own plan (``model.plait_plan()``), plait's plan
 for its architecture (``config.model_type``), else a plan translated from the config's
 ``base_model_tp_plan`` (a Llama-like decoder: ``base_model_pp_plan`` and a rotary embedding),
-else a ValueError listing what is supported and how to pass a plan by hand.
+else a ValueError listing what is supported and how to pass a plan by hand. A translated plan
+is something to pass explicitly: :func:`check_config` (which ``parallelize`` and
+``from_pretrained`` call) refuses a model type no family owns unless the caller chose the plan,
+since such a config may carry fields no family reads.
 
 ========  =================================  ==============================================
 family    module                             model types
 ========  =================================  ==============================================
-llama     :mod:`.llama`                      llama, mistral, qwen2, qwen3 (+ translated plans)
+llama     :mod:`.llama`                      llama, mistral, qwen2, qwen3 (+ plans passed in)
 gpt2      :mod:`.gpt2`                       gpt2
 gemma2    :mod:`.gemma2`                     gemma2
 plait     :mod:`.plait_gpt`                  plait's reference GPT
@@ -20,7 +23,7 @@ import functools
 import importlib
 import inspect
 import pkgutil
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -59,20 +62,27 @@ def family(name: str) -> Family:
         raise ValueError(f"unknown model family {name!r}; plait has {sorted(FAMILIES)}") from None
 
 
-def family_of_config(config) -> Family:
-    """The family of a transformers config (by ``model_type``), or a ValueError naming what is supported."""
+def family_of_config(config, plan_family: Optional[str] = None) -> Family:
+    """The family of a transformers config (by ``model_type``); for another model type, the family of the plan
+    the caller chose (``plan_family``), else a ValueError naming the model type and what is supported."""
     model_type = getattr(config, "model_type", None)
     if model_type in BY_MODEL_TYPE:
         return BY_MODEL_TYPE[model_type]
-    if getattr(config, "base_model_tp_plan", None) and getattr(config, "base_model_pp_plan", None):
-        return FAMILIES["llama"]
-    raise ValueError(f"plait has no model family for model_type={model_type!r}; it supports "
-                     f"{sorted(BY_MODEL_TYPE)} and Llama-like decoders with a transformers TP plan")
+    if plan_family is not None:       # the caller's own plan: its family's fields are checked, nothing more
+        return family(plan_family)
+    raise ValueError(
+        f"plait has no model family for model_type={model_type!r}: it computes exactly what transformers computes "
+        f"for {sorted(BY_MODEL_TYPE)} and plait's GPT. Other decoders, Llama-like ones with a transformers TP plan "
+        f"included, can carry config fields a family would not see (granite's embedding_multiplier, cohere's "
+        f"logit_scale, gemma's embedding scale), so plait does not guess. To run one anyway, unchecked, pass a plan: "
+        f"plan=plait.parallel.translate_hf_plan(model) (or your own Plan) to plait.parallelize or "
+        f"plait.from_pretrained")
 
 
-def check_config(config) -> None:
-    """Refuse, naming the field, a transformers config whose math plait does not support (before loading)."""
-    family_of_config(config).check_config(config)
+def check_config(config, plan_family: Optional[str] = None) -> None:
+    """Refuse, naming the field, a transformers config whose math plait does not support (before loading);
+    ``plan_family``: the family of a plan the caller passed (see :func:`family_of_config`)."""
+    family_of_config(config, plan_family).check_config(config)
 
 
 def for_model(model: nn.Module) -> Plan:

@@ -1,4 +1,4 @@
-"""The Llama family: Llama (1-3), Mistral, Qwen2, Qwen3, and Llama-like decoders with a transformers TP plan.
+"""The Llama family: Llama (1-3), Mistral, Qwen2, Qwen3, and Llama-like decoders run with a plan passed in.
 
 Layers take hidden states plus rotary tables (``position_embeddings``) computed once per stage
 by the model's rotary module; q/k/v are column-parallel by heads (KV heads replicated when
