@@ -135,6 +135,7 @@ def _check_variants(rank: int, world: int, pp: int, tp: int, dirs: dict) -> dict
     import plait
     from plait.serve.engine import Engine
     from plait.serve.sampling import SamplingParams
+    from plait.serve.worker import context_length
 
     plait.init_mesh(pp=pp, tp=tp)
     out = {}
@@ -152,8 +153,22 @@ def _check_variants(rank: int, world: int, pp: int, tp: int, dirs: dict) -> dict
         n = _new_tokens(ref.config)
         engine = Engine(model, max_batch=2)
         got = engine.generate([PROMPT], [SamplingParams(max_tokens=n, ignore_eos=True)])[0].token_ids
+        # prompts of 11 and 7 tokens sharing a prefix (past 8 positions longrope switches factors and dynamic
+        # rescales, so their prefix's keys differ), served together in blocks of 4 and chunks of a 5-token step
+        # budget (run as one-token rows): each as transformers generates it
+        context = context_length(ref.config)
+        longer = [(3 + 5 * i) % VOCAB for i in range(min(11, context - 4))]
+        prompts = [longer, longer[:7]]
+        new = min(4, context - len(longer))
+        chunked = Engine(model, max_batch=2, max_step_tokens=5, block_size=4)
+        results = chunked.generate(prompts, [SamplingParams(max_tokens=new, ignore_eos=True, logprobs=0)] * 2)
+        # a fresh reference per prompt: dynamic rotary modules keep state from earlier calls
+        first_logprobs = [torch.log_softmax(reference(directory)(torch.tensor([p])).logits[0, -1], -1)[r.token_ids[0]]
+                          .item() for p, r in zip(prompts, results)]
         out[name] = dict(eval_mode=eval_mode, err=err, err_train=err_train, tol=tol, tokens=got,
-                         want=reference_greedy(ref, PROMPT, n))
+                         want=reference_greedy(ref, PROMPT, n), served=[r.token_ids for r in results],
+                         served_want=[reference_greedy(ref, p, new) for p in prompts],
+                         logprob_err=max(abs(r.logprobs[0] - want) for r, want in zip(results, first_logprobs)))
     plait.destroy_mesh()
     return out
 
@@ -178,6 +193,8 @@ def test_checkpoints_as_shipped_match_transformers(checkpoints, tp, pp):
             assert r["err"] <= r["tol"], f"{where}: logits differ from transformers by {r['err']:.3g}"
             assert r["err_train"] <= r["tol"], f"{where}: logits in train mode differ by {r['err_train']:.3g}"
             assert r["tokens"] == r["want"], f"{where}: greedy tokens {r['tokens']} != transformers' {r['want']}"
+            assert r["served"] == r["served_want"], f"{where}: chunked prefill {r['served']} != {r['served_want']}"
+            assert r["logprob_err"] <= 1e3 * r["tol"], f"{where}: first token's logprob off by {r['logprob_err']:.3g}"
 
 
 def _loaded_dtype(rank: int, world: int, directory: str) -> str:

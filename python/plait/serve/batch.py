@@ -117,7 +117,7 @@ class StepBatch:
         all, one batch in which each of their tokens is a one-token row of its own (so the whole step reads the
         weights once). No row reads what another row of its step writes in an earlier part, so the order of
         the parts is free."""
-        lengths, starts = self.column("length"), self.column("start")
+        lengths, starts, prompt_lens = self.column("length"), self.column("start"), self.column("prompt_len")
         single = lengths == 1
         if int(lengths[~single].sum()) <= SPLIT_TOKENS:
             rows = torch.repeat_interleave(torch.arange(self.size), lengths)
@@ -125,7 +125,7 @@ class StepBatch:
             offset = torch.arange(rows.numel()) - first[rows]
             keep = offset == lengths[rows] - 1                           # each row's last token gives its logits
             return [Part(rows, self.tokens[:, None].clone(), self.tables[rows], starts[rows] + offset,
-                         torch.ones_like(rows), keep)]
+                         torch.ones_like(rows), keep, prompt_lens[rows])]
         offsets = torch.cumsum(lengths, 0) - lengths
         parts = []
         for which in (~single, single):
@@ -137,7 +137,7 @@ class StepBatch:
             for i, r in enumerate(rows.tolist()):
                 tokens[i, :lengths[r]] = self.tokens[offsets[r]:offsets[r] + lengths[r]]
             parts.append(Part(rows, tokens, self.tables[rows], starts[rows], lengths[rows],
-                              torch.ones(rows.numel(), dtype=torch.bool)))
+                              torch.ones(rows.numel(), dtype=torch.bool), prompt_lens[rows]))
         return parts
 
     def row_tokens(self) -> list[list[int]]:
@@ -177,10 +177,11 @@ class Part:
     starts: torch.Tensor
     lengths: torch.Tensor
     keep: torch.Tensor
+    prompt_lens: torch.Tensor
 
     def inputs(self, device=None) -> StepInputs:
         """The part's layout for the forward (:class:`~plait.serve.forward.StepInputs`), on ``device``."""
-        return StepInputs(self.tables, self.starts, self.lengths, device, self.keep)
+        return StepInputs(self.tables, self.starts, self.lengths, device, self.keep, self.prompt_lens)
 
 
 def payload_size(header: list[int]) -> int:

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import collections
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Protocol, Sequence
 
 import torch.distributed as dist
 
+from ..parallel.families import family
 from .batch import IDLE, STOP
 from .options import BLOCK_SIZE, MAX_STEP_TOKENS
 from .sampling import SamplingParams
@@ -79,7 +81,8 @@ class Engine:
         kv_blocks: KV-cache blocks per rank; or ``kv_memory``: bytes of KV cache per rank, as many blocks as fit
             on the rank that fits fewest (default: ``max_batch`` requests at ``max_len``).
         block_size: positions per KV-cache block.
-        prefix_caching: share the blocks of equal prompt prefixes (:mod:`plait.serve.blocks`).
+        prefix_caching: share the blocks of equal prompt prefixes (:mod:`plait.serve.blocks`); off, with a warning,
+            for a model whose family says equal prefixes may hold different keys (stateful rotary types).
         max_step_tokens: new tokens per step, at most (prompts longer than that are prefilled in chunks).
     """
 
@@ -96,6 +99,11 @@ class Engine:
         if eos is None:
             eos = eos_ids(model.model_config, getattr(model, "source_dir", None))
         self.pipeline = model.mesh.pp
+        refusal = family(model.plan.family).prefix_cache_refusal(model.model_config)
+        if prefix_caching and refusal:
+            if self.is_leader:
+                warnings.warn(f"prefix caching is off for this model: {refusal}", stacklevel=2)
+            prefix_caching = False
         self.scheduler = Scheduler(max_batch, max_queue, max_len, eos, tokenizer, model.dims.vocab_size,
                                    groups=self.pipeline, num_blocks=num_blocks, block_size=block_size,
                                    prefix_caching=prefix_caching, max_step_tokens=max_step_tokens)

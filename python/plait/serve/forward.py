@@ -45,7 +45,7 @@ class StepInputs:
     ``device``."""
 
     def __init__(self, tables: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, device=None,
-                 keep: Optional[torch.Tensor] = None) -> None:
+                 keep: Optional[torch.Tensor] = None, prompt_lens: Optional[torch.Tensor] = None) -> None:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.keep = None if keep is None or bool(keep.all()) else keep.nonzero().flatten().to(self.device)
         seq = int(lengths.max())
@@ -56,6 +56,10 @@ class StepInputs:
         self._cpu = (positions, valid)
         self.tables, self.starts, self.lengths, self.positions, self.valid = (
             t.to(self.device) for t in (tables, starts, lengths, positions, valid))
+        # each token's sequence length as transformers' generate sees it: the whole prompt while prefilling,
+        # then position + 1 (rotary types whose tables depend on it, plait.parallel.families.llama)
+        self.rope_lengths = None if prompt_lens is None else \
+            torch.maximum(prompt_lens[:, None], positions + 1).to(self.device)
 
     def placement(self, block_size: int) -> Placement:
         return Placement.of(self.tables, self.positions, self.valid, block_size)
@@ -80,7 +84,7 @@ class CachedStep:
 
     def __init__(self, inputs: StepInputs, cache: KVCache, first_layer: int) -> None:
         self.inputs, self.cache, self.first_layer = inputs, cache, first_layer
-        self.positions = inputs.positions
+        self.positions, self.rope_lengths = inputs.positions, inputs.rope_lengths
         self.where = inputs.placement(cache.block_size)
         self._masks: dict[Optional[int], torch.Tensor] = {}
 

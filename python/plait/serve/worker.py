@@ -64,9 +64,16 @@ def local_kv_heads(model) -> int:
 
 
 def context_length(model_config) -> int:
+    """The most positions a request may use: the config's context, times the factor under dynamic rotary scaling
+    (which exists to run past it; vLLM's rule)."""
+    from ..parallel.families.llama import rope_type
+
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(model_config, attr, None)
         if isinstance(value, int) and value > 0:
+            if rope_type(model_config) == "dynamic":
+                params = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None)
+                value = int(value * float(params.get("factor", 1.0)))
             return value
     raise ValueError("the model config names no context length (max_position_embeddings); pass max_len")
 

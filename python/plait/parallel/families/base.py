@@ -104,6 +104,11 @@ class Family(ABC):
         """KV heads TP rank ``rank`` keeps (its cache's head count): :func:`plait.heads.heads_for`'s."""
         return len(heads_for(dims, tp, rank).kv_heads)
 
+    def prefix_cache_refusal(self, config) -> Optional[str]:
+        """Why equal prompt prefixes of this model may hold different keys and values (so plait serve must not
+        share their cache blocks), or None when they may be shared."""
+        return None
+
     def prepare_stage(self, stage) -> None:
         """Make ``stage`` ready to run after its TP rewrite (dropout modules, attention implementation)."""
         swap_dropouts(stage, self)

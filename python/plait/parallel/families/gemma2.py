@@ -19,11 +19,13 @@ results agree with transformers to float32 rounding (about 1e-7), and exactly in
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..plan import Plan
 from .base import Field, HFDecoder, refuse_if_true
-from .llama import ROPE, llama_plan, rotary_tables
+from .llama import ROPE, llama_plan, rotary_kwargs, stateful_rope_refusal
 
 
 def _softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
@@ -70,8 +72,10 @@ class Gemma2Family(HFDecoder):
         return h * scale.to(device=h.device, dtype=h.dtype)
 
     def layer_kwargs(self, stage, h: torch.Tensor, positions: torch.Tensor, step) -> dict:
-        return {"attention_mask": None, "position_ids": positions,
-                "position_embeddings": rotary_tables(stage.part("rotary"), h, positions)}
+        return rotary_kwargs(stage, h, positions, step)
+
+    def prefix_cache_refusal(self, config) -> Optional[str]:
+        return stateful_rope_refusal(config)
 
     def head(self, stage, h: torch.Tensor) -> torch.Tensor:
         head = stage.part("head")

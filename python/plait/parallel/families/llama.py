@@ -12,6 +12,7 @@ requests share its batch or ran before it.
 from __future__ import annotations
 
 import fnmatch
+from typing import Optional
 
 import torch
 from torch import nn
@@ -88,19 +89,59 @@ def _fresh_state(rotary: nn.Module) -> dict:
             "attention_scaling": getattr(rotary, "attention_scaling", None)}
 
 
-def rotary_tables(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)`` ``[batch, seq, head_dim]`` of ``positions`` ``[batch or 1, seq]`` (see the module docstring)."""
+def rotary_tables(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor,
+                  lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``[batch, seq, head_dim]`` of ``positions`` ``[batch or 1, seq]`` (see the module docstring).
+
+    For the stateful types the tables of a token depend on the length of the sequence it is computed with:
+    ``lengths`` ``[batch, seq]`` gives it per token (serving: the larger of the request's prompt length and
+    the token's position + 1, which is what transformers' generate uses, prompt tokens sharing the whole
+    prompt's tables); None: each row is one whole sequence (its last position + 1)."""
     if getattr(rotary, "rope_type", None) not in STATEFUL_ROPE:
         return rotary(h, positions)
     fresh = rotary.__dict__.setdefault("_plait_fresh_state", _fresh_state(rotary))
-    tables = []
-    for row in positions:
-        rotary.inv_freq = fresh["inv_freq"].clone()
+    if lengths is None:
+        lengths = (positions.amax(dim=1, keepdim=True) + 1).expand_as(positions)
+    positions = positions.expand_as(lengths)
+    flat_positions, flat_lengths = positions.reshape(-1), lengths.reshape(-1)
+    cos = sin = None
+    for length in torch.unique(flat_lengths).tolist():
+        where = (flat_lengths == length).nonzero().flatten()
+        rotary.inv_freq = fresh["inv_freq"].clone()        # each length from the module's initial state
         for attr in ("max_seq_len_cached", "attention_scaling"):
             if fresh[attr] is not None:
                 setattr(rotary, attr, fresh[attr])
-        tables.append(rotary(h, row.unsqueeze(0)))
-    return torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
+        # the module takes the sequence length from the largest position it is given: append length - 1
+        call = torch.cat([flat_positions[where], flat_positions.new_tensor([length - 1])]).unsqueeze(0)
+        c, s_ = rotary(h, call)
+        if cos is None:
+            cos = c.new_empty(flat_positions.numel(), c.shape[-1])
+            sin = s_.new_empty(flat_positions.numel(), s_.shape[-1])
+        cos[where], sin[where] = c[0, :-1], s_[0, :-1]
+    return cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
+
+
+def rope_type(config) -> str:
+    """The config's rotary type (transformers 5: ``rope_parameters``; older: ``rope_scaling``)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+
+
+def stateful_rope_refusal(config) -> Optional[str]:
+    """A prefix's keys depend on the whole prompt's length under the stateful rotary types: not shareable."""
+    kind = rope_type(config)
+    if kind in STATEFUL_ROPE:
+        return (f"rope type {kind!r} rotates a prompt's keys by tables that depend on the whole prompt's length, "
+                f"so equal prefixes of prompts of different lengths differ")
+    return None
+
+
+def rotary_kwargs(stage, h: torch.Tensor, positions: torch.Tensor, step) -> dict:
+    """Decoder-layer keyword arguments of a family whose layers take rotary tables from the stage's rotary module
+    (a serving ``step`` gives each token's sequence length, :attr:`plait.serve.forward.CachedStep.rope_lengths`)."""
+    return {"attention_mask": None, "position_ids": positions,
+            "position_embeddings": rotary_tables(stage.part("rotary"), h, positions,
+                                                 None if step is None else step.rope_lengths)}
 
 
 ROPE = Field("rope_parameters", "the model's rotary module computes the tables (default, linear, dynamic, yarn, "
@@ -115,7 +156,8 @@ LLAMA_FIELDS = (
     Field("head_dim", "q/k/v rows split by whole heads of head_dim (may differ from hidden/heads)"),
     Field("hidden_act", "the MLP module's own activation"),
     Field("rms_norm_eps", "the norm modules"),
-    Field("max_position_embeddings", "context limit of plait serve/generate; rotary scaling reads it"),
+    Field("max_position_embeddings", "context limit of plait serve/generate (times the factor for dynamic rotary "
+                                     "scaling, as vLLM); rotary scaling reads it"),
     ROPE,
     Field("attention_bias", "q/k/v biases split with their rows, o bias added once after the all-reduce"),
     Field("mlp_bias", "gate/up biases split with their rows, down bias added once after the all-reduce"),
@@ -139,5 +181,7 @@ class LlamaFamily(HFDecoder):
         return llama_plan(model_type)
 
     def layer_kwargs(self, stage, h: torch.Tensor, positions: torch.Tensor, step) -> dict:
-        return {"attention_mask": None, "position_ids": positions,
-                "position_embeddings": rotary_tables(stage.part("rotary"), h, positions)}
+        return rotary_kwargs(stage, h, positions, step)
+
+    def prefix_cache_refusal(self, config) -> Optional[str]:
+        return stateful_rope_refusal(config)
