@@ -252,3 +252,20 @@ def test_sigterm_drains_and_cleans_up(server):
     assert not alive, f"rank processes {alive} outlived the server"
     left = {name for name in _shm() - server["shm_before"] if not name.startswith("sem.mp-")}
     assert not left, f"/dev/shm entries left behind: {sorted(left)}"
+
+
+def test_a_replica_that_cannot_load_says_why(tmp_path):
+    """A directory with a config but no weights: the server exits 1 with the loading rank's own error, not just
+    its exit code (the router read the ranks' error queue twice and lost it)."""
+    import subprocess
+    import sys
+
+    from plait.launch import free_port
+
+    directory = save_model("llama", tmp_path / MODEL, seed=3)
+    for weights in tmp_path.joinpath(MODEL).glob("*.safetensors"):
+        weights.unlink()
+    out = subprocess.run([sys.executable, "-m", "plait", "serve", "--model", directory, "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 1, out.stderr
+    assert "replica 0 failed to start" in out.stderr and "no model.safetensors" in out.stderr, out.stderr

@@ -94,8 +94,8 @@ class LocalReplica(Replica):
             return None
         errors = []
         try:
-            while True:
-                rank, status, payload = self.results.get_nowait()
+            while True:   # a rank's error may still be in the pipe when its exit code is already set: wait a little
+                rank, status, payload = self.results.get(timeout=0.5)
                 if status == "error":
                     errors.append(f"rank {rank}: {str(payload).strip().splitlines()[-1]}")
         except (queue.Empty, OSError, EOFError, ValueError):

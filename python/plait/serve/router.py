@@ -100,8 +100,10 @@ class Router:
                     message = None
                 if message and message[0] == "ready":
                     replica.status = "up"
-                elif replica.dead_reason() is not None or time.monotonic() > deadline:
-                    reason = replica.dead_reason() or f"not ready within {timeout_s:g} s"
+                    continue
+                dead = replica.dead_reason()                # reads the ranks' errors off their queue: once
+                if dead is not None or time.monotonic() > deadline:
+                    reason = dead or f"not ready within {timeout_s:g} s"
                     self.close(timeout_s=5)
                     raise RuntimeError(f"replica {replica.index} failed to start: {reason}")
 
