@@ -116,6 +116,8 @@ def test_text_prompt_chat_models_and_metrics(server):
     ({"timeout": 0}, "timeout must be a finite number of seconds > 0", "timeout"),
     ({"timeout": -2.5}, "timeout must be a finite number of seconds > 0", "timeout"),
     ({"timeout": "5"}, "timeout", "timeout"),
+    ({"Temperature": 1}, "does not support the field 'Temperature'", "Temperature"),
+    ({"max_tokens": 62, "prompt": [1, 2, 3]}, "max_tokens is 62, but only 61", "max_tokens"),
 ])
 def test_bad_input_is_400(server, change, message, param):
     body = {"model": MODEL, "prompt": [1, 2], "max_tokens": 4, **change}
@@ -131,6 +133,8 @@ def test_bad_input_is_400(server, change, message, param):
     ({"max_completion_tokens": -5}, "max_completion_tokens must be an integer >= 1", "max_completion_tokens"),
     ({"max_completion_tokens": 70}, "max_completion_tokens is 70, but only", "max_completion_tokens"),
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1", "max_tokens"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "txt": "x"}]}]},
+     "does not support the field 'messages.0.content.0.txt'", "messages.0.content.0.txt"),
 ])
 def test_bad_chat_input_names_the_field_sent(server, change, message, param):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "the dog"}], **change}
@@ -154,6 +158,12 @@ def test_malformed_json_and_the_context_bound(server):
         "model": MODEL, "temperature": 0, "ignore_eos": True, "messages": [{"role": "user", "content": "the dog"}]})
     assert chat.status_code == 200, chat.text
     assert chat.json()["usage"]["total_tokens"] == context, chat.json()["usage"]
+    for prompt, max_tokens in (([2] * (context - 1), None), ([2] * (context - 3), 3)):   # room 1; exactly the room
+        body = {"model": MODEL, "prompt": prompt, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(f"{url}/v1/completions", json=body if max_tokens is None else {**body, "max_tokens": max_tokens},
+                           timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["total_tokens"] == context, reply.json()["usage"]
 
 
 def test_served_names_and_unknown_model_is_404(server):

@@ -166,29 +166,39 @@ def create_app(router: Router, served: ServedModel, metrics: Optional[Metrics] =
 
 
 def _invalid(err: RequestValidationError) -> ApiError:
-    """The 400 of a body that does not parse: an unknown field is refused by name; a value that fits none of a
-    field's accepted forms names the field (not pydantic's union member) and what each form wanted."""
+    """The 400 of a body that does not parse: an unknown field is refused by name (wherever it is nested); a
+    value that fits none of a field's accepted forms names the field (not pydantic's union member) and what
+    each form wanted."""
     errors = err.errors()
-    first = errors[0] if errors else {}
-    where = _field_path(first.get("loc", ()))
-    if first.get("type") == "extra_forbidden":
+    unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+    if unknown is not None:
+        where = _field_path(unknown.get("loc", ()), keep_last=True)   # the unknown name itself
         return ApiError(400, f"plait serve does not support the field '{where}'; leave it out", param=where)
+    first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":   # its location is a character offset, not a field
         offset = first.get("loc", ("body", 0))[-1]
         return ApiError(400, f"the request body is not valid JSON: {first.get('msg', 'invalid JSON')} (at character "
                              f"{offset})")
+    where = _field_path(first.get("loc", ()))
     same = list(dict.fromkeys(e.get("msg", "") for e in errors if _field_path(e.get("loc", ())) == where))
     reason = same[0] if len(same) == 1 else f"no accepted form matches ({'; '.join(same[:4])})"
     return ApiError(400, f"{where or 'body'}: {reason or 'invalid request'}", param=where or None)
 
 
-def _field_path(loc) -> str:
+_UNION_TAGS = {"str", "int", "float", "bool"}
+
+
+def _field_path(loc, keep_last: bool = False) -> str:
     """``messages.0.content`` from pydantic's location, without ``body`` and union member tags (``str``,
-    ``list[int]``, ``TextPart``...)."""
+    ``list[int]``, ``function-after[...]``, a request model's class name); ``keep_last``: the last part is a
+    field name whatever it looks like."""
+    from . import openai_types
+
     def member_tag(part) -> bool:
-        return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or "-" in part
-                                          or part[:1].isupper())
-    return ".".join(str(p) for p in loc if p != "body" and not member_tag(p))
+        return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or
+                                          isinstance(getattr(openai_types, part, None), type))
+    parts = [p for p in loc if p != "body"]
+    return ".".join(str(p) for i, p in enumerate(parts) if (keep_last and i == len(parts) - 1) or not member_tag(p))
 
 
 def _check(body: _Body) -> None:

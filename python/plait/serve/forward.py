@@ -58,8 +58,8 @@ class StepInputs:
             t.to(self.device) for t in (tables, starts, lengths, positions, valid))
         # each token's sequence length as transformers' generate sees it: the whole prompt while prefilling,
         # then position + 1 (rotary types whose tables depend on it, plait.parallel.families.llama)
-        self.rope_lengths = None if prompt_lens is None else \
-            torch.maximum(prompt_lens[:, None], positions + 1).to(self.device)
+        self.rope_lengths = None if prompt_lens is None else torch.where(   # padding: its row's prompt length
+            valid, torch.maximum(prompt_lens[:, None], positions + 1), prompt_lens[:, None]).to(self.device)
 
     def placement(self, block_size: int) -> Placement:
         return Placement.of(self.tables, self.positions, self.valid, block_size)

@@ -108,7 +108,7 @@ class _Body(_Strict):
         """One :class:`SamplingParams` per choice (``n``) of a prompt of ``prompt_len`` tokens in a model of
         ``context`` positions (vLLM's rule: prompt + completion <= context); :class:`Refused` naming the
         request's own field for a bad value."""
-        if self.seed is not None and not 0 <= self.seed < MAX_SEED:
+        if self.seed is not None and not 0 <= self.seed < MAX_SEED:   # before choice i's seed + i wraps it
             raise Refused(f"seed must be an integer in [0, 2**53), got {self.seed}", "seed")
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
             raise Refused(f"stop_token_ids must lie in [0, {vocab_size}), got {self.stop_token_ids}",

@@ -73,7 +73,7 @@ def context_length(model_config) -> int:
         if isinstance(value, int) and value > 0:
             if rope_type(model_config) == "dynamic":
                 params = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None)
-                value = int(value * float(params.get("factor", 1.0)))
+                value = int(value * float(params.get("factor") or 1.0))
             return value
     raise ValueError("the model config names no context length (max_position_embeddings); pass max_len")
 

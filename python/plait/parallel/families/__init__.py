@@ -76,7 +76,7 @@ def family_of_config(config, plan_family: Optional[str] = None) -> Family:
         f"included, can carry config fields a family would not see (granite's embedding_multiplier, cohere's "
         f"logit_scale, gemma's embedding scale), so plait does not guess. To run one anyway, unchecked, pass a plan: "
         f"plan=plait.parallel.translate_hf_plan(model) (or your own Plan) to plait.parallelize or "
-        f"plait.from_pretrained")
+        f"plait.from_pretrained (from Python: the plait commands take no plan)")
 
 
 def check_config(config, plan_family: Optional[str] = None) -> None:

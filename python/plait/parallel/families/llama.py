@@ -5,9 +5,11 @@ by the model's rotary module; q/k/v are column-parallel by heads (KV heads repli
 tp exceeds them), o row-parallel; gate/up column-parallel, down row-parallel.
 
 Rotary types whose tables depend on the longest position of the call (``dynamic``,
-``longrope``) are computed as transformers computes them for one sequence from a fresh model:
-per row, from the module's initial state, so a row's tables never depend on which other
-requests share its batch or ran before it.
+``longrope``) are computed as transformers computes them for one request from a fresh model:
+per token, with the sequence length transformers' generate sees for it (the whole prompt's
+while prefilling, position + 1 after), from the module's initial state, so a token's tables
+never depend on which other requests share its batch, how its prompt was chunked, or what ran
+before it.
 """
 from __future__ import annotations
 
@@ -96,14 +98,17 @@ def rotary_tables(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor,
     For the stateful types the tables of a token depend on the length of the sequence it is computed with:
     ``lengths`` ``[batch, seq]`` gives it per token (serving: the larger of the request's prompt length and
     the token's position + 1, which is what transformers' generate uses, prompt tokens sharing the whole
-    prompt's tables); None: each row is one whole sequence (its last position + 1)."""
+    prompt's tables); None: each row is one whole sequence (its last position + 1). Lengths that give the same
+    tables share one call of the module (:func:`_length_classes`)."""
     if getattr(rotary, "rope_type", None) not in STATEFUL_ROPE:
         return rotary(h, positions)
     fresh = rotary.__dict__.setdefault("_plait_fresh_state", _fresh_state(rotary))
     if lengths is None:
         lengths = (positions.amax(dim=1, keepdim=True) + 1).expand_as(positions)
     positions = positions.expand_as(lengths)
-    flat_positions, flat_lengths = positions.reshape(-1), lengths.reshape(-1)
+    flat_positions = positions.reshape(-1)
+    flat_lengths = _length_classes(rotary, fresh, lengths.reshape(-1))
+    long_from = _longrope_original(rotary) + 1 if rotary.rope_type == "longrope" else None
     cos = sin = None
     for length in torch.unique(flat_lengths).tolist():
         where = (flat_lengths == length).nonzero().flatten()
@@ -111,14 +116,36 @@ def rotary_tables(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor,
         for attr in ("max_seq_len_cached", "attention_scaling"):
             if fresh[attr] is not None:
                 setattr(rotary, attr, fresh[attr])
-        # the module takes the sequence length from the largest position it is given: append length - 1
-        call = torch.cat([flat_positions[where], flat_positions.new_tensor([length - 1])]).unsqueeze(0)
+        # The module takes the sequence length from the largest position it is given: append length - 1. A real
+        # token lies below its length (longrope's long class aside, where any length past the original is
+        # alike); a padding token may not, and its tables are never read: keep it below too.
+        ps = flat_positions[where]
+        if length != long_from:
+            ps = ps.clamp(max=length - 1)
+        call = torch.cat([ps, flat_positions.new_tensor([length - 1])]).unsqueeze(0)
         c, s_ = rotary(h, call)
         if cos is None:
             cos = c.new_empty(flat_positions.numel(), c.shape[-1])
             sin = s_.new_empty(flat_positions.numel(), s_.shape[-1])
         cos[where], sin[where] = c[0, :-1], s_[0, :-1]
     return cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
+
+
+def _length_classes(rotary: nn.Module, fresh: dict, lengths: torch.Tensor) -> torch.Tensor:
+    """One representative per class of sequence lengths whose tables are equal (transformers' update rules):
+    longrope has two (up to ``original_max_position_embeddings``: short factors; past it: long ones); dynamic
+    keeps the module's initial tables up to its cached length and rescales per length past it."""
+    if rotary.rope_type == "longrope":
+        original = _longrope_original(rotary)
+        return torch.where(lengths > original, original + 1, original)
+    return lengths.clamp(min=fresh["max_seq_len_cached"])
+
+
+def _longrope_original(rotary: nn.Module) -> int:
+    """The length up to which longrope uses its short factors (transformers reads it from rope_parameters)."""
+    config = rotary.config
+    params = getattr(config, "rope_parameters", None) or {}
+    return int(params.get("original_max_position_embeddings", config.max_position_embeddings))
 
 
 def rope_type(config) -> str:
@@ -145,7 +172,8 @@ def rotary_kwargs(stage, h: torch.Tensor, positions: torch.Tensor, step) -> dict
 
 
 ROPE = Field("rope_parameters", "the model's rotary module computes the tables (default, linear, dynamic, yarn, "
-                                "longrope, llama3); dynamic and longrope per sequence, as for one request")
+                                "longrope, llama3); dynamic and longrope per token with the sequence length "
+                                "transformers' generate uses (no prefix caching for them)")
 LLAMA_FIELDS = (
     Field("vocab_size", "embedding and head split by rows over TP, padded to a multiple of tp"),
     Field("hidden_size", "the layers' own modules"),
