@@ -87,3 +87,24 @@ def _alone(rank: int, world: int):
     coords = mesh.coords
     plait.destroy_mesh()
     return coords
+
+
+def test_a_rank_whose_peers_never_join_says_what_to_check():
+    """Rank 0 of 2 alone (as when a host runs the wrong --node-rank or --nnodes): a CommError within the timeout
+    that names the rendezvous address and the flags to check, not torch's store trace."""
+    import os
+    import subprocess
+    import sys
+
+    from plait.launch import free_port
+
+    port = free_port()
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "GROUP_RANK": "0", "PLAIT_TIMEOUT_S": "3"}
+    code = "import plait; plait.init_mesh(dp=2)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("plait.errors.CommError: rank 0 of 2 on node 0 could not join the job at "
+                           f"127.0.0.1:{port} within 3 s"), last
+    assert "--nnodes" in last and "--node-rank" in last, last

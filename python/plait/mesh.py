@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .comm import Communicator
 from .config import ParallelConfig
-from .errors import default_timeout_s
+from .errors import CommError, default_timeout_s
 from .hostwatch import HostMap, HostWatch, explain, gather_hosts
 from .launch import free_port
 from .nodes import choose_gloo_interface
@@ -42,7 +42,10 @@ def _init_process_group(world: int, backend: str, timeout: datetime.timedelta) -
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "gloo":
             choose_gloo_interface(os.environ.get("MASTER_ADDR"))
-        dist.init_process_group(backend, timeout=timeout)
+        try:
+            dist.init_process_group(backend, timeout=timeout)
+        except (RuntimeError, TimeoutError) as exc:     # torch's DistError family: store timeouts, refused sockets
+            raise CommError(_rendezvous_failure(exc, timeout)) from None
         return
     if world != 1:
         raise ValueError(
@@ -50,6 +53,18 @@ def _init_process_group(world: int, backend: str, timeout: datetime.timedelta) -
             f"torchrun (RANK/WORLD_SIZE unset); run: torchrun --nproc-per-node {world} your_script.py")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                             rank=0, world_size=1, timeout=timeout)
+
+
+def _rendezvous_failure(exc: BaseException, timeout: datetime.timedelta) -> str:
+    """What a rank that could not join the job's rendezvous says: torch's first line, and what to check."""
+    env = os.environ
+    where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    first = next((line.strip().rstrip(".") for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    node = f" on node {env['GROUP_RANK']}" if "GROUP_RANK" in env else ""
+    return (f"rank {env.get('RANK')} of {env.get('WORLD_SIZE')}{node} could not join the job at {where} within "
+            f"{timeout.total_seconds():g} s: {first}. Check that every host runs the same command with the same "
+            f"--nnodes, its own --node-rank (each once, 0 on the master's host), that the master's host is "
+            f"started, and that {where} is reachable from this host")
 
 
 def _validate_sizes(dp: int, pp: int, tp: int) -> None:
