@@ -56,10 +56,18 @@ class StepInputs:
         self._cpu = (positions, valid)
         self.tables, self.starts, self.lengths, self.positions, self.valid = (
             t.to(self.device) for t in (tables, starts, lengths, positions, valid))
-        # each token's sequence length as transformers' generate sees it: the whole prompt while prefilling,
-        # then position + 1 (rotary types whose tables depend on it, plait.parallel.families.llama)
-        self.rope_lengths = None if prompt_lens is None else torch.where(   # padding: its row's prompt length
-            valid, torch.maximum(prompt_lens[:, None], positions + 1), prompt_lens[:, None]).to(self.device)
+        self._prompt_lens, self._rope_lengths = prompt_lens, None
+
+    @property
+    def rope_lengths(self) -> Optional[torch.Tensor]:
+        """Each token's sequence length as transformers' generate sees it: the whole prompt while prefilling,
+        then position + 1 (padding: its row's prompt length); built on first use, since only rotary types whose
+        tables depend on it read it (:mod:`plait.parallel.families.llama`). None without prompt lengths."""
+        if self._rope_lengths is None and self._prompt_lens is not None:
+            positions, valid = self._cpu
+            prompt = self._prompt_lens[:, None]
+            self._rope_lengths = torch.where(valid, torch.maximum(prompt, positions + 1), prompt).to(self.device)
+        return self._rope_lengths
 
     def placement(self, block_size: int) -> Placement:
         return Placement.of(self.tables, self.positions, self.valid, block_size)
@@ -84,9 +92,14 @@ class CachedStep:
 
     def __init__(self, inputs: StepInputs, cache: KVCache, first_layer: int) -> None:
         self.inputs, self.cache, self.first_layer = inputs, cache, first_layer
-        self.positions, self.rope_lengths = inputs.positions, inputs.rope_lengths
+        self.positions = inputs.positions
         self.where = inputs.placement(cache.block_size)
         self._masks: dict[Optional[int], torch.Tensor] = {}
+
+    @property
+    def rope_lengths(self) -> Optional[torch.Tensor]:
+        """Each token's sequence length for the rotary tables (:attr:`StepInputs.rope_lengths`)."""
+        return self.inputs.rope_lengths
 
     def keys_values(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, window: Optional[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
