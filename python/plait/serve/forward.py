@@ -54,8 +54,8 @@ class StepInputs:
         valid = offsets[None, :] < lengths[:, None]
         self.num_keys = int((starts + lengths).max())
         self._cpu = (positions, valid)
-        self.tables, self.starts, self.lengths, self.positions, self.valid = (
-            t.to(self.device) for t in (tables, starts, lengths, positions, valid))
+        self._cpu_tables = tables
+        self.tables, self.lengths, self.positions = (t.to(self.device) for t in (tables, lengths, positions))
         self._prompt_lens, self._rope_lengths = prompt_lens, None
 
     @property
@@ -70,7 +70,8 @@ class StepInputs:
         return self._rope_lengths
 
     def placement(self, block_size: int) -> Placement:
-        return Placement.of(self.tables, self.positions, self.valid, block_size)
+        """Found on the CPU (no device sync for ``nonzero``), then moved to the device."""
+        return Placement.of(self._cpu_tables, *self._cpu, block_size).to(self.device)
 
     def attention_mask(self, window: Optional[int]) -> torch.Tensor:
         """Boolean ``[batch, 1, seq, keys]``: a token sees cached positions up to its own (within the window).

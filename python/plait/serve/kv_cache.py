@@ -50,6 +50,9 @@ class Placement:
         at = positions[rows, cols]
         return cls(rows, cols, tables[rows, at // block_size], at % block_size)
 
+    def to(self, device) -> "Placement":
+        return Placement(*(t.to(device) for t in (self.rows, self.cols, self.blocks, self.offsets)))
+
 
 class KVCache:
     """Keys and values of ``num_layers`` layers in ``num_blocks`` blocks of ``block_size`` positions; ``max_len``

@@ -184,7 +184,7 @@ class Worker:
         """pp == 1: the sampler's answer to ``batch``, broadcast to every rank."""
         if out is None:
             out = torch.zeros(batch.size, batch.out_width, dtype=torch.int64)
-        return self._received(self.world.broadcast(out, src=self.sampler))
+        return self._received(self.world.broadcast(out, src=self.sampler), unpack=self.mesh.rank == self.leader)
 
     def launch(self, batch: StepBatch) -> Handle:
         """Leader only, pipelined: start ``batch`` down the pipeline; the handle's ``wait`` gives its tokens.
@@ -226,7 +226,7 @@ class Worker:
                 self._answer(step, out)
             elif out is not None:                          # the sampler of a pipeline
                 self.control_line.send(out, dst=0)
-                self._received(out)
+                self._received(out, unpack=False)
 
     def _receive(self, buffer: torch.Tensor) -> torch.Tensor:
         """The next part of a step message: from the leader (pp == 1, or stage 0), else from stage p-1."""
@@ -264,14 +264,18 @@ class Worker:
             outputs.append(y)
         if not last:
             return None
-        local = torch.empty(batch.size, outputs[0].shape[-1], dtype=outputs[0].dtype, device=mesh.device)
-        local[torch.cat(rows).to(mesh.device)] = torch.cat(outputs)
+        if len(outputs) == 1:            # one part: its kept rows are the step's rows, in order
+            local = outputs[0]
+        else:
+            local = torch.empty(batch.size, outputs[0].shape[-1], dtype=outputs[0].dtype, device=mesh.device)
+            local[torch.cat(rows).to(mesh.device)] = torch.cat(outputs)
         logits = self.tp_comm.all_gather(local, dim=-1)[..., :self.model.dims.vocab_size]
         if mesh.rank != self.sampler:
             return None
         return sample_step(logits.cpu(), batch, self.histories)
 
-    def _received(self, out: torch.Tensor) -> list[Optional[Sampled]]:
+    def _received(self, out: torch.Tensor, unpack: bool = True) -> list[Optional[Sampled]]:
+        """Record the sampler's answer (when recording); the leader also unpacks it (followers drop it)."""
         if self.received is not None:
             self.received.append(out[:, 0].tolist())
-        return unpack_outputs(out)
+        return unpack_outputs(out) if unpack else []
