@@ -66,17 +66,19 @@ def plait_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     else:
         length = key.shape[2]
         mask = None if window is None or window >= length else causal_mask(query.shape[2], length, window, query.device)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     p = float(dropout) if module.training else 0.0
     upcast = query.dtype in _LOW_PRECISION
-    if p == 0.0 and softcap is None and not upcast:
+    gqa = query.shape[1] != key.shape[1]
+    if p == 0.0 and softcap is None and not upcast:      # fused, the query heads reading their KV head in place
         if mask is None:
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scale)
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scale,
+                                                 enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
+    if gqa:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     compute = torch.float32 if upcast else query.dtype
     scores = torch.matmul(query.to(compute), key.to(compute).transpose(-1, -2)) * scale
     if softcap is not None:

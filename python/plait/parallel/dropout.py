@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -100,13 +101,17 @@ def site_key(scope: DropoutScope, site: str) -> tuple[int, int]:
     return a, b
 
 
-def uniform(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
-    """A uniform value in [0, 1) per int64 counter (>= 0), a pure function of (counter, key)."""
+def _hash32(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+    """A 32-bit hash (in int64) per int64 counter (>= 0), a pure function of (counter, key)."""
     lo, hi = counters & _MASK32, counters >> 32
     h = _mix32(lo ^ key[0])
     h = _mix32(h ^ hi ^ key[1])
-    h = _mix32(h ^ key[0])
-    return h.to(torch.float64) * (1.0 / 2 ** 32)
+    return _mix32(h ^ key[0])
+
+
+def uniform(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+    """A uniform value in [0, 1) per int64 counter (>= 0): the hash / 2**32."""
+    return _hash32(counters, key).to(torch.float64) * (1.0 / 2 ** 32)
 
 
 def keep_mask(shape: torch.Size, per_sample_index: torch.Tensor, per_sample: int, p: float, site: str,
@@ -119,12 +124,13 @@ def keep_mask(shape: torch.Size, per_sample_index: torch.Tensor, per_sample: int
     scope = current_scope() or DropoutScope()
     rows = torch.arange(shape[0], dtype=torch.int64, device=device) + scope.sample_offset
     counters = rows.view(-1, *([1] * (len(shape) - 1))) * per_sample + per_sample_index.to(device)
-    return uniform(counters.expand(shape), site_key(scope, site)) >= p
+    # uniform >= p, compared in integers (h / 2**32 is exact): no float64 tensor of the activations' size
+    return _hash32(counters.expand(shape), site_key(scope, site)) >= math.ceil(p * 2 ** 32)
 
 
 def apply_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """``x`` with dropped elements zeroed and kept ones scaled by ``1 / (1 - p)``."""
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 def dropout_whole(x: torch.Tensor, p: float, site: str) -> torch.Tensor:

@@ -19,13 +19,11 @@ results agree with transformers to float32 rounding (about 1e-7), and exactly in
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..plan import Plan
-from .base import Field, HFDecoder, refuse_if_true
-from .llama import ROPE, llama_plan, rotary_kwargs, stateful_rope_refusal
+from .base import Field, refuse_if_true
+from .llama import ROPE, RotaryDecoder, llama_plan
 
 
 def _softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
@@ -58,7 +56,7 @@ GEMMA2_FIELDS = (
 )
 
 
-class Gemma2Family(HFDecoder):
+class Gemma2Family(RotaryDecoder):
     name = "gemma2"
     model_types = ("gemma2",)
     fields = GEMMA2_FIELDS
@@ -70,12 +68,6 @@ class Gemma2Family(HFDecoder):
         h = stage.part("embed")(ids)
         scale = torch.tensor(stage.hf_config.hidden_size ** 0.5, dtype=torch.float32)
         return h * scale.to(device=h.device, dtype=h.dtype)
-
-    def layer_kwargs(self, stage, h: torch.Tensor, positions: torch.Tensor, step) -> dict:
-        return rotary_kwargs(stage, h, positions, step)
-
-    def prefix_cache_refusal(self, config) -> Optional[str]:
-        return stateful_rope_refusal(config)
 
     def head(self, stage, h: torch.Tensor) -> torch.Tensor:
         head = stage.part("head")

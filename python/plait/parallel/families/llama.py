@@ -102,7 +102,9 @@ def rotary_tables(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor,
     tables share one call of the module (:func:`_length_classes`)."""
     if getattr(rotary, "rope_type", None) not in STATEFUL_ROPE:
         return rotary(h, positions)
-    fresh = rotary.__dict__.setdefault("_plait_fresh_state", _fresh_state(rotary))
+    fresh = rotary.__dict__.get("_plait_fresh_state")
+    if fresh is None:                                      # before the first call can change the module
+        fresh = rotary.__dict__["_plait_fresh_state"] = _fresh_state(rotary)
     if lengths is None:
         lengths = (positions.amax(dim=1, keepdim=True) + 1).expand_as(positions)
     positions = positions.expand_as(lengths)
@@ -200,16 +202,20 @@ LLAMA_FIELDS = (
 )
 
 
-class LlamaFamily(HFDecoder):
-    name = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
-    fields = LLAMA_FIELDS
-
-    def shipped_plan(self, model_type: str) -> Plan:
-        return llama_plan(model_type)
+class RotaryDecoder(HFDecoder):
+    """A decoder whose layers take rotary tables from the stage's rotary module (abstract: no plan of its own)."""
 
     def layer_kwargs(self, stage, h: torch.Tensor, positions: torch.Tensor, step) -> dict:
         return rotary_kwargs(stage, h, positions, step)
 
     def prefix_cache_refusal(self, config) -> Optional[str]:
         return stateful_rope_refusal(config)
+
+
+class LlamaFamily(RotaryDecoder):
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    fields = LLAMA_FIELDS
+
+    def shipped_plan(self, model_type: str) -> Plan:
+        return llama_plan(model_type)
