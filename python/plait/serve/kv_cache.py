@@ -30,7 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan.memory import kv_bytes_per_token
+
+def blocks_for(positions: int, block_size: int) -> int:
+    """Blocks that hold ``positions`` positions."""
+    return -(-positions // block_size)
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,6 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    @property
-    def bytes_per_token(self) -> int:
-        """K and V bytes of one position on this rank (what a held token costs here)."""
-        _, _, _, heads, head_dim = self.k.shape
-        return kv_bytes_per_token(self.k.shape[0], heads, head_dim, self.k.element_size())
-
     def write(self, layer: int, where: Placement, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values ``[batch, kv_heads, seq, head_dim]`` of the real tokens at ``where``."""
         self.k[layer][where.blocks, where.offsets] = k.transpose(1, 2)[where.rows, where.cols]
@@ -86,7 +83,7 @@ class KVCache:
     def read(self, layer: int, tables: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[rows, kv_heads, num_keys, head_dim]`` of positions ``[0, num_keys)`` of each row's
         block table ``[rows, width]`` (positions past a row's own are whatever its table points at: mask them)."""
-        used = -(-num_keys // self.block_size)
+        used = blocks_for(num_keys, self.block_size)
         ids = tables[:, :used].reshape(-1)
         rows = tables.shape[0]
 

@@ -40,6 +40,7 @@ from typing import Iterable, Optional
 
 from .batch import Row, StepBatch
 from .blocks import BlockPool, block_keys
+from .kv_cache import blocks_for
 from .options import BLOCK_SIZE, MAX_STEP_TOKENS
 from .sampling import MAX_SEED, Sampled, SamplingParams
 from .text import TextStream
@@ -75,13 +76,27 @@ class Request:
 
     @property
     def tokens(self) -> list[int]:
-        """Every token of the request so far: the prompt, then the generated ones."""
+        """Every token of the request so far: the prompt, then the generated ones (a new list)."""
         return self.prompt + self.generated
+
+    @property
+    def length(self) -> int:
+        """``len(tokens)``, without building it."""
+        return len(self.prompt) + len(self.generated)
+
+    def span(self, start: int, stop: int) -> list[int]:
+        """``tokens[start:stop]`` (0 <= start <= stop <= length), without joining the whole context."""
+        cut = len(self.prompt)
+        if stop <= cut:
+            return self.prompt[start:stop]
+        if start >= cut:
+            return self.generated[start - cut:stop - cut]
+        return self.prompt[start:] + self.generated[:stop - cut]
 
     @property
     def pending(self) -> int:
         """Known tokens not yet fed to the model."""
-        return len(self.prompt) + len(self.generated) - self.computed
+        return self.length - self.computed
 
 
 @dataclass
@@ -118,10 +133,6 @@ def check_prompt(prompt: list[int], max_len: int, vocab_size: Optional[int]) -> 
         raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
     if len(prompt) > max_len:
         raise ValueError(f"the prompt has {len(prompt)} tokens, more than the context of {max_len}")
-
-
-def blocks_for(positions: int, block_size: int) -> int:
-    return -(-positions // block_size)
 
 
 class Scheduler:
@@ -221,7 +232,7 @@ class Scheduler:
         admitted, deferred = [], []
         while self.waiting and len(self.running) < self.max_batch:
             request = self.waiting.popleft()
-            tokens = len(request.tokens)
+            tokens = request.length
             usable = request.keys[:(tokens - 1) // self.block_size]        # leave one token to compute
             hit = self.pool.match(usable)
             if len(hit) < len(usable) and usable[len(hit)] in self.computing:
@@ -257,7 +268,7 @@ class Scheduler:
         first), or None when it has nothing to run. Call :meth:`admit` first."""
         budget, rows, requests = self.max_step_tokens, [], []
         members = [r for r in self.running.values() if r.group == group and r.pending > 0]
-        members.sort(key=lambda r: (r.computed < len(r.tokens) - 1, r.order))     # decodes, then prompt chunks
+        members.sort(key=lambda r: (r.computed < r.length - 1, r.order))     # decodes, then prompt chunks
         for request in members:
             if budget == 0:
                 break
@@ -267,8 +278,8 @@ class Scheduler:
             if not self._grow(request, request.computed + count, requests):
                 continue
             start = request.computed
-            tokens = request.tokens[start:start + count]
-            rows.append(self._row(request, tokens, start, samples=start + count == len(request.tokens)))
+            tokens = request.span(start, start + count)
+            rows.append(self._row(request, tokens, start, samples=start + count == request.length))
             requests.append(request)
             request.computed += count
             budget -= count
@@ -330,7 +341,7 @@ class Scheduler:
     def _row(self, request: Request, tokens: list[int], start: int, samples: bool) -> Row:
         history = []
         if request.params.penalized:           # the sampler records every position once (plait.serve.sampler)
-            history = request.tokens[request.mirrored:start]
+            history = request.span(request.mirrored, start)
             request.mirrored = start + len(tokens)
         return Row(list(request.blocks), start, tokens, request.seq_id, len(request.prompt), samples,
                    request.params, len(request.generated), history)
@@ -348,7 +359,7 @@ class Scheduler:
             if request.first_token_at is None:
                 request.first_token_at = now
             request.generated.append(token)
-            if len(request.tokens) % self.block_size == 0:
+            if request.length % self.block_size == 0:
                 parent = request.keys[-1] if request.keys else None
                 request.keys += block_keys(request.tokens, self.block_size, len(request.keys), parent)
             request.stream.update(request.generated[:-1] if token in request.params.stop_token_ids

@@ -53,7 +53,7 @@ from ..plan.memory import kv_bytes_per_token
 from .batch import HEADER, IDLE, STEP, STOP, StepBatch, control, payload_size, unpack_outputs
 from .channels import Channels
 from .forward import StageRunner
-from .kv_cache import KVCache
+from .kv_cache import KVCache, blocks_for
 from .sampler import Histories, sample_step
 from .sampling import Sampled
 
@@ -66,14 +66,13 @@ def local_kv_heads(model) -> int:
 def context_length(model_config) -> int:
     """The most positions a request may use: the config's context, times the factor under dynamic rotary scaling
     (which exists to run past it; vLLM's rule)."""
-    from ..parallel.families.llama import rope_type
+    from ..parallel.families.llama import rope_params, rope_type
 
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(model_config, attr, None)
         if isinstance(value, int) and value > 0:
             if rope_type(model_config) == "dynamic":
-                params = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None)
-                value = int(value * float(params.get("factor") or 1.0))
+                value = int(value * float(rope_params(model_config).get("factor") or 1.0))
             return value
     raise ValueError("the model config names no context length (max_position_embeddings); pass max_len")
 
@@ -107,7 +106,7 @@ def cache_blocks(model, max_batch: int, max_len: int, block_size: int, kv_blocks
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     if kv_memory is None:
-        return max_batch * -(-max_len // block_size)
+        return max_batch * blocks_for(max_len, block_size)
     fits = torch.tensor([int(kv_memory // (block_size * cache_bytes_per_token(model)))], device=model.mesh.device)
     if model.mesh.world_size > 1:
         dist.all_reduce(fits, op=dist.ReduceOp.MIN)
