@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ..comm import Communicator
-from ..config import ModelShape, ParallelConfig
+from ..config import ModelShape, ParallelConfig, vocab_rows
 from ..heads import HeadLayout, heads_for
 from ..tp import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from .modules import ReplicatedRowsColumn, VocabParallelHead, local_vocab
+from .modules import ReplicatedRowsColumn, VocabParallelHead
 from .plan import Plan
 from .shard import ShardSpec, block, padded_block
 
@@ -222,7 +222,7 @@ class Rewriter:
         kw = dict(group=self.comm, dtype=self.dtype or _dtype_of(module), device="meta", overlap=self.overlap,
                   sequence_parallel=sp, check_ranks=False)
         if style == "vocab_embed":
-            per, padded, _ = local_vocab(module.num_embeddings, tp, rank)
+            per, padded, _ = vocab_rows(module.num_embeddings, tp, rank)
             new = VocabParallelEmbedding(padded, module.embedding_dim, self.comm, padding_idx=module.padding_idx,
                                          sequence_parallel=sp, dtype=kw["dtype"], device="meta", check_ranks=False)
             new.num_embeddings = module.num_embeddings   # ids past the real vocabulary are rejected
@@ -236,7 +236,7 @@ class Rewriter:
             rows = len(specs["weight"].index)
             if style == "vocab_head":
                 new = VocabParallelHead(in_features, rows * tp, bias="bias" in specs, **kw)
-                _, _, valid = local_vocab(out_features, tp, rank)
+                _, _, valid = vocab_rows(out_features, tp, rank)
                 new.setup_vocab(out_features, valid)
             elif specs["weight"].replicated:
                 new = ReplicatedRowsColumn(in_features, rows * tp, bias="bias" in specs, **kw)

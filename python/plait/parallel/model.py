@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ParallelConfig
+from ..config import ParallelConfig, vocab_rows
+from ..pp.engine import eval_mode
 from ..tp import vocab_parallel_cross_entropy
 from .apply import ModelDims, Rewriter, check_plan, heads_for, model_shape, set_local_heads
 from .dropout import DropoutScope, dropout_scope
@@ -144,13 +145,8 @@ class ParallelModel(nn.Module):
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """Run the block in eval mode (no dropout), then restore each module's mode."""
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
+        with eval_mode(self):
             yield
-        finally:
-            for module, training in modes:
-                module.training = training
 
     def forward_local(self, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
         """Vocab-parallel logits ``[batch, seq, V/tp]`` on the last pipeline rank (None elsewhere), in eval mode."""
@@ -263,9 +259,8 @@ class ParallelModel(nn.Module):
 
 
 def _local_rows(model: ParallelModel) -> tuple[int, int, int]:
-    from .modules import local_vocab
 
-    return local_vocab(model.dims.vocab_size, model.mesh.tp, model.mesh.tp_rank)
+    return vocab_rows(model.dims.vocab_size, model.mesh.tp, model.mesh.tp_rank)
 
 
 def _leading_run(spec: ShardSpec, real: int) -> Optional[tuple[int, int]]:

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from ..comm import Communicator
-from ..config import vocab_rows as local_vocab  # noqa: F401 - (rows per rank, padded size, real rows)
 from ..tp import ColumnParallelLinear, copy_to_tp_region
 
 

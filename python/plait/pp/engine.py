@@ -48,6 +48,7 @@ and ``rows`` the batch's rows (``plait.ParallelModel`` keys its layout-invariant
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import weakref
@@ -64,6 +65,20 @@ from .runner import ActivationMemory, StepRunner
 from .schedule import Schedule
 from .schedules import build_schedule
 from .timeline import Event, Recorder, gather_events
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run the block with ``modules`` in eval mode (no dropout), then restore every submodule's own mode."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
 
 TRAIN, EVAL = 0, 1
 _P2P_COMMS: dict[int, Communicator] = {}  # id(mesh) -> its default P2P communicator on CPU
@@ -199,14 +214,8 @@ class PipelineEngine:
         (microbatches concatenated along dim 0) on its rank and None elsewhere. The outputs are
         also kept on the last stage's rank, per microbatch in ``engine.last_output_microbatches``
         and concatenated in ``engine.last_outputs``. The stages run in eval mode (no dropout)."""
-        modes = [(m, m.training) for module in self.modules.values() for m in module.modules()]
-        for module in self.modules.values():
-            module.eval()
-        try:
+        with eval_mode(*self.modules.values()):
             return self._step(EVAL, inputs, targets)
-        finally:
-            for module, training in modes:
-                module.training = training
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of this rank's stages (for the optimizer)."""

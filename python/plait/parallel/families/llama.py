@@ -146,14 +146,19 @@ def _length_classes(rotary: nn.Module, fresh: dict, lengths: torch.Tensor) -> to
 def _longrope_original(rotary: nn.Module) -> int:
     """The length up to which longrope uses its short factors (transformers reads it from rope_parameters)."""
     config = rotary.config
-    params = getattr(config, "rope_parameters", None) or {}
-    return int(params.get("original_max_position_embeddings", config.max_position_embeddings))
+    return int(rope_params(config).get("original_max_position_embeddings", config.max_position_embeddings))
+
+
+def rope_params(config) -> dict:
+    """The config's rotary parameters (transformers 5: ``rope_parameters``; older: ``rope_scaling``), or {}."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return params if isinstance(params, dict) else {}
 
 
 def rope_type(config) -> str:
-    """The config's rotary type (transformers 5: ``rope_parameters``; older: ``rope_scaling``)."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    """The config's rotary type."""
+    params = rope_params(config)
+    return params.get("rope_type", params.get("type", "default"))
 
 
 def stateful_rope_refusal(config) -> Optional[str]:
